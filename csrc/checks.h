@@ -1,0 +1,72 @@
+// Argument checks shared by the torch wrappers: every message names the argument.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+#ifdef QAMW_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace qamw {
+
+inline DType activation_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType expected, const char* name) {
+  TORCH_CHECK(t.scalar_type() == expected, name, " must be ", expected, ", got ",
+              t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+}
+
+inline void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype,
+                         const at::Tensor& ref, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, name, " must have shape (", n, "), got ",
+              t->sizes());
+  check_dtype(*t, dtype, name);
+  check_same_device(*t, ref, name, "the input");
+}
+
+inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+inline void check_block_size(int64_t block, int64_t n) {
+  TORCH_CHECK(is_power_of_two(block) && block >= 2 && block <= 32768,
+              "block_size must be a power of two from 2 to 32768, got ", block);
+  TORCH_CHECK(n % block == 0, "block_size ", block, " does not divide the last dimension ", n);
+}
+
+inline void check_bits(int64_t bits) {
+  TORCH_CHECK(bits >= 1 && bits <= 16, "bits must be from 1 to 16, got ", bits);
+}
+
+// The contiguous int8 signs / fp32 vector data pointer of an optional argument, or nullptr.
+template <typename T>
+inline const T* optional_data(const c10::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t) return nullptr;
+  keep = t->contiguous();
+  return keep.data_ptr<T>();
+}
+
+#ifdef QAMW_WITH_CUDA
+inline void* cuda_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+#endif
+
+}  // namespace qamw

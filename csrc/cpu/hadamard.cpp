@@ -1,0 +1,41 @@
+// Block Walsh-Hadamard transform on the CPU: O(n log n) per row, parallel over blocks.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace qamw::cpu {
+
+template <typename T>
+static void hadamard_typed(const T* x, T* out, int64_t rows, int64_t n, int64_t block,
+                           const int8_t* signs, bool inverse) {
+  const int64_t blocks_per_row = n / block;
+  const int64_t total = rows * blocks_per_row;
+  const int64_t grain = std::max<int64_t>(1, 16384 / block);
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(block);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t offset = (t / blocks_per_row) * n + (t % blocks_per_row) * block;
+      const int8_t* s = signs ? signs + (t % blocks_per_row) * block : nullptr;
+      for (int64_t j = 0; j < block; ++j) {
+        float v = static_cast<float>(x[offset + j]);
+        buf[j] = (s && !inverse) ? v * s[j] : v;
+      }
+      fwht_block(buf.data(), block);
+      for (int64_t j = 0; j < block; ++j)
+        out[offset + j] = static_cast<T>((s && inverse) ? buf[j] * s[j] : buf[j]);
+    }
+  });
+}
+
+void hadamard(const void* x, void* out, DType dtype, int64_t rows, int64_t n, int64_t block,
+              const int8_t* signs, bool inverse) {
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    hadamard_typed(static_cast<const T*>(x), static_cast<T*>(out), rows, n, block, signs,
+                   inverse);
+  });
+}
+
+}  // namespace qamw::cpu

@@ -1,0 +1,165 @@
+// Pieces shared by the CUDA kernels: activation dtypes, compile-time dispatch, launch helpers.
+// Only CUDA headers here: torch stays in the .cpp wrappers so that .cu files compile fast.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../kernels.h"
+
+namespace qamw::cuda {
+
+inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A compile-time int, so that generic lambdas can turn a runtime value into a template argument.
+template <int V>
+struct IntC {
+  static constexpr int value = V;
+};
+
+// Calls f with a null pointer of the device type of `dtype` (float, __half, __nv_bfloat16).
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: f(static_cast<float*>(nullptr)); break;
+    case DType::F16: f(static_cast<__half*>(nullptr)); break;
+    case DType::BF16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+  }
+}
+
+// Calls f with IntC<bits> for bits in 1..16 (callers have checked the range).
+template <typename F>
+void dispatch_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(IntC<1>{}); break;
+    case 2: f(IntC<2>{}); break;
+    case 3: f(IntC<3>{}); break;
+    case 4: f(IntC<4>{}); break;
+    case 5: f(IntC<5>{}); break;
+    case 6: f(IntC<6>{}); break;
+    case 7: f(IntC<7>{}); break;
+    case 8: f(IntC<8>{}); break;
+    case 9: f(IntC<9>{}); break;
+    case 10: f(IntC<10>{}); break;
+    case 11: f(IntC<11>{}); break;
+    case 12: f(IntC<12>{}); break;
+    case 13: f(IntC<13>{}); break;
+    case 14: f(IntC<14>{}); break;
+    case 15: f(IntC<15>{}); break;
+    default: f(IntC<16>{}); break;
+  }
+}
+
+// Calls f with IntC<NB>, NB the smallest of 1, 2, 4, 8, 16 holding `batch` (<= 16) rows:
+// accumulators must live in registers, so the batch is a template argument.
+template <typename F>
+void dispatch_batch(int64_t batch, F&& f) {
+  if (batch <= 1) f(IntC<1>{});
+  else if (batch <= 2) f(IntC<2>{});
+  else if (batch <= 4) f(IntC<4>{});
+  else if (batch <= 8) f(IntC<8>{});
+  else f(IntC<16>{});
+}
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Element i of an activation of runtime dtype, as a float, and the converse store.
+__device__ __forceinline__ float load_as_float(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::F16: return to_float(static_cast<const __half*>(p)[i]);
+    case DType::BF16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* p, DType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case DType::F16: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
+    default: static_cast<float*>(p)[i] = v; break;
+  }
+}
+
+// Loads N consecutive values as floats. With `vec` the address must be aligned to
+// N * sizeof(T) (or 16 bytes when that is larger): whole 16-byte vectors are used then.
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float (&v)[N], bool vec) {
+  constexpr int per16 = 16 / sizeof(T);
+  if constexpr (N % per16 == 0) {
+    if (vec) {
+#pragma unroll
+      for (int q = 0; q < N / per16; ++q) {
+        const uint4 raw = reinterpret_cast<const uint4*>(p)[q];
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < per16; ++i) v[q * per16 + i] = to_float(e[i]);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = to_float(p[i]);
+}
+
+// Stores N floats as N consecutive values of T; same alignment rule as load_floats.
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* p, const float (&v)[N], bool vec) {
+  constexpr int per16 = 16 / sizeof(T);
+  if constexpr (N % per16 == 0) {
+    if (vec) {
+#pragma unroll
+      for (int q = 0; q < N / per16; ++q) {
+        uint4 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < per16; ++i) e[i] = from_float<T>(v[q * per16 + i]);
+        reinterpret_cast<uint4*>(p)[q] = raw;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) p[i] = from_float<T>(v[i]);
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// In-register Walsh-Hadamard butterflies over R index bits of each of the E / 2^R columns of v
+// (slot = column * 2^R + i), unnormalised.
+template <int R, int E>
+__device__ __forceinline__ void butterflies(float (&v)[E]) {
+  constexpr int S = 1 << R;
+#pragma unroll
+  for (int c = 0; c < E / S; ++c) {
+#pragma unroll
+    for (int h = 1; h < S; h *= 2) {
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        if ((i & h) == 0) {
+          const float a = v[c * S + i], b = v[c * S + i + h];
+          v[c * S + i] = a + b;
+          v[c * S + i + h] = a - b;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace qamw::cuda

@@ -1,0 +1,175 @@
+// Block Walsh-Hadamard transform (Sylvester order, orthonormal) on the GPU.
+//
+// A block of B = 2^L values is spread over B / E threads holding E = min(B, 32) values each in
+// registers. The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
+// contiguous values each thread loaded (16-byte loads); each later pass exchanges the values
+// through shared memory so that every thread holds the values that differ in the next 5 bits,
+// and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
+// padded by one word every 32 so that both the strided writes of pass 0 and the reads are
+// free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads.
+#include "common.cuh"
+
+namespace qamw::cuda {
+namespace {
+
+constexpr int kPassBits = 5;
+
+template <int L>
+struct HadamardShape {
+  static constexpr int block = 1 << L;
+  static constexpr int reg_bits = L < kPassBits ? L : kPassBits;
+  static constexpr int per_thread = 1 << reg_bits;                   // E
+  static constexpr int threads_per_block = block / per_thread;        // threads on one block
+  static constexpr int blocks_per_cta = threads_per_block >= 128 ? 1 : 128 / threads_per_block;
+  static constexpr int threads = threads_per_block * blocks_per_cta;
+  static constexpr int passes = (L + kPassBits - 1) / kPassBits;
+  static constexpr int smem_per_block = passes > 1 ? block + block / 32 : 0;  // floats
+};
+
+// 1 / sqrt(2^L), exactly rounded: a power of two times sqrt(1/2) when L is odd.
+template <int L>
+constexpr float inv_sqrt_pow2() {
+  float v = 1.0f;
+  for (int i = 0; i < L / 2; ++i) v *= 0.5f;
+  return L % 2 ? v * 0.70710678118654752f : v;
+}
+
+__device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
+
+// Index within the block of slot `sl` of thread t in pass p: the slot's low r bits are the
+// index bits [lo, lo + r) this pass transforms; the thread and column number fill the other
+// bits, low bits first, so that consecutive threads hold consecutive indices.
+template <int L, int P>
+__device__ __forceinline__ int pass_index(int t, int sl) {
+  using S = HadamardShape<L>;
+  constexpr int lo = P * kPassBits;
+  constexpr int r = (L - lo) < kPassBits ? (L - lo) : kPassBits;
+  const int c = sl >> r, i = sl & ((1 << r) - 1);
+  const int u = t + S::threads_per_block * c;
+  return (u & ((1 << lo) - 1)) | (i << lo) | ((u >> lo) << (lo + r));
+}
+
+// Passes P.. through shared memory; on return v holds the values of the last pass's layout.
+template <int L, int P>
+__device__ __forceinline__ void shared_passes(float (&v)[HadamardShape<L>::per_thread], float* s,
+                                              int t) {
+  using S = HadamardShape<L>;
+  constexpr int r = (L - P * kPassBits) < kPassBits ? (L - P * kPassBits) : kPassBits;
+  __syncthreads();
+#pragma unroll
+  for (int sl = 0; sl < S::per_thread; ++sl) v[sl] = s[padded(pass_index<L, P>(t, sl))];
+  butterflies<r>(v);
+  if constexpr (P + 1 < S::passes) {
+    // Each thread writes back only the words it read, so no barrier is needed before this.
+#pragma unroll
+    for (int sl = 0; sl < S::per_thread; ++sl) s[padded(pass_index<L, P>(t, sl))] = v[sl];
+    shared_passes<L, P + 1>(v, s, t);
+  }
+}
+
+template <typename T, int L>
+__global__ void __launch_bounds__(HadamardShape<L>::threads)
+    hadamard_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t nblocks,
+                    int64_t blocks_per_row, const int8_t* __restrict__ signs, bool inverse,
+                    bool vec) {
+  using S = HadamardShape<L>;
+  constexpr int E = S::per_thread;
+  extern __shared__ float smem[];
+  const int g = threadIdx.x / S::threads_per_block, t = threadIdx.x % S::threads_per_block;
+  float* s = smem + g * S::smem_per_block;
+  const int64_t ngroups = (nblocks + S::blocks_per_cta - 1) / S::blocks_per_cta;
+  for (int64_t grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
+    const int64_t blk = grp * S::blocks_per_cta + g;
+    const bool valid = blk < nblocks;  // invalid threads still reach every barrier
+    const int64_t base = blk * S::block;
+    const int8_t* sg = signs ? signs + (blk % blocks_per_row) * S::block : nullptr;
+
+    float v[E];
+    if (valid) {
+      load_floats<T, E>(x + base + t * E, v, vec);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const float f = (sg && !inverse) ? static_cast<float>(sg[t * E + i]) : 1.0f;
+        v[i] *= f * inv_sqrt_pow2<L>();
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) v[i] = 0.0f;
+    }
+    butterflies<S::reg_bits>(v);
+
+    if constexpr (S::passes == 1) {
+      if (valid) {
+        if (sg && inverse) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) v[i] *= static_cast<float>(sg[t * E + i]);
+        }
+        store_floats<T, E>(out + base + t * E, v, vec);
+      }
+    } else {
+      __syncthreads();  // the previous group's last reads are done
+#pragma unroll
+      for (int i = 0; i < E; ++i) s[padded(t * E + i)] = v[i];
+      shared_passes<L, 1>(v, s, t);
+      if (valid) {
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) {
+          const int idx = pass_index<L, S::passes - 1>(t, sl);
+          const float f = (sg && inverse) ? static_cast<float>(sg[idx]) : 1.0f;
+          out[base + idx] = from_float<T>(v[sl] * f);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int L>
+void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const int8_t* signs,
+            bool inverse, cudaStream_t stream) {
+  using S = HadamardShape<L>;
+  const size_t smem = sizeof(float) * S::smem_per_block * S::blocks_per_cta;
+  auto kernel = hadamard_kernel<T, L>;
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem));
+  const int64_t ngroups = ceil_div(nblocks, S::blocks_per_cta);
+  const unsigned grid = static_cast<unsigned>(ngroups < (1 << 20) ? ngroups : (1 << 20));
+  const bool vec = aligned16(x) && aligned16(out);
+  kernel<<<grid, S::threads, smem, stream>>>(x, out, nblocks, blocks_per_row, signs, inverse,
+                                             vec);
+}
+
+}  // namespace
+
+void hadamard(const void* x, void* out, DType dtype, int64_t rows, int64_t n, int64_t block,
+              const int8_t* signs, bool inverse, void* stream) {
+  if (rows == 0 || n == 0) return;
+  int L = 0;
+  while ((int64_t{1} << L) < block) ++L;
+  const int64_t nblocks = rows * (n / block), blocks_per_row = n / block;
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xi = static_cast<const T*>(x);
+    T* o = static_cast<T*>(out);
+    const cudaStream_t s = as_stream(stream);
+    switch (L) {
+      case 1: launch<T, 1>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 2: launch<T, 2>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 3: launch<T, 3>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 4: launch<T, 4>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 5: launch<T, 5>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 6: launch<T, 6>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 7: launch<T, 7>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 8: launch<T, 8>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 9: launch<T, 9>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 10: launch<T, 10>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 11: launch<T, 11>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 12: launch<T, 12>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 13: launch<T, 13>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      case 14: launch<T, 14>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+      default: launch<T, 15>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+    }
+  });
+}
+
+}  // namespace qamw::cuda

@@ -1,0 +1,388 @@
+// QAM-W fused GEMV and dequantize on the GPU.
+//
+// GEMV: y[b, i] = sum_k scale(i, k) <codebook[code(i, k)], xr[b, 2k:2k+2]>, xr the rotated
+// activation H_block(signs * x / channel_scale). Each CTA first rotates the whole activation
+// into shared memory (fused; when it is small enough) or the launcher rotates it into the
+// caller's workspace with a small kernel; the codebook is staged in shared memory (bits <= 12).
+// Then a thread owns 128 consecutive codes of a row at a time (a "chunk": exactly `bits` aligned
+// 16-byte vectors, decoded with compile-time shifts), a power-of-two group of lanes shares a
+// row, and the group reduces with shuffles. CTAs are persistent (one wave) and stride over rows,
+// so each rotates the activation once for many rows.
+//
+// The rotated activation is stored with two padding floats after every 128 pairs: lanes of a
+// group read pairs 128 apart, which would otherwise all hit the same shared-memory bank.
+#include "common.cuh"
+
+namespace qamw::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 128;                     // codes a thread decodes at once
+constexpr int kSmemCodebookMaxBits = 12;        // 2^12 float2 = 32 KiB
+constexpr int64_t kFusedActivationBytes = 64 * 1024;
+constexpr int kRotateTile = 2048;               // floats a rotation CTA handles at least
+
+int log2_of(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+float inv_sqrt(int64_t block) { return static_cast<float>(1.0 / __builtin_sqrt(double(block))); }
+
+// Index in shared memory of value j of a row of the padded rotated activation.
+__device__ __forceinline__ int padded_index(int j) { return j + 2 * (j >> 8); }
+
+// Unnormalised Walsh-Hadamard transform, in place in shared memory, of `rows` rows of n values
+// (row b at s + b * row_stride, value j at padded_index(j) when `padded`), in blocks of `block`.
+// Up to three stages are fused per barrier: each thread transforms 8 values in registers.
+__device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride, bool padded) {
+  const int lb = __ffs(block) - 1;
+  for (int lh = 0; lh < lb;) {
+    const int r = lb - lh < 3 ? lb - lh : 3;
+    const int h = 1 << lh;
+    const int groups_per_row = n >> r;
+    for (int g = threadIdx.x; g < rows * groups_per_row; g += blockDim.x) {
+      const int b = g / groups_per_row, q = g - b * groups_per_row;
+      // Group q: the 2^r values whose index bits [lh, lh + r) vary, the other bits from q.
+      const int base = ((q >> lh) << (lh + r)) | (q & (h - 1));
+      float* row = s + b * row_stride;
+      int idx[8];
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        idx[i] = base + i * h;
+        if (padded) idx[i] = padded_index(idx[i]);
+        v[i] = i < (1 << r) ? row[idx[i]] : 0.0f;
+      }
+      if (r == 3) butterflies<3>(v);
+      else if (r == 2) butterflies<2>(v);
+      else butterflies<1>(v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < (1 << r)) row[idx[i]] = v[i];
+    }
+    __syncthreads();
+    lh += r;
+  }
+}
+
+struct GemvParams {
+  const int32_t* packed;
+  int64_t words_per_row;
+  const float* codebook;
+  const float* row_scale;
+  int64_t scales_per_row;
+  int seg_log2;       // log2 of the pairs sharing one row scale (n / scales_per_row / 2)
+  int64_t m;
+  int n, pairs, chunks_per_row, group_lanes;
+  const void* x;
+  DType dtype;
+  const float* channel_scale;
+  const int8_t* signs;
+  int block;
+  float norm;
+  int batch;
+  const float* workspace;  // rotated activation, or nullptr: rotate into shared memory
+  void* out;
+  bool packed_vec;         // packed rows are 16-byte aligned
+};
+
+// Code j (0..127) of a chunk held as 4 * BITS little-endian words.
+template <int BITS>
+__device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[4 * BITS], int j) {
+  const int bit = j * BITS, word = bit >> 5, sh = bit & 31;
+  uint32_t v = w[word] >> sh;
+  if (sh + BITS > 32) v = __funnelshift_r(w[word], w[word + 1], sh);
+  return v & ((1u << BITS) - 1u);
+}
+
+// (kThreads, 1): without a minimum, ptxas capped some variants at 64 registers and spilled.
+template <int BITS, int NB>
+__global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  constexpr bool kCodebookShared = BITS <= kSmemCodebookMaxBits;
+  float2* cb_s = reinterpret_cast<float2*>(smem_raw);
+  float* xr_s = reinterpret_cast<float*>(smem_raw + (kCodebookShared ? (8 << BITS) : 0));
+
+  if constexpr (kCodebookShared) {
+    for (int i = threadIdx.x; i < (1 << BITS); i += kThreads)
+      cb_s[i] = make_float2(p.codebook[2 * i], p.codebook[2 * i + 1]);
+  }
+  // Rotated activation: pair k of batch row b at xr2[b * xr_row + chunk * xr_chunk + k % 128].
+  const float2* xr2;
+  int xr_row, xr_chunk;
+  if (p.workspace == nullptr) {
+    xr_row = p.pairs + p.chunks_per_row;  // in pairs: one padding pair per chunk
+    for (int b = 0; b < p.batch; ++b) {
+      for (int j = threadIdx.x; j < p.n; j += kThreads) {
+        float v = load_as_float(p.x, p.dtype, int64_t{b} * p.n + j);
+        if (p.channel_scale) v /= p.channel_scale[j];
+        if (p.signs) v *= static_cast<float>(p.signs[j]);
+        xr_s[b * (2 * xr_row) + padded_index(j)] = v * p.norm;
+      }
+    }
+    __syncthreads();
+    fwht_shared(xr_s, p.batch, p.n, p.block, 2 * xr_row, true);
+    xr2 = reinterpret_cast<const float2*>(xr_s);
+    xr_chunk = kChunk + 1;
+  } else {
+    __syncthreads();  // the codebook is staged
+    xr2 = reinterpret_cast<const float2*>(p.workspace);
+    xr_row = p.pairs;
+    xr_chunk = kChunk;
+  }
+
+  const int G = p.group_lanes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane & (G - 1);
+  const int rows_per_warp = 32 / G;
+  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
+  const int64_t vecs_per_row = p.words_per_row / 4;
+  const int seg_mask = (p.seg_log2 < 7 ? (1 << p.seg_log2) : kChunk) - 1;
+
+  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < p.m; row0 += gridDim.x * rows_per_cta) {
+    const int64_t row = row0 + warp * rows_per_warp + lane / G;
+    float acc[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+    if (row < p.m) {
+      const int32_t* rowp = p.packed + row * p.words_per_row;
+      const float* rs = p.row_scale + row * p.scales_per_row;
+      for (int c = sub; c < p.chunks_per_row; c += G) {
+        // The chunk's `bits` vectors; those past the row's end (last chunk) read as zeros.
+        uint32_t w[4 * BITS];
+#pragma unroll
+        for (int v = 0; v < BITS; ++v) {
+          const int64_t vi = int64_t{c} * BITS + v;
+          uint4 q = make_uint4(0, 0, 0, 0);
+          if (vi < vecs_per_row) {
+            if (p.packed_vec) {
+              q = __ldg(reinterpret_cast<const uint4*>(rowp) + vi);
+            } else {
+              q.x = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi);
+              q.y = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi + 1);
+              q.z = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi + 2);
+              q.w = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi + 3);
+            }
+          }
+          w[4 * v] = q.x;
+          w[4 * v + 1] = q.y;
+          w[4 * v + 2] = q.z;
+          w[4 * v + 3] = q.w;
+        }
+        const int valid = p.pairs - c * kChunk < kChunk ? p.pairs - c * kChunk : kChunk;
+        float part[NB];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) part[b] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          if (j < valid) {
+            const uint32_t code = chunk_code<BITS>(w, j);
+            float2 cw;
+            if constexpr (kCodebookShared) {
+              cw = cb_s[code];
+            } else {
+              cw = make_float2(__ldg(p.codebook + 2 * code), __ldg(p.codebook + 2 * code + 1));
+            }
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+              if (b < p.batch) {
+                const float2 xv = xr2[b * xr_row + c * xr_chunk + j];
+                part[b] = fmaf(cw.x, xv.x, fmaf(cw.y, xv.y, part[b]));
+              }
+            }
+            // Apply the row scale at the end of each scale segment and of the chunk.
+            if (((j + 1) & seg_mask) == 0 || j == valid - 1) {
+              const float scale = rs[(c * kChunk + j) >> p.seg_log2];
+#pragma unroll
+              for (int b = 0; b < NB; ++b) {
+                acc[b] = fmaf(scale, part[b], acc[b]);
+                part[b] = 0.0f;
+              }
+            }
+          }
+        }
+      }
+    }
+    // Every lane reaches the shuffles: the loop over row0 is uniform across the CTA.
+    for (int off = G / 2; off > 0; off /= 2) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], off);
+    }
+    if (sub == 0 && row < p.m) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+        if (b < p.batch) store_from_float(p.out, p.dtype, b * p.m + row, acc[b]);
+    }
+  }
+}
+
+// Rotates `tile` values of one activation row into the workspace: grid (n / tile, batch).
+__global__ void __launch_bounds__(kThreads)
+    rotate_kernel(const void* x, DType dtype, int n, int block, int tile,
+                  const float* channel_scale, const int8_t* signs, float norm, float* xr) {
+  extern __shared__ float tile_s[];
+  const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
+  const int j0 = blockIdx.x * tile;
+  for (int i = threadIdx.x; i < tile; i += kThreads) {
+    float v = load_as_float(x, dtype, first + i);
+    if (channel_scale) v /= channel_scale[j0 + i];
+    if (signs) v *= static_cast<float>(signs[j0 + i]);
+    tile_s[i] = v * norm;
+  }
+  __syncthreads();
+  fwht_shared(tile_s, 1, tile, block, tile, false);
+  for (int i = threadIdx.x; i < tile; i += kThreads) xr[first + i] = tile_s[i];
+}
+
+// Dequantizes one tile (a whole number of Hadamard blocks) of one row per iteration.
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(QamwWeight w, int tile, float norm, void* out, DType dtype) {
+  extern __shared__ float tile_s[];
+  const int64_t tiles_per_row = w.n / tile, tiles = w.m * tiles_per_row;
+  const int64_t pairs_per_scale = w.n / 2 / w.scales_per_row;
+  const uint32_t mask = (1u << w.bits) - 1u;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t row = t / tiles_per_row, j0 = (t - row * tiles_per_row) * tile;
+    const uint32_t* rowp = reinterpret_cast<const uint32_t*>(w.packed) + row * w.words_per_row;
+    __syncthreads();  // the previous tile's reads are done
+    for (int i = threadIdx.x; i < tile / 2; i += kThreads) {
+      const int64_t k = j0 / 2 + i;
+      const int64_t bit = k * w.bits, word = bit >> 5;
+      const int sh = static_cast<int>(bit & 31);
+      const uint32_t hi = sh + w.bits > 32 ? rowp[word + 1] : 0u;
+      const uint32_t code = __funnelshift_r(rowp[word], hi, sh) & mask;
+      const float scale = w.row_scale[row * w.scales_per_row + k / pairs_per_scale] * norm;
+      tile_s[2 * i] = w.codebook[2 * code] * scale;
+      tile_s[2 * i + 1] = w.codebook[2 * code + 1] * scale;
+    }
+    __syncthreads();
+    fwht_shared(tile_s, 1, tile, static_cast<int>(w.block), tile, false);
+    for (int i = threadIdx.x; i < tile; i += kThreads) {
+      const int64_t j = j0 + i;
+      float v = tile_s[i];
+      if (w.signs) v *= static_cast<float>(w.signs[j]);
+      if (w.channel_scale) v /= w.channel_scale[j];
+      store_from_float(out, dtype, row * w.n + j, v);
+    }
+  }
+}
+
+// Shared memory a kernel may use, raising the 48 KiB default when needed.
+template <typename K>
+bool allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return true;
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (bytes > static_cast<size_t>(optin)) return false;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       static_cast<int>(bytes));
+  return true;
+}
+
+// A power-of-two tile of at least `block` values dividing n, near kRotateTile.
+int rotate_tile(int64_t n, int64_t block) {
+  int64_t p2 = n & -n;  // largest power of two dividing n
+  int64_t t = p2 < kRotateTile ? p2 : kRotateTile;
+  return static_cast<int>(t > block ? t : block);
+}
+
+}  // namespace
+
+// QAM-W widths only (4..12 bits per pair, checked by the wrapper): every width and batch
+// variant is a fully unrolled kernel, and each costs compile time.
+template <typename F>
+void dispatch_qamw_bits(int bits, F&& f) {
+  switch (bits) {
+    case 4: f(IntC<4>{}); break;
+    case 5: f(IntC<5>{}); break;
+    case 6: f(IntC<6>{}); break;
+    case 7: f(IntC<7>{}); break;
+    case 8: f(IntC<8>{}); break;
+    case 9: f(IntC<9>{}); break;
+    case 10: f(IntC<10>{}); break;
+    case 11: f(IntC<11>{}); break;
+    default: f(IntC<12>{}); break;
+  }
+}
+
+// Accumulators for 1, 4 or 16 activation rows: extra rows are idle registers, not traffic.
+template <typename F>
+void dispatch_gemv_batch(int64_t batch, F&& f) {
+  if (batch <= 1) f(IntC<1>{});
+  else if (batch <= 4) f(IntC<4>{});
+  else f(IntC<16>{});
+}
+
+void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out,
+               float* workspace, void* stream) {
+  if (batch == 0 || w.m == 0) return;
+  const cudaStream_t s = as_stream(stream);
+  GemvParams p{};
+  p.packed = w.packed;
+  p.words_per_row = w.words_per_row;
+  p.codebook = w.codebook;
+  p.row_scale = w.row_scale;
+  p.scales_per_row = w.scales_per_row;
+  p.seg_log2 = log2_of(w.n / 2 / w.scales_per_row);
+  p.m = w.m;
+  p.n = static_cast<int>(w.n);
+  p.pairs = static_cast<int>(w.n / 2);
+  p.chunks_per_row = static_cast<int>(ceil_div(p.pairs, kChunk));
+  p.group_lanes = 1;
+  while (p.group_lanes < 32 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
+  p.x = x;
+  p.dtype = dtype;
+  p.channel_scale = w.channel_scale;
+  p.signs = w.signs;
+  p.block = static_cast<int>(w.block);
+  p.norm = inv_sqrt(w.block);
+  p.batch = static_cast<int>(batch);
+  p.out = out;
+  p.packed_vec = aligned16(w.packed);
+
+  const size_t cb_bytes = w.bits <= kSmemCodebookMaxBits ? (size_t{8} << w.bits) : 0;
+  const size_t xr_bytes = sizeof(float) * batch * (p.n + 2 * p.chunks_per_row);
+  dispatch_qamw_bits(w.bits, [&](auto bits) {
+    dispatch_gemv_batch(batch, [&](auto nb) {
+      auto kernel = qamw_gemv_kernel<decltype(bits)::value, decltype(nb)::value>;
+      size_t smem = cb_bytes + xr_bytes;
+      if (xr_bytes > static_cast<size_t>(kFusedActivationBytes) || !allow_smem(kernel, smem)) {
+        const int tile = rotate_tile(w.n, w.block);
+        const size_t tile_bytes = sizeof(float) * tile;
+        allow_smem(rotate_kernel, tile_bytes);
+        rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
+                        kThreads, tile_bytes, s>>>(x, dtype, p.n, p.block, tile,
+                                                   w.channel_scale, w.signs, p.norm, workspace);
+        p.workspace = workspace;
+        smem = cb_bytes;
+        allow_smem(kernel, smem);
+      }
+      int dev = 0, sms = 0, per_sm = 0;
+      cudaGetDevice(&dev);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+      const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
+      const int64_t wanted = ceil_div(w.m, rows_per_cta);
+      const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
+      const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);
+      kernel<<<grid, kThreads, smem, s>>>(p);
+    });
+  });
+}
+
+void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream) {
+  if (w.m == 0 || w.n == 0) return;
+  const int tile = rotate_tile(w.n, w.block);
+  const size_t smem = sizeof(float) * tile;
+  allow_smem(dequantize_kernel, smem);
+  const int64_t tiles = w.m * (w.n / tile);
+  const unsigned grid = static_cast<unsigned>(tiles < (1 << 20) ? tiles : (1 << 20));
+  dequantize_kernel<<<grid, kThreads, smem, as_stream(stream)>>>(w, tile, inv_sqrt(w.block), out,
+                                                                  dtype);
+}
+
+}  // namespace qamw::cuda

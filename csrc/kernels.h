@@ -1,0 +1,97 @@
+// Launchers of every qamw_ext kernel, on raw pointers. Nothing here knows of torch:
+// the CPU kernels live in csrc/cpu/, the CUDA ones in csrc/cuda/, and the torch
+// wrappers that check arguments and call these live in csrc/*.cpp.
+//
+// Conventions shared by every kernel:
+//  * matrices are row-major and contiguous;
+//  * activations are fp32, fp16 or bf16 (DType); every sum is accumulated in fp32;
+//  * `signs` is an int8 vector of +-1 of length n, or nullptr;
+//  * `channel_scale` is an fp32 vector of length n (the activation is divided by it), or nullptr.
+//
+// Packed codes (pack_bits): each row of `count` codes of `bits` bits is one little-endian
+// bit stream, code k occupying bits [k*bits, (k+1)*bits) counted from bit 0 of word 0
+// (LSB first). A row holds words_per_row = 4 * ceil(count * bits / 128) int32 words, so
+// every row starts 16-byte aligned and any 128 consecutive codes fill exactly `bits`
+// 16-byte vectors: a GPU thread decodes them from `bits` aligned 16-byte loads. Padding
+// bits are zero.
+#pragma once
+#include <cstdint>
+
+namespace qamw {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+enum class ScaleType : int { F16 = 0, F8E4M3 = 1 };
+
+inline int64_t packed_words_per_row(int64_t count, int bits) {
+  return 4 * ((count * bits + 127) / 128);
+}
+
+// QAM-W weight: code k of row i is codeword codebook[code] = (c0, c1), the weights of
+// rotated columns 2k and 2k+1, times row_scale[i * scales_per_row + (2k) / (n / scales_per_row)].
+// The dense weight is W = diag(row scale) * C * H * diag(signs) * diag(1 / channel_scale)
+// with H the orthonormal block Walsh-Hadamard matrix of block size `block`.
+struct QamwWeight {
+  const int32_t* packed;      // [m, words_per_row]
+  int64_t words_per_row;
+  const float* codebook;      // [2^bits, 2]
+  int bits;                   // bits per pair, 4..12
+  const float* row_scale;     // [m, scales_per_row]
+  int64_t scales_per_row;     // 1, or n / block (one scale per Hadamard block)
+  const float* channel_scale; // [n] or nullptr
+  const int8_t* signs;        // [n] or nullptr
+  int64_t block;              // Hadamard block size, a power of two dividing n
+  int64_t m, n;               // out_features, in_features
+};
+
+// AAAC weight: 4-bit codes; group g of row i has scale s = scales[i, g] whose sign bit
+// selects codebooks[sign] (16 fp32 values each); w = tensor_scale * |s| * codebooks[sign][code].
+struct AaacWeight {
+  const int32_t* packed;      // [m, words_per_row], 4-bit codes
+  int64_t words_per_row;
+  const void* scales;         // [m, n / group]: fp16, or fp8 e4m3 bytes
+  ScaleType scale_type;
+  const float* codebooks;     // [2, 16]
+  const float* tensor_scale;  // one fp32 value, or nullptr (1)
+  const float* channel_scale; // [n] or nullptr
+  int64_t group;
+  int64_t m, n;
+};
+
+namespace cpu {
+void hadamard(const void* x, void* out, DType dtype, int64_t rows, int64_t n, int64_t block,
+              const int8_t* signs, bool inverse);
+void nearest_codeword_2d(const float* points, int64_t count, const float* codebook, int64_t K,
+                         int32_t* out);
+void nearest_codeword_1d(const float* values, int64_t count, const float* codebook, int64_t K,
+                         int32_t* out);
+void pack_bits(const int32_t* codes, int64_t rows, int64_t count, int bits, int32_t* packed);
+void unpack_bits(const int32_t* packed, int64_t rows, int64_t count, int bits, int32_t* codes);
+void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out);
+void qamw_dequantize(const QamwWeight& w, void* out, DType dtype);
+void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out);
+void aaac_dequantize(const AaacWeight& w, void* out, DType dtype);
+}  // namespace cpu
+
+// CUDA launchers: same meaning, device pointers, `stream` is a cudaStream_t.
+namespace cuda {
+void hadamard(const void* x, void* out, DType dtype, int64_t rows, int64_t n, int64_t block,
+              const int8_t* signs, bool inverse, void* stream);
+void nearest_codeword_2d(const float* points, int64_t count, const float* codebook, int64_t K,
+                         int32_t* out, void* stream);
+void nearest_codeword_1d(const float* values, int64_t count, const float* codebook, int64_t K,
+                         int32_t* out, void* stream);
+void pack_bits(const int32_t* codes, int64_t rows, int64_t count, int bits, int32_t* packed,
+               void* stream);
+void unpack_bits(const int32_t* packed, int64_t rows, int64_t count, int bits, int32_t* codes,
+                 void* stream);
+// `workspace` holds batch * n floats: room for the rotated activation when it does not
+// fit in shared memory.
+void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out,
+               float* workspace, void* stream);
+void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream);
+void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
+               void* stream);
+void aaac_dequantize(const AaacWeight& w, void* out, DType dtype, void* stream);
+}  // namespace cuda
+
+}  // namespace qamw

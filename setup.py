@@ -1,0 +1,89 @@
+"""Builds qamw_ext._C: a CUDA extension when the CUDA build of torch and nvcc are present,
+a CPU-only one otherwise (set QAMW_FORCE_CPU=1 to skip CUDA)."""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_home():
+    """The toolkit root. The `nvcc` first on PATH may be a wrapper script that execs the real
+    one, so follow it rather than trusting torch's guess."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    real = os.path.realpath(nvcc)
+    with open(real, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"#!"):  # a wrapper: find the path it execs
+        for token in head.decode(errors="ignore").split():
+            if token.endswith("/nvcc") and os.path.exists(token):
+                real = os.path.realpath(token)
+                break
+    return os.path.dirname(os.path.dirname(real))
+
+
+def want_cuda():
+    import torch
+
+    if os.environ.get("QAMW_FORCE_CPU") == "1" or torch.version.cuda is None:
+        return False
+    home = cuda_home()
+    return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # The extension is built from source on the machine that runs it, so tune for it
+    # (QAMW_PORTABLE=1 builds for any x86-64).
+    arch = "-march=x86-64" if os.environ.get("QAMW_PORTABLE") == "1" else "-march=native"
+    cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp", arch]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not want_cuda():
+        return cpp_extension.CppExtension(
+            "qamw_ext._C", cpp_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+    home = cuda_home()
+    os.environ["CUDA_HOME"] = home
+    cpp_extension.CUDA_HOME = home
+    import torch
+
+    if not torch.cuda.is_available():
+        # No GPU to query: build for Hopper (set TORCH_CUDA_ARCH_LIST for others).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    # cuBLAS and friends' headers ship inside the nvidia wheels, not this toolkit.
+    import site
+
+    for root in site.getsitepackages():
+        candidate = os.path.join(root, "nvidia", "cu13", "include")
+        if os.path.isdir(candidate):
+            include_dirs.append(candidate)
+    return cpp_extension.CUDAExtension(
+        "qamw_ext._C", cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs,
+        define_macros=[("QAMW_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo",
+                     "--expt-relaxed-constexpr"],
+        },
+        extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="qamw_ext",
+    version="0.1.0",
+    description="QAM-W and AAAC weight quantization for LLMs: CUDA/C++ kernels and a thin Python layer",
+    packages=find_packages(include=["qamw_ext", "qamw_ext.*"]),
+    package_data={"qamw_ext": ["data/*.safetensors"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["qamw = qamw_ext.cli:main"]},
+    python_requires=">=3.10",
+)
