@@ -1,0 +1,109 @@
+"""The extension's ops, one function each, with fake (meta) implementations so that
+`torch.compile(fullgraph=True)` traces them. Argument checks live in the C++ wrappers;
+`qamw_ext.reference` holds a pure-PyTorch version of each op with the same signature."""
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.qamw_ext)
+
+_ops = torch.ops.qamw_ext
+
+
+def hadamard(x, block_size, signs=None, inverse=False):
+    """Orthonormal block Walsh-Hadamard transform of x's last dimension (blocks of
+    `block_size`, a power of two from 2 to 32768 dividing it). Forward: H (signs * x);
+    inverse: signs * (H x). signs: optional int8 vector of +-1. fp32, fp16 or bf16."""
+    return _ops.hadamard(x, block_size, signs, inverse)
+
+
+def nearest_codeword_2d(points, codebook):
+    """int32 index of the nearest codeword (ties: lowest index) for fp32 points (..., 2)
+    in an fp32 codebook (K, 2), K <= 4096."""
+    return _ops.nearest_codeword_2d(points, codebook)
+
+
+def nearest_codeword_1d(values, codebook):
+    """int32 index of the nearest value (ties: lowest index) in an fp32 codebook (K,)."""
+    return _ops.nearest_codeword_1d(values, codebook)
+
+
+def pack_bits(codes, bits):
+    """Pack int32 codes (..., count) in [0, 2^bits) into int32 words (see csrc/kernels.h
+    for the layout)."""
+    return _ops.pack_bits(codes, bits)
+
+
+def unpack_bits(packed, bits, count):
+    return _ops.unpack_bits(packed, bits, count)
+
+
+def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
+    """y = x W^T for a QAM-W weight (see qamw_dequantize), x of shape (batch, n)."""
+    return _ops.qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size)
+
+
+def qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, block_size,
+                    in_features, dtype=torch.float32):
+    """Dense weight W = diag(row_scale) C H diag(signs) diag(1 / channel_scale)."""
+    return _ops.qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits,
+                                block_size, in_features, dtype)
+
+
+def aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size):
+    """y = x W^T for an AAAC weight (see aaac_dequantize), x of shape (batch, n)."""
+    return _ops.aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size)
+
+
+def aaac_dequantize(packed, scales, codebooks, tensor_scale, channel_scale, group_size,
+                    dtype=torch.float32):
+    """Dense weight w = tensor_scale * |scale| * codebooks[sign bit of scale][code] / s."""
+    return _ops.aaac_dequantize(packed, scales, codebooks, tensor_scale, channel_scale,
+                                group_size, dtype)
+
+
+def _words(count, bits):
+    return 4 * ((count * bits + 127) // 128)
+
+
+@torch.library.register_fake("qamw_ext::hadamard")
+def _(x, block_size, signs=None, inverse=False):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qamw_ext::nearest_codeword_2d")
+def _(points, codebook):
+    return points.new_empty(points.shape[:-1], dtype=torch.int32)
+
+
+@torch.library.register_fake("qamw_ext::nearest_codeword_1d")
+def _(values, codebook):
+    return values.new_empty(values.shape, dtype=torch.int32)
+
+
+@torch.library.register_fake("qamw_ext::pack_bits")
+def _(codes, bits):
+    return codes.new_empty((*codes.shape[:-1], _words(codes.shape[-1], bits)))
+
+
+@torch.library.register_fake("qamw_ext::unpack_bits")
+def _(packed, bits, count):
+    return packed.new_empty((*packed.shape[:-1], count))
+
+
+@torch.library.register_fake("qamw_ext::qamw_gemv")
+def _(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+@torch.library.register_fake("qamw_ext::qamw_dequantize")
+def _(packed, codebook, row_scale, channel_scale, signs, bits, block_size, in_features, dtype):
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.register_fake("qamw_ext::aaac_gemv")
+def _(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+@torch.library.register_fake("qamw_ext::aaac_dequantize")
+def _(packed, scales, codebooks, tensor_scale, channel_scale, group_size, dtype):
+    return packed.new_empty((packed.shape[0], scales.shape[1] * group_size), dtype=dtype)
