@@ -1,0 +1,207 @@
+"""Save and load: safetensors + quantization_config, exact logits after loading, atomic
+writes, and clear refusals of truncated, tampered or foreign checkpoints."""
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qamw_ext import checkpoint as CK
+from qamw_ext.checkpoint import CheckpointError, load_quantized, save_quantized
+from qamw_ext.convert import get_config, quantize_model
+
+from conftest_pipeline import tiny_model
+
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _quantized(config="nf4", seed=0, **kw):
+    model = tiny_model(seed, **kw)
+    cfg = get_config(config, calib_batch=2)
+    cal = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(1)) \
+        if cfg.calibrate else None
+    quantize_model(model, cfg, cal, progress=False, log=None)
+    return model
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("config", ["rtn-int4-g128", "nf4", "qamw-4", "polar-3.5",
+                                    "aaac-int4", "aaac-nvfp4-awq"])
+def test_roundtrip_reproduces_logits_exactly(tmp_path, config):
+    model = _quantized(config)
+    ref = _logits(model)
+    small = _logits(model, IDS[:1, :8])          # the GEMV path too
+    out = save_quantized(model, str(tmp_path / "q"))
+    files = sorted(os.listdir(out))
+    assert "model.safetensors" in files and "config.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    back = load_quantized(out)
+    assert torch.equal(_logits(back), ref)
+    assert torch.equal(_logits(back, IDS[:1, :8]), small)
+    assert back.qamw_config.label == config
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "qamw_ext" and q["format_version"] == CK.FORMAT_VERSION
+    assert len(q["modules"]) == 14
+
+
+def test_from_pretrained_after_import(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import qamw_ext.checkpoint  # noqa: F401  (registers the quantizer)
+
+    model = _quantized("qamw-5.5")
+    ref = _logits(model)
+    save_quantized(model, str(tmp_path / "q"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    assert type(hf.model.layers[1].mlp.down_proj).__name__ == "QAMWLinear"
+    assert torch.equal(_logits(hf), ref)
+
+
+def test_lm_head_quantized_roundtrip(tmp_path):
+    model = tiny_model(3)
+    quantize_model(model, get_config("rtn-int4-g128", include_lm_head=True), None,
+                   progress=False, log=None)
+    ref = _logits(model)
+    save_quantized(model, str(tmp_path / "q"))
+    back = load_quantized(str(tmp_path / "q"))
+    assert torch.equal(_logits(back), ref)
+    assert type(back.lm_head).__name__ == "RTNLinear"
+
+
+def test_save_refuses_and_is_atomic(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no quantized layers"):
+        save_quantized(tiny_model(), str(tmp_path / "x"))
+    model = _quantized()
+    save_quantized(model, str(tmp_path / "q"))
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_quantized(model, str(tmp_path / "q"))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, str(tmp_path / "new"))
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, str(tmp_path / "q"), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["q"]      # no half-written directory, no temp
+    monkeypatch.undo()
+    assert torch.equal(_logits(load_quantized(str(tmp_path / "q"))), _logits(model))
+
+
+def _saved(tmp_path):
+    model = _quantized("rtn-int4-g128")
+    path = pathlib.Path(save_quantized(model, str(tmp_path / "q")))
+    return model, path
+
+
+def _rewrite(path, tensors, modules=None):
+    """Re-save the weights (and layer descriptions) with a matching hash, as a careful
+    forger would."""
+    w = path / "model.safetensors"
+    cfg = json.loads((path / "config.json").read_text())
+    if modules is not None:
+        cfg["quantization_config"]["modules"] = modules
+    save_file(tensors, str(w), metadata={
+        "format": "pt", "quant_method": "qamw_ext", "format_version": "1",
+        "qamw_modules": json.dumps(cfg["quantization_config"]["modules"], sort_keys=True)})
+    cfg["quantization_config"]["weights_sha256"] = CK._sha256(str(w))
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_truncated_or_modified_weights_are_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    w = path / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or was modified"):
+        load_quantized(str(path))
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF
+    w.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="truncated or was modified"):
+        load_quantized(str(path))
+
+
+def test_wrong_names_shapes_dtypes_are_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    good = load_file(str(path / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.scales"
+
+    t = dict(good)
+    t[name] = t[name].to(torch.float32)
+    _rewrite(path, t)
+    with pytest.raises(CheckpointError, match="down_proj.scales: file has float32"):
+        load_quantized(str(path))
+
+    t = dict(good)
+    t[name] = t[name][:32].contiguous()
+    _rewrite(path, t)
+    with pytest.raises(CheckpointError, match="down_proj.scales"):
+        load_quantized(str(path))
+
+    t = dict(good)
+    del t[name]
+    t["model.layers.0.mlp.down_proj.extra"] = torch.zeros(3)
+    _rewrite(path, t)
+    with pytest.raises(CheckpointError, match="(?s)missing tensors.*unexpected tensors"):
+        load_quantized(str(path))
+
+
+def test_bad_config_is_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    cfg_path = path / "config.json"
+    good = json.loads(cfg_path.read_text())
+
+    def with_q(**changes):
+        cfg = json.loads(json.dumps(good))
+        cfg["quantization_config"].update(changes)
+        cfg_path.write_text(json.dumps(cfg))
+
+    with_q(format_version=2)
+    with pytest.raises(CheckpointError, match="format version 2 is not supported"):
+        load_quantized(str(path))
+    mods = dict(good["quantization_config"]["modules"])
+    mods["model.layers.0.mlp.up_proj"] = dict(mods["model.layers.0.mlp.up_proj"],
+                                              method="zip")
+    tensors = load_file(str(path / "model.safetensors"))
+    cfg_path.write_text(json.dumps(good))
+    _rewrite(path, tensors, mods)
+    with pytest.raises(CheckpointError, match="no codec registered for method 'zip'"):
+        load_quantized(str(path))
+    mods = dict(good["quantization_config"]["modules"])
+    mods["model.layers.0.mlp.up_proj"] = dict(mods["model.layers.0.mlp.up_proj"],
+                                              group_size=64)   # same shapes, other meaning
+    _rewrite(path, tensors, good["quantization_config"]["modules"])
+    with_q(modules=mods, weights_sha256=json.loads(cfg_path.read_text())[
+        "quantization_config"]["weights_sha256"])
+    with pytest.raises(CheckpointError, match="do not match those stored with the weights"):
+        load_quantized(str(path))
+    mods = dict(good["quantization_config"]["modules"])
+    mods["model.layers.7.mlp.up_proj"] = mods["model.layers.0.mlp.up_proj"]
+    _rewrite(path, tensors, mods)
+    with pytest.raises(CheckpointError, match="does not have"):
+        load_quantized(str(path))
+    cfg = dict(good)
+    del cfg["quantization_config"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a qamw_ext checkpoint"):
+        load_quantized(str(path))
+    cfg_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_quantized(str(path))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_quantized(str(tmp_path / "nowhere"))
+
+
+def test_no_pickle_in_the_pipeline():
+    root = pathlib.Path(__file__).resolve().parents[1] / "qamw_ext"
+    for name in ("checkpoint.py", "models.py", "convert.py", "calibration.py", "evaluate.py",
+                 "cli.py", "data.py", "plots.py"):
+        src = (root / name).read_text()
+        assert "import pickle" not in src and "torch.load(" not in src, name

@@ -1,0 +1,239 @@
+"""Every op against the pure-PyTorch reference, on CPU and (when present) CUDA: fresh random
+inputs, odd sizes, every bit width and block size, outputs poisoned first, plus opcheck,
+torch.compile and the error messages of bad input."""
+import pytest
+import torch
+
+import qamw_ext
+from qamw_ext import ops, reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations():
+    """Fill freshly allocated memory with garbage so an unwritten output cannot pass."""
+    torch.manual_seed(1234)
+    fill = torch.empty(1 << 20).fill_(float("nan"))
+    del fill
+    yield
+
+
+def assert_matches_reference(out, ref64, dtype, atol):
+    """The rule from Dao-AILab: the kernel's error against an fp64 reference is under twice
+    the error PyTorch itself makes rounding to the same dtype, plus a small atol."""
+    assert out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+    torch_err = (ref64.to(dtype).double() - ref64).abs().max().item()
+    err = (out.double().cpu() - ref64.cpu()).abs().max().item()
+    assert err <= 2 * torch_err + atol, (err, torch_err)
+
+
+def random_signs(n, device):
+    return (torch.randint(0, 2, (n,), device=device) * 2 - 1).to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("block", [2, 8, 64, 256, 2048, 32768])
+def test_hadamard_matches_reference(device, dtype, block):
+    rows = 3 if block < 32768 else 1
+    n = block * (3 if block <= 256 else 1)
+    x = torch.randn(rows, 5 if block < 2048 else 1, n, device=device).to(dtype)
+    signs = random_signs(n, device)
+    for s in (None, signs):
+        for inverse in (False, True):
+            out = ops.hadamard(x, block, s, inverse)
+            ref = reference.hadamard(x.double(), block, s, inverse)
+            assert_matches_reference(out, ref, dtype, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hadamard_inverse_and_noncontiguous(device):
+    x = torch.randn(64, 48, device=device).T  # non-contiguous (48, 64)
+    signs = random_signs(64, device)
+    y = ops.hadamard(x, 16, signs)
+    torch.testing.assert_close(ops.hadamard(y, 16, signs, inverse=True), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, reference.hadamard(x.contiguous(), 16, signs))
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)  # orthonormal
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [1, 3, 16, 128, 2048, 4096])
+def test_nearest_codeword_2d_is_exact(device, K):
+    codebook = torch.randn(K, 2, device=device)
+    points = torch.randn(20011, 2, device=device) * 1.7   # some fall outside the grid
+    points[:7] = codebook[torch.randint(0, K, (7,))]       # exact hits
+    points[7] = float("nan")
+    idx = ops.nearest_codeword_2d(points, codebook)
+    assert idx.dtype == torch.int32 and idx.shape == (20011,)
+    assert ((idx >= 0) & (idx < K)).all()
+    d = ((points[8:, None, :].double() - codebook.double()) ** 2).sum(-1)
+    chosen = d.gather(1, idx[8:].long()[:, None]).squeeze(1)
+    assert torch.allclose(chosen, d.min(1).values, rtol=1e-5, atol=1e-9)
+    agree = (idx == reference.nearest_codeword_2d(points, codebook)).float().mean()
+    assert agree > 0.999
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_codeword_ties_go_to_lowest_index(device):
+    codebook = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 5.0]], device=device)
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 9.0]], device=device).repeat(50, 1)
+    assert ops.nearest_codeword_2d(points, codebook).tolist() == [0, 0, 3] * 50
+    scalar = torch.tensor([2.0, -1.0, 1.0, 2.0], device=device)
+    values = torch.tensor([0.0, 1.5, 2.0, 9.0, -5.0], device=device)
+    assert ops.nearest_codeword_1d(values, scalar).tolist() == [1, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K", [2, 16, 1000])
+def test_nearest_codeword_1d_matches_reference(device, K):
+    codebook = torch.randn(K, device=device)
+    values = torch.randn(3, 1001, device=device) * 2
+    idx = ops.nearest_codeword_1d(values, codebook)
+    d = (values[..., None] - codebook).abs()
+    chosen = d.gather(-1, idx.long()[..., None]).squeeze(-1)
+    assert torch.equal(chosen, d.min(-1).values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_unpack_round_trip(device, bits):
+    for shape in [(1, 1), (7, 53), (2, 3, 129), (4, 0)]:
+        codes = torch.randint(0, 2**bits, shape, dtype=torch.int32, device=device)
+        packed = ops.pack_bits(codes, bits)
+        assert packed.shape[-1] == reference.packed_words_per_row(shape[-1], bits)
+        assert torch.equal(packed.cpu(), reference.pack_bits(codes.cpu(), bits))
+        assert torch.equal(ops.unpack_bits(packed, bits, shape[-1]), codes)
+
+
+def qamw_weight(m, n, bits, block, per_block, device, channel=True):
+    codes = torch.randint(0, 2**bits, (m, n // 2), dtype=torch.int32, device=device)
+    packed = ops.pack_bits(codes, bits)
+    codebook = torch.randn(2**bits, 2, device=device)
+    shape = (m, n // block) if per_block else (m,)
+    row_scale = torch.rand(shape, device=device) + 0.5
+    channel_scale = torch.rand(n, device=device) + 0.5 if channel else None
+    return packed, codebook, row_scale, channel_scale, random_signs(n, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [4, 7, 8, 11, 12])
+@pytest.mark.parametrize("m,n,block,per_block", [(1, 2, 2, False), (37, 96, 32, True),
+                                                 (130, 576, 64, False), (64, 1024, 1024, True)])
+def test_qamw_dequantize_and_gemv(device, bits, m, n, block, per_block):
+    w = qamw_weight(m, n, bits, block, per_block, device)
+    ref_w = reference.qamw_dequantize(*w, bits, block, n, torch.float64)
+    for dtype in FLOATS:
+        dense = ops.qamw_dequantize(*w, bits, block, n, dtype)
+        assert_matches_reference(dense, ref_w, dtype, atol=1e-5)
+        for batch in [1, 3, 16, 17]:
+            x = torch.randn(batch, n, device=device).to(dtype)
+            ref_y = x.double() @ ref_w.T
+            out = ops.qamw_gemv(x, *w, bits, block)
+            assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("m,n,group", [(1, 16, 16), (33, 192, 64), (70, 512, 128), (5, 256, 256)])
+def test_aaac_dequantize_and_gemv(device, scale_dtype, m, n, group):
+    codes = torch.randint(0, 16, (m, n), dtype=torch.int32, device=device)
+    packed = ops.pack_bits(codes, 4)
+    scales = torch.randn(m, n // group, device=device).to(scale_dtype)
+    scales[0, 0] = -0.0  # a zero scale still carries its codebook choice
+    codebooks = torch.randn(2, 16, device=device)
+    for tensor_scale, channel in [(None, None),
+                                  (torch.tensor([0.3], device=device), torch.rand(n, device=device) + 0.5)]:
+        w = (packed, scales, codebooks, tensor_scale, channel)
+        ref_w = reference.aaac_dequantize(*w, group, torch.float64)
+        for dtype in FLOATS:
+            assert_matches_reference(ops.aaac_dequantize(*w, group, dtype), ref_w, dtype, atol=1e-5)
+            for batch in [1, 4, 17]:
+                x = torch.randn(batch, n, device=device).to(dtype)
+                ref_y = x.double() @ ref_w.T
+                out = ops.aaac_gemv(x, *w, group)
+                assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_activations_propagate(device):
+    w = qamw_weight(8, 64, 8, 64, False, device)
+    x = torch.randn(2, 64, device=device)
+    x[1, 3] = float("nan")
+    y = ops.qamw_gemv(x, *w, 8, 64)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+def test_opcheck_every_op():
+    w = qamw_weight(16, 64, 7, 32, True, "cpu")
+    x = torch.randn(3, 64)
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.int32)
+    aaac = (ops.pack_bits(codes, 4), torch.randn(8, 4).half(), torch.randn(2, 16), None, None)
+    samples = {
+        "hadamard": (torch.randn(4, 64), 16, random_signs(64, "cpu"), True),
+        "nearest_codeword_2d": (torch.randn(100, 2), torch.randn(64, 2)),
+        "nearest_codeword_1d": (torch.randn(100), torch.randn(16)),
+        "pack_bits": (codes, 4),
+        "unpack_bits": (ops.pack_bits(codes, 4), 4, 64),
+        "qamw_gemv": (x, *w, 7, 32),
+        "qamw_dequantize": (*w, 7, 32, 64, torch.float16),
+        "aaac_gemv": (x, *aaac, 16),
+        "aaac_dequantize": (*aaac, 16, torch.bfloat16),
+    }
+    for name, args in samples.items():
+        torch.library.opcheck(getattr(torch.ops.qamw_ext, name).default, args)
+
+
+def test_torch_compile_fullgraph():
+    w = qamw_weight(32, 128, 8, 64, False, "cpu")
+
+    def layer(x):
+        y = ops.qamw_gemv(x, *w, 8, 64)
+        return ops.hadamard(y, 32) * 2
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_bad_input_gives_clear_errors():
+    x = torch.randn(2, 64)
+    w = qamw_weight(8, 64, 8, 64, False, "cpu")
+    cases = [
+        (lambda: ops.hadamard(x.int(), 16), "float32, float16 or bfloat16"),
+        (lambda: ops.hadamard(x, 12), "power of two"),
+        (lambda: ops.hadamard(x, 128), "does not divide"),
+        (lambda: ops.hadamard(x, 16, torch.ones(64)), "signs must be Char"),
+        (lambda: ops.hadamard(x, 16, torch.ones(32, dtype=torch.int8)), "signs must have shape"),
+        (lambda: ops.nearest_codeword_2d(torch.randn(5, 3), torch.randn(4, 2)), "points must have shape"),
+        (lambda: ops.nearest_codeword_2d(torch.randn(5, 2), torch.randn(5000, 2)), "K <= 4096"),
+        (lambda: ops.nearest_codeword_2d(torch.randn(5, 2).double(), torch.randn(4, 2)), "points must be Float"),
+        (lambda: ops.pack_bits(torch.tensor([[0, 16]], dtype=torch.int32), 4), "codes must lie in"),
+        (lambda: ops.pack_bits(torch.tensor([[-1]], dtype=torch.int32), 4), "codes must lie in"),
+        (lambda: ops.pack_bits(torch.zeros(1, 4, dtype=torch.int32), 17), "bits must be"),
+        (lambda: ops.unpack_bits(torch.zeros(1, 3, dtype=torch.int32), 4, 8), "must hold 4"),
+        (lambda: ops.qamw_gemv(torch.randn(2, 32), *w, 8, 64), "does not divide"),
+        (lambda: ops.qamw_gemv(x, *w, 7, 64), "codebook must have shape"),
+        (lambda: ops.qamw_gemv(x, *w, 12, 64), "packed must have"),
+        (lambda: ops.qamw_gemv(x, *w, 3, 64), "bits must be from 4 to 12"),
+        (lambda: ops.qamw_gemv(x, w[0], torch.randn(128, 2), *w[2:], 8, 64), "codebook must have shape"),
+        (lambda: ops.qamw_gemv(x, w[0], w[1], torch.rand(7), *w[3:], 8, 64), "row_scale must have shape"),
+        (lambda: ops.qamw_gemv(x, *w[:3], torch.rand(63), w[4], 8, 64), "channel_scale must have shape"),
+        (lambda: ops.aaac_gemv(x, ops.pack_bits(torch.zeros(4, 64, dtype=torch.int32), 4),
+                               torch.ones(4, 4), torch.randn(2, 16), None, None, 16), "float16 or float8"),
+        (lambda: ops.aaac_gemv(x, ops.pack_bits(torch.zeros(4, 64, dtype=torch.int32), 4),
+                               torch.ones(4, 2).half(), torch.randn(2, 16), None, None, 24), "group_size"),
+        (lambda: ops.aaac_gemv(x, ops.pack_bits(torch.zeros(4, 64, dtype=torch.int32), 4),
+                               torch.ones(4, 4).half(), torch.randn(3, 16), None, None, 16), "codebooks must"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def test_public_api_exports_every_op():
+    for name in ["hadamard", "nearest_codeword_2d", "nearest_codeword_1d", "pack_bits",
+                 "unpack_bits", "qamw_gemv", "qamw_dequantize", "aaac_gemv", "aaac_dequantize"]:
+        assert getattr(qamw_ext, name) is getattr(ops, name)
