@@ -154,14 +154,16 @@ def collect_layer_stats(layer, names, inputs, kwargs_list, sample_rows, hessian=
             seen = state["seen"]
             if name not in leader:
                 if key in seen:
-                    leader[name] = seen[key]
+                    leader[name] = seen[key][0]
                 else:
                     leader[name] = name
                     accs[name] = StatsAccumulator(x.shape[-1], sample_rows, hessian, x.device)
                 order.append(name)
             if leader[name] == name:
                 accs[name].add(x)
-                seen[key] = name
+                # Hold the tensor for the rest of the pass: once freed, its address could be
+                # reused by another linear's input, which would then look shared.
+                seen[key] = (name, x)
             state["called"].add(name)
             if stop_after is not None and stop_after <= state["called"]:
                 raise _Stop
