@@ -23,8 +23,10 @@ AaacArgs aaac_args(const at::Tensor& packed, const at::Tensor& scales,
   TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat8_e4m3fn,
               "scales must be float16 or float8_e4m3fn, got ", scales.scalar_type());
   check_same_device(scales, packed, "scales", "packed");
+  TORCH_CHECK(scales.size(1) > 0 && scales.size(1) <= kMaxFeatures / group_size,
+              "in_features = scales.shape[1] * group_size must be from 1 to 2^40, got ",
+              scales.size(1), " * ", group_size);
   const int64_t m = packed.size(0), n = scales.size(1) * group_size;
-  TORCH_CHECK(n > 0, "in_features must be positive");
   const int64_t words = packed_words_per_row(n, 4);
   TORCH_CHECK(packed.size(1) == words, "packed must have ", words, " int32 words per row for ",
               n, " 4-bit codes, got ", packed.size(1));

@@ -7,6 +7,14 @@ static at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
   check_bits(bits);
   check_dtype(codes, at::kInt, "codes");
   TORCH_CHECK(codes.dim() >= 1, "codes must have at least one dimension");
+  const int64_t count = codes.size(-1);
+  TORCH_CHECK(count <= kMaxFeatures, "codes rows of ", count, " codes are too long (at most 2^40)");
+  const int64_t rows = count == 0 ? 0 : codes.numel() / count;
+  auto shape = codes.sizes().vec();
+  shape.back() = packed_words_per_row(count, static_cast<int>(bits));
+  // Allocated before the range scan, so that an input too large to pack (an expanded view,
+  // say) fails at once instead of after a scan of all its elements.
+  at::Tensor out = at::zeros(shape, codes.options());
   if (codes.numel() > 0) {
     // One reduction pass: codes that do not fit in `bits` would corrupt their neighbours.
     const auto [lo, hi] = at::aminmax(codes);
@@ -14,11 +22,6 @@ static at::Tensor pack_bits(const at::Tensor& codes, int64_t bits) {
     TORCH_CHECK(low >= 0 && high < (int64_t{1} << bits), "codes must lie in [0, 2^", bits,
                 ") = [0, ", (int64_t{1} << bits), "), got values in [", low, ", ", high, "]");
   }
-  const int64_t count = codes.size(-1);
-  const int64_t rows = count == 0 ? 0 : codes.numel() / count;
-  auto shape = codes.sizes().vec();
-  shape.back() = packed_words_per_row(count, static_cast<int>(bits));
-  at::Tensor out = at::zeros(shape, codes.options());
   if (rows == 0 || count == 0) return out;
   const at::Tensor c = codes.contiguous();
   if (codes.is_cuda()) {
@@ -39,7 +42,7 @@ static at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, int64_t co
   check_bits(bits);
   check_dtype(packed, at::kInt, "packed");
   TORCH_CHECK(packed.dim() >= 1, "packed must have at least one dimension");
-  TORCH_CHECK(count >= 0, "count must be non-negative, got ", count);
+  TORCH_CHECK(count >= 0 && count <= kMaxFeatures, "count must be from 0 to 2^40, got ", count);
   const int64_t words = packed_words_per_row(count, static_cast<int>(bits));
   TORCH_CHECK(packed.size(-1) == words, "packed rows of ", count, " codes of ", bits,
               " bits must hold ", words, " int32 words, got ", packed.size(-1));

@@ -51,6 +51,14 @@ inline void check_block_size(int64_t block, int64_t n) {
   TORCH_CHECK(n % block == 0, "block_size ", block, " does not divide the last dimension ", n);
 }
 
+// Sizes above this are refused before any size arithmetic (count * bits) could overflow.
+constexpr int64_t kMaxFeatures = int64_t{1} << 40;
+
+// A codebook with NaN or inf has no meaningful nearest entry (and breaks the sorted search).
+inline void check_finite(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), name, " must be finite (no NaN or inf)");
+}
+
 inline void check_bits(int64_t bits) {
   TORCH_CHECK(bits >= 1 && bits <= 16, "bits must be from 1 to 16, got ", bits);
 }

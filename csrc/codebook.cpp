@@ -12,6 +12,7 @@ static at::Tensor nearest_codeword_2d(const at::Tensor& points, const at::Tensor
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(1) == 2 && codebook.size(0) >= 1 &&
                   codebook.size(0) <= 4096,
               "codebook must have shape (K, 2) with 1 <= K <= 4096, got ", codebook.sizes());
+  check_finite(codebook, "codebook");
   const at::Tensor p = points.contiguous(), c = codebook.contiguous();
   at::Tensor out = at::empty(points.sizes().slice(0, points.dim() - 1),
                              points.options().dtype(at::kInt));
@@ -37,6 +38,7 @@ static at::Tensor nearest_codeword_1d(const at::Tensor& values, const at::Tensor
   check_same_device(codebook, values, "codebook", "values");
   TORCH_CHECK(codebook.dim() == 1 && codebook.size(0) >= 1 && codebook.size(0) <= 65536,
               "codebook must have shape (K,) with 1 <= K <= 65536, got ", codebook.sizes());
+  check_finite(codebook, "codebook");
   const at::Tensor v = values.contiguous(), c = codebook.contiguous();
   at::Tensor out = at::empty(values.sizes(), values.options().dtype(at::kInt));
   const int64_t count = out.numel(), K = c.size(0);

@@ -13,10 +13,11 @@ struct QamwArgs {
 QamwArgs qamw_args(const at::Tensor& packed, const at::Tensor& codebook,
                    const at::Tensor& row_scale, const c10::optional<at::Tensor>& channel_scale,
                    const c10::optional<at::Tensor>& signs, int64_t bits, int64_t block_size,
-                   int64_t n) {
+                   int64_t n, const char* n_name) {
   TORCH_CHECK(bits >= 4 && bits <= 12, "bits must be from 4 to 12 (QAM-W bits per pair), got ",
               bits);
-  TORCH_CHECK(n >= 2 && n % 2 == 0, "in_features must be even and positive, got ", n);
+  TORCH_CHECK(n >= 2 && n % 2 == 0 && n <= kMaxFeatures, n_name,
+              " must be even, from 2 to 2^40, got ", n);
   check_block_size(block_size, n);
   check_dtype(packed, at::kInt, "packed");
   TORCH_CHECK(packed.dim() == 2, "packed must have shape (out_features, words), got ",
@@ -24,7 +25,7 @@ QamwArgs qamw_args(const at::Tensor& packed, const at::Tensor& codebook,
   const int64_t m = packed.size(0);
   const int64_t words = packed_words_per_row(n / 2, static_cast<int>(bits));
   TORCH_CHECK(packed.size(1) == words, "packed must have ", words, " int32 words per row for ",
-              n / 2, " codes of ", bits, " bits, got ", packed.size(1));
+              n_name, " = ", n, " (", n / 2, " codes of ", bits, " bits), got ", packed.size(1));
   check_dtype(codebook, at::kFloat, "codebook");
   TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) == (int64_t{1} << bits) &&
                   codebook.size(1) == 2,
@@ -72,7 +73,7 @@ static at::Tensor qamw_gemv(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(x.dim() == 2, "x must have shape (batch, in_features), got ", x.sizes());
   check_same_device(packed, x, "packed", "x");
   const QamwArgs a = qamw_args(packed, codebook, row_scale, channel_scale, signs, bits,
-                               block_size, x.size(1));
+                               block_size, x.size(1), "x.shape[1]");
   const at::Tensor input = x.contiguous();
   const int64_t batch = x.size(0), m = a.view.m;
   at::Tensor out = at::empty({batch, m}, x.options());
@@ -105,7 +106,7 @@ static at::Tensor qamw_dequantize(const at::Tensor& packed, const at::Tensor& co
                                   int64_t block_size, int64_t in_features,
                                   at::ScalarType dtype) {
   const QamwArgs a = qamw_args(packed, codebook, row_scale, channel_scale, signs, bits,
-                               block_size, in_features);
+                               block_size, in_features, "in_features");
   at::Tensor out = at::empty({a.view.m, in_features}, packed.options().dtype(dtype));
   const DType out_dtype = activation_dtype(out, "dtype");
   if (a.view.m == 0) return out;

@@ -77,8 +77,10 @@ def pack_bits(codes, bits):
 def unpack_bits(packed, bits, count):
     """Inverse of pack_bits: (..., words) int32 -> (..., count) int32 codes."""
     words = packed.shape[-1]
+    if count == 0:
+        return packed.new_zeros((*packed.shape[:-1], 0))
     rows = packed.reshape(-1, words).to(torch.int64) & 0xFFFFFFFF
-    stream = ((rows.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows.shape[0], -1)
+    stream = ((rows.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows.shape[0], words * 32)
     stream = stream[:, :count * bits].reshape(rows.shape[0], count, bits)
     codes = (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
     return codes.to(torch.int32).reshape(*packed.shape[:-1], count)
@@ -91,8 +93,10 @@ def qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, blo
     m, n = packed.shape[0], in_features
     codes = unpack_bits(packed, bits, n // 2).to(torch.int64)
     rotated = codebook.to(torch.float64)[codes].reshape(m, n)
-    scale = row_scale.to(torch.float64).reshape(m, -1)
-    rotated = (rotated.view(m, scale.shape[1], -1) * scale.unsqueeze(-1)).reshape(m, n)
+    scale = row_scale.to(torch.float64)
+    scale = scale[:, None] if scale.dim() == 1 else scale
+    segment = n // scale.shape[1]
+    rotated = (rotated.view(m, scale.shape[1], segment) * scale.unsqueeze(-1)).reshape(m, n)
     w = hadamard(rotated, block_size, signs, inverse=True)
     if channel_scale is not None:
         w = w / channel_scale.to(torch.float64)

@@ -179,7 +179,9 @@ void nearest_codeword_1d(const float* values, int64_t count, const float* codebo
   at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float v = values[i];
-      if (std::isnan(v)) { out[i] = 0; continue; }
+      // As in the spec (and the CUDA kernel): every distance to a NaN or an infinite value
+      // is NaN or inf, so none is smaller than another and the answer is index 0.
+      if (!std::isfinite(v)) { out[i] = 0; continue; }
       const int64_t p = std::lower_bound(sorted.begin(), sorted.end(), v) - sorted.begin();
       if (p == 0) { out[i] = index[0]; continue; }
       if (p == D) { out[i] = index[D - 1]; continue; }
