@@ -1,29 +1,36 @@
 """Save and load quantized models: safetensors plus a `quantization_config` in config.json.
 
-Layout of a saved directory (format version 1):
+Layout of a saved directory (format version 2; version 1 had no per-tensor checksums):
   config.json        the model's transformers config with
-                     quantization_config = {"quant_method": "qamw_ext", "format_version": 1,
+                     quantization_config = {"quant_method": "qamw_ext", "format_version": 2,
                      "config": QuantConfig, "modules": {name: codec meta}, "tensors":
-                     {name: [dtype, shape]}, "tied": {name: name}, "weights_sha256": ...}
+                     {name: [dtype, shape, sha256 of its bytes]}, "tied": {name: name},
+                     "weights_sha256": sha256 of model.safetensors}
   model.safetensors  every tensor of the state dict (tied tensors once), no pickle
   tokenizer files, generation_config.json (when given)
 
 Saving is atomic: everything is written into a hidden temporary directory beside the target
-that is renamed into place only when complete (and removed on any error).
+that is renamed into place only when complete (and removed on any error); an existing target
+is swapped with it in one step where the OS can (Linux renameat2), so a save interrupted at
+any point leaves either the old model or the new one at the target, never a partial one.
 
 Loading rebuilds the model's structure from config.json (transformers `from_config`, then
 each listed linear replaced by `CODECS[method].from_meta(meta)`), and refuses a checkpoint
 unless the format version is known, the weights file's SHA-256 matches, and the file holds
-exactly the tensors that structure expects, each with the expected shape and dtype.
+exactly the tensors that structure expects, each with the expected shape, dtype and SHA-256
+(a damaged file is reported by the names of the tensors that no longer match).
 
 transformers integration: importing qamw_ext registers the "qamw_ext" quantization method
 with transformers (`register_quantization_config` / `register_quantizer`), so
 `AutoModelForCausalLM.from_pretrained(saved_dir)` works; its quantizer rebuilds the codec
 modules and then loads the weights through the same strict loader. `load_quantized(dir)`
 is the direct way."""
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -31,7 +38,7 @@ import torch
 
 from .quantized_linear import QuantizedLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 QUANT_METHOD = "qamw_ext"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -55,6 +62,27 @@ def _sha256(path):
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _tensor_sha256(t):
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                          ).hexdigest()
+
+
+def _exchange(a, b):
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+    False where the OS or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def _unique_state(model):
@@ -84,7 +112,8 @@ def quantization_config_dict(model, tensors=None, tied=None, sha=None):
          "config": qcfg.to_dict() if qcfg is not None else None,
          "modules": modules}
     if tensors is not None:
-        d["tensors"] = {n: [_dtype_name(t.dtype), list(t.shape)] for n, t in tensors.items()}
+        d["tensors"] = {n: [_dtype_name(t.dtype), list(t.shape), _tensor_sha256(t)]
+                        for n, t in tensors.items()}
     if tied is not None:
         d["tied"] = dict(tied)
     if sha is not None:
@@ -131,7 +160,11 @@ def save_quantized(model, out_dir, tokenizer=None, overwrite=False, extra=None):
                 pass
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
+        if os.path.exists(out_dir) and _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)    # now the old model
+        elif os.path.exists(out_dir):
+            # No atomic swap here: for a moment between the two renames the target is absent
+            # (the old model is still whole under the hidden .old- name).
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rmdir(old)
             os.rename(out_dir, old)
@@ -166,6 +199,15 @@ def read_quantization_config(path):
             raise CheckpointError(f"{path}: quantization_config lacks {key!r}")
     if not isinstance(q["modules"], dict) or not q["modules"]:
         raise CheckpointError(f"{path}: quantization_config.modules is empty or malformed")
+    if not isinstance(q["weights_sha256"], str) or not re.fullmatch("[0-9a-f]{64}",
+                                                                    q["weights_sha256"]):
+        raise CheckpointError(f"{path}: quantization_config.weights_sha256 is not a SHA-256")
+    tensors = q["tensors"]
+    if not isinstance(tensors, dict) or not all(
+            isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and
+            isinstance(r[1], list) and isinstance(r[2], str) for r in tensors.values()):
+        raise CheckpointError(f"{path}: quantization_config.tensors is malformed (expected "
+                              "{name: [dtype, shape, sha256]})")
     return q, raw
 
 
@@ -210,7 +252,8 @@ def _read_weights(path, q):
     sha = _sha256(wpath)
     if sha != q["weights_sha256"]:
         raise CheckpointError(f"{wpath} is truncated or was modified: its SHA-256 {sha[:16]}... "
-                              f"does not match the {q['weights_sha256'][:16]}... recorded at save")
+                              f"does not match the {q['weights_sha256'][:16]}... recorded at save"
+                              f" ({_damage(wpath, q['tensors'])})")
     try:
         with safe_open(wpath, framework="pt") as f:
             meta = f.metadata() or {}
@@ -230,6 +273,23 @@ def _read_weights(path, q):
         raise CheckpointError(f"{wpath} is not a valid safetensors file: {e}") from None
 
 
+def _damage(wpath, manifest):
+    """Which part of a weights file that failed its checksum is damaged, in words."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(wpath, framework="pt") as f:
+            bad = [k for k in f.keys()
+                   if k not in manifest or _tensor_sha256(f.get_tensor(k)) != manifest[k][2]]
+            missing = sorted(set(manifest) - set(f.keys()))
+    except Exception as e:   # whatever the damaged header or data makes the reader raise
+        return f"its header or size is damaged: {type(e).__name__}: {e}"
+    if bad or missing:
+        return (f"tensors that differ from their checksums: {bad[:8]}"
+                f"{' ...' if len(bad) > 8 else ''}" + (f", missing: {missing[:8]}" if missing else ""))
+    return "every tensor matches its checksum, so its header or metadata was changed"
+
+
 def validate_tensors(model, tensors, q):
     """Every tensor the model expects, and no other, each with the right shape and dtype."""
     expected, tied = _unique_state(model)
@@ -245,11 +305,14 @@ def validate_tensors(model, tensors, q):
         if tuple(t.shape) != tuple(e.shape) or t.dtype != e.dtype:
             problems.append(f"{name}: file has {_dtype_name(t.dtype)}{list(t.shape)}, the model "
                             f"expects {_dtype_name(e.dtype)}{list(e.shape)}")
-    manifest = q.get("tensors", {})
+    manifest = q["tensors"]
     for name, t in tensors.items():
         rec = manifest.get(name)
         if rec is None or rec[0] != _dtype_name(t.dtype) or list(rec[1]) != list(t.shape):
-            problems.append(f"{name}: does not match config.json's tensor list ({rec})")
+            problems.append(f"{name}: does not match config.json's tensor list "
+                            f"({rec[:2] if rec else None})")
+        elif _tensor_sha256(t) != rec[2]:
+            problems.append(f"{name}: its bytes do not match the SHA-256 recorded at save")
     if problems:
         raise CheckpointError("checkpoint does not match the model it describes:\n  " +
                               "\n  ".join(problems[:20]))

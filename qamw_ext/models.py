@@ -111,7 +111,7 @@ def read_config_json(path):
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:   # ValueError: bad JSON, or bytes that are not UTF-8
         raise ModelError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ModelError(f"{cfg_path} is not a JSON object")

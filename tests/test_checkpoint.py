@@ -108,7 +108,7 @@ def _rewrite(path, tensors, modules=None):
     if modules is not None:
         cfg["quantization_config"]["modules"] = modules
     save_file(tensors, str(w), metadata={
-        "format": "pt", "quant_method": "qamw_ext", "format_version": "1",
+        "format": "pt", "quant_method": "qamw_ext", "format_version": str(CK.FORMAT_VERSION),
         "qamw_modules": json.dumps(cfg["quantization_config"]["modules"], sort_keys=True)})
     cfg["quantization_config"]["weights_sha256"] = CK._sha256(str(w))
     (path / "config.json").write_text(json.dumps(cfg))
@@ -163,8 +163,8 @@ def test_bad_config_is_refused(tmp_path):
         cfg["quantization_config"].update(changes)
         cfg_path.write_text(json.dumps(cfg))
 
-    with_q(format_version=2)
-    with pytest.raises(CheckpointError, match="format version 2 is not supported"):
+    with_q(format_version=99)
+    with pytest.raises(CheckpointError, match="format version 99 is not supported"):
         load_quantized(str(path))
     mods = dict(good["quantization_config"]["modules"])
     mods["model.layers.0.mlp.up_proj"] = dict(mods["model.layers.0.mlp.up_proj"],
@@ -205,3 +205,138 @@ def test_no_pickle_in_the_pipeline():
                  "cli.py", "data.py", "plots.py"):
         src = (root / name).read_text()
         assert "import pickle" not in src and "torch.load(" not in src, name
+
+
+def _tensor_offsets(path):
+    """{name: absolute byte offset of its data} of a safetensors file."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_interrupted_save_keeps_the_old_model(tmp_path, monkeypatch):
+    model, path = _saved(tmp_path)
+    ref = _logits(model)
+    other = _quantized("rtn-int4-g128", seed=5)
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(CK, "_exchange", interrupt)           # at the very last step
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(other, str(path), overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+    assert torch.equal(_logits(load_quantized(str(path))), ref)
+
+    save_quantized(other, str(path), overwrite=True)           # a completed overwrite
+    assert sorted(os.listdir(tmp_path)) == ["q"]
+    assert torch.equal(_logits(load_quantized(str(path))), _logits(other))
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import safetensors.torch
+from qamw_ext.checkpoint import load_quantized, save_quantized
+
+model = load_quantized(sys.argv[1])
+def half_then_die(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"x" * 1000)
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+safetensors.torch.save_file = half_then_die
+save_quantized(model, sys.argv[2], overwrite=True)
+"""
+
+
+def test_killed_save_leaves_nothing_loadable(tmp_path):
+    import subprocess
+    import sys
+
+    model, path = _saved(tmp_path)
+    ref = _logits(model)
+    for target in (path, tmp_path / "new"):
+        proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path), str(target)],
+                              capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert not (tmp_path / "new").exists()
+    assert torch.equal(_logits(load_quantized(str(path))), ref)   # the old model, whole
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "q"]
+    assert leftovers and all(p.name.startswith((".q.tmp-", ".new.tmp-")) for p in leftovers)
+    for p in leftovers:                                            # half-written: refused
+        with pytest.raises(CheckpointError, match="has no config.json"):
+            load_quantized(str(p))
+
+
+def test_damage_is_located(tmp_path):
+    _, path = _saved(tmp_path)
+    w = path / "model.safetensors"
+    good = w.read_bytes()
+    name = "model.layers.1.self_attn.o_proj.packed"
+    flipped = bytearray(good)
+    flipped[_tensor_offsets(w)[name] + 3] ^= 0x10
+    w.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=rf"differ from their checksums: \['{name}'\]"):
+        load_quantized(str(path))
+    for damaged in (good[:len(good) // 3], good[:5], b"", b"\xff" + good[1:]):
+        w.write_bytes(damaged)                                     # truncated, or header size
+        with pytest.raises(CheckpointError, match="truncated or was modified.*header or size"):
+            load_quantized(str(path))
+    w.unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        load_quantized(str(path))
+
+
+def test_missing_tensor_and_per_tensor_checksums(tmp_path):
+    _, path = _saved(tmp_path)
+    good = load_file(str(path / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.packed"
+    t = dict(good)
+    del t[name]
+    _rewrite(path, t)
+    with pytest.raises(CheckpointError, match=rf"missing tensors: \['{name}'\]"):
+        load_quantized(str(path))
+    t = dict(good)
+    t[name] = t[name] ^ 1           # same shape and dtype, other codes, file hash redone
+    _rewrite(path, t)
+    with pytest.raises(CheckpointError, match=f"{name}: its bytes do not match the SHA-256"):
+        load_quantized(str(path))
+
+
+FOREIGN = [
+    (lambda c: c.pop("quantization_config"), "not a qamw_ext checkpoint"),
+    (lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}),
+     "not a qamw_ext checkpoint"),
+    (lambda c: c["quantization_config"].pop("format_version"), "format version None is not supported"),
+    (lambda c: c["quantization_config"].update(format_version=1), "format version 1 is not supported"),
+    (lambda c: c["quantization_config"].update(format_version="2"), "format version '2' is not supported"),
+    (lambda c: c["quantization_config"].update(tensors=[]), "tensors is malformed"),
+    (lambda c: c["quantization_config"]["tensors"].update(
+        {k: v[:2] for k, v in c["quantization_config"]["tensors"].items()}), "tensors is malformed"),
+    (lambda c: c["quantization_config"].update(weights_sha256=12), "is not a SHA-256"),
+    (lambda c: c["quantization_config"].update(modules=[]), "modules is empty or malformed"),
+    (lambda c: c.pop("model_type"), "no model_type"),
+    (lambda c: c.update(model_type="no-such-model"), "cannot build a causal LM"),
+    (lambda c: c.update(model_type="bert"), "lists module .* which this model architecture does not have"),
+]
+
+
+def test_foreign_config_files_are_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    cfg_path = path / "config.json"
+    good = cfg_path.read_text()
+    for change, message in FOREIGN:
+        cfg = json.loads(good)
+        change(cfg)
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized(str(path))
+    for raw, message in [(b"[1, 2]", "not a JSON object"), (b"", "not valid JSON"),
+                         (b"\xff\xfe{\x00", "not valid JSON"), (good.encode()[:200], "not valid JSON")]:
+        cfg_path.write_bytes(raw)
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized(str(path))
+    tiny_model().save_pretrained(str(tmp_path / "plain"))   # a plain, unquantized model
+    with pytest.raises(CheckpointError, match="not a qamw_ext checkpoint"):
+        load_quantized(str(tmp_path / "plain"))
