@@ -38,12 +38,33 @@ def want_cuda():
     return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
 
 
+def no_gather_flags():
+    """Flags that keep the compiler from vectorising table lookups into hardware gathers,
+    which are slower than scalar loads on the CPUs measured (csrc/cpu/common.h): the first
+    one this compiler accepts (GCC 14 spells it -mno-gather), or none."""
+    import subprocess
+    import tempfile
+
+    cxx = os.environ.get("CXX", "c++")
+    for flag in ("-mno-gather",
+                 "-mtune-ctrl=^use_gather_2parts,^use_gather_4parts,^use_gather"):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w") as f:
+                f.write("int main() { return 0; }\n")
+            probe = subprocess.run([cxx, flag, "-Werror", "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                                   capture_output=True)
+        if probe.returncode == 0:
+            return [flag]
+    return []
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The extension is built from source on the machine that runs it, so tune for it
     # (QAMW_PORTABLE=1 builds for any x86-64).
     arch = "-march=x86-64" if os.environ.get("QAMW_PORTABLE") == "1" else "-march=native"
-    cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp", arch]
+    cxx_flags = ["-O3", "-DNDEBUG", "-fopenmp", arch] + no_gather_flags()
     include_dirs = [os.path.join(HERE, "csrc")]
     if not want_cuda():
         return cpp_extension.CppExtension(

@@ -43,9 +43,80 @@ inline GroupScale group_scale(const AaacWeight& w, int64_t index) {
 
 }  // namespace
 
+// Batch 1: the table path of common.h over bytes, each byte two 4-bit codes (low nibble
+// first): for a tile of kTileBytes bytes, every byte value's dot product with the two
+// activation values it multiplies, under each of the two codebooks. A row then costs one
+// load and one add per byte, plus one scale per group.
+template <typename T>
+static void gemv_lut(const AaacWeight& w, const float* xs, float tensor_scale, T* out) {
+  constexpr int64_t kTileBytes = 64, kValues = 256;   // 128 KB of tables, in L2
+  const int64_t groups = w.n / w.group, group_bytes = w.group / 2, row_bytes = w.n / 2;
+  float low[2][kValues], high[2][kValues];   // byte -> codebook value of each nibble
+  for (int choice = 0; choice < 2; ++choice)
+    for (int v = 0; v < kValues; ++v) {
+      low[choice][v] = w.codebooks[16 * choice + (v & 15)];
+      high[choice][v] = w.codebooks[16 * choice + (v >> 4)];
+    }
+  at::parallel_for(0, w.m, 16, [&](int64_t begin, int64_t end) {
+    // table[(choice * kTileBytes + q) * kValues + byte]
+    std::vector<float> table(2 * kTileBytes * kValues);
+    std::vector<float> acc(end - begin, 0.f);
+    for (int64_t q0 = 0; q0 < row_bytes; q0 += kTileBytes) {
+      const int64_t len = std::min(kTileBytes, row_bytes - q0);
+      for (int choice = 0; choice < 2; ++choice)
+        for (int64_t q = 0; q < len; ++q) {
+          const float x0 = xs[2 * (q0 + q)], x1 = xs[2 * (q0 + q) + 1];
+          float* t = table.data() + (choice * kTileBytes + q) * kValues;
+#pragma omp simd
+          for (int v = 0; v < kValues; ++v) t[v] = low[choice][v] * x0 + high[choice][v] * x1;
+        }
+      // Groups are powers of two of >= 8 bytes: a tile holds whole groups or lies in one.
+      const int64_t segment = std::min(group_bytes, len);
+      for (int64_t i = begin; i < end; ++i) {
+        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.packed + i * w.words_per_row) + q0;
+        // Rows are read a tile at a time, a stride the hardware prefetchers miss.
+        __builtin_prefetch(bytes + kPrefetchRows * w.words_per_row * 4);
+        float a = 0.f;
+        for (int64_t q = 0; q < len; q += segment) {
+          const GroupScale s = group_scale(w, i * groups + (q0 + q) / group_bytes);
+          a += s.magnitude * lut_sum(table.data() + (s.choice * kTileBytes + q) * kValues,
+                                     kValues, bytes + q, segment);
+        }
+        acc[i - begin] += a;
+      }
+    }
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<T>(tensor_scale * acc[i - begin]);
+  });
+}
+
+// Larger batches: decode kDenseRows rows into their scaled weights and multiply them with
+// every activation row (common.h).
+template <typename T>
+static void gemv_dense(const AaacWeight& w, const float* xs, int64_t batch, float tensor_scale,
+                       T* out) {
+  const int64_t n = w.n, groups = n / w.group;
+  at::parallel_for(0, (w.m + kDenseRows - 1) / kDenseRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> codes(n);
+    std::vector<float> rows(kDenseRows * n, 0.f), acc(batch * kDenseRows);
+    for (int64_t r0 = begin * kDenseRows; r0 < std::min(w.m, end * kDenseRows); r0 += kDenseRows) {
+      const int64_t count = std::min(kDenseRows, w.m - r0);
+      for (int64_t r = 0; r < count; ++r) {
+        decode_row<4>(w.packed + (r0 + r) * w.words_per_row, n, codes.data());
+        for (int64_t g = 0; g < groups; ++g) {
+          const GroupScale s = group_scale(w, (r0 + r) * groups + g);
+          const float* table = w.codebooks + 16 * s.choice;
+          for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
+            rows[r * n + j] = s.magnitude * table[codes[j]];
+        }
+      }
+      multiply_rows(rows.data(), count, n, xs, batch, tensor_scale, acc.data(), out + r0, w.m);
+    }
+  });
+}
+
 template <typename T>
 static void aaac_gemv_typed(const AaacWeight& w, const T* x, int64_t batch, T* out) {
-  const int64_t n = w.n, groups = n / w.group;
+  const int64_t n = w.n;
   std::vector<float> xs(batch * n);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t j = 0; j < n; ++j) {
@@ -54,29 +125,8 @@ static void aaac_gemv_typed(const AaacWeight& w, const T* x, int64_t batch, T* o
     }
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   e4m3_magnitudes();  // build the table before the threads race to it
-  at::parallel_for(0, w.m, 8, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> codes(n);
-    std::vector<float> acc(batch);
-    for (int64_t i = begin; i < end; ++i) {
-      decode_row<4>(w.packed + i * w.words_per_row, n, codes.data());
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < groups; ++g) {
-        const GroupScale s = group_scale(w, i * groups + g);
-        const float* table = w.codebooks + 16 * s.choice;
-        const uint8_t* c = codes.data() + g * w.group;
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* xg = xs.data() + b * n + g * w.group;
-          float a0 = 0.f, a1 = 0.f;
-          for (int64_t k = 0; k < w.group; k += 2) {
-            a0 += table[c[k]] * xg[k];
-            a1 += table[c[k + 1]] * xg[k + 1];
-          }
-          acc[b] += s.magnitude * (a0 + a1);
-        }
-      }
-      for (int64_t b = 0; b < batch; ++b) out[b * w.m + i] = static_cast<T>(tensor_scale * acc[b]);
-    }
-  });
+  if (batch == 1) gemv_lut(w, xs.data(), tensor_scale, out);
+  else gemv_dense(w, xs.data(), batch, tensor_scale, out);
 }
 
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out) {

@@ -26,25 +26,47 @@ inline uint32_t extract_code(const uint32_t* words, int64_t bit_offset, int bits
   return static_cast<uint32_t>((v >> shift) & ((1u << bits) - 1u));
 }
 
-// Decodes the first `count` codes of one packed row. 32 codes of BITS bits are exactly
-// BITS words, so full chunks are unpacked with shifts known at compile time.
+// Code k of a chunk of 32 codes of BITS bits held in BITS consecutive words. In the
+// unrolled loops below k is a constant, so are the word index and shift.
+template <int BITS>
+inline uint32_t chunk_code(const uint32_t* w, int k) {
+  const int off = k * BITS, word = off >> 5, shift = off & 31;
+  uint64_t v = w[word];
+  if (shift + BITS > 32) v |= static_cast<uint64_t>(w[word + 1]) << 32;
+  return static_cast<uint32_t>((v >> shift) & ((1u << BITS) - 1u));
+}
+
+template <int BITS, typename Code>
+inline void decode_chunk32(const uint32_t* w, Code* out) {
+#pragma GCC unroll 32
+  for (int k = 0; k < 32; ++k) out[k] = static_cast<Code>(chunk_code<BITS>(w, k));
+}
+
+// sum over the 32 codes of a chunk of table[k * stride + code_k]: decoding fused with
+// the lookup of the GEMVs' table path (see common.h).
+template <int BITS>
+inline float lut_sum_chunk32(const float* table, int64_t stride, const uint32_t* w) {
+  float s[4] = {};   // independent chains hide add latency
+#pragma GCC unroll 32
+  for (int k = 0; k < 32; ++k) s[k & 3] += table[k * stride + chunk_code<BITS>(w, k)];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// Decodes codes [first, first + count) of one packed row. When `first` is a multiple of
+// 32, every full chunk of 32 codes is exactly BITS aligned words.
+template <int BITS, typename Code>
+inline void decode_codes(const int32_t* packed, int64_t first, int64_t count, Code* codes) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
+  int64_t k = 0;
+  if (first % 32 == 0)
+    for (; k + 32 <= count; k += 32) decode_chunk32<BITS>(words + (first + k) / 32 * BITS, codes + k);
+  for (; k < count; ++k) codes[k] = static_cast<Code>(extract_code(words, (first + k) * BITS, BITS));
+}
+
+// Decodes the first `count` codes of one packed row.
 template <int BITS, typename Code>
 inline void decode_row(const int32_t* packed, int64_t count, Code* codes) {
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
-  const int64_t chunks = count / 32;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const uint32_t* w = words + c * BITS;
-    Code* out = codes + c * 32;
-#pragma GCC unroll 32
-    for (int k = 0; k < 32; ++k) {
-      const int off = k * BITS, word = off >> 5, shift = off & 31;
-      uint64_t v = w[word];
-      if (shift + BITS > 32) v |= static_cast<uint64_t>(w[word + 1]) << 32;
-      out[k] = static_cast<Code>((v >> shift) & ((1u << BITS) - 1u));
-    }
-  }
-  for (int64_t k = chunks * 32; k < count; ++k)
-    codes[k] = static_cast<Code>(extract_code(words, k * BITS, BITS));
+  decode_codes<BITS>(packed, 0, count, codes);
 }
 
 }  // namespace qamw::cpu

@@ -3,6 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -63,6 +64,66 @@ void rotate_activation(const T* x, int64_t n, int64_t block, const int8_t* signs
     out[j] = v;
   }
   for (int64_t b = 0; b < n; b += block) fwht_block(out + b, block);
+}
+
+// The GEMVs at batch 1 look up instead of multiplying: for a tile of kLutTile codes, a
+// table of every code's dot product with the activation values it multiplies, so that a
+// weight row costs one load and one add per code. The loads are scalar on purpose:
+// hardware gathers are slower than scalar loads on the CPUs measured (AMD Zen 4), and
+// setup.py tells the compiler not to emit them.
+constexpr int64_t kLutTile = 32;
+constexpr int64_t kPrefetchRows = 8;   // how far ahead the table path prefetches its rows
+
+// sum over p < len of table[p * stride + index[p]].
+template <typename Index>
+inline float lut_sum(const float* table, int64_t stride, const Index* index, int64_t len) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;   // independent chains hide add latency
+  int64_t p = 0;
+  for (; p + 4 <= len; p += 4) {
+    s0 += table[p * stride + index[p]];
+    s1 += table[(p + 1) * stride + index[p + 1]];
+    s2 += table[(p + 2) * stride + index[p + 2]];
+    s3 += table[(p + 3) * stride + index[p + 3]];
+  }
+  for (; p < len; ++p) s0 += table[p * stride + index[p]];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// Larger batches decode kDenseRows weight rows to fp32 and multiply them with every
+// activation row, kDenseChunk columns at a time so that the decoded rows stay in L1 and
+// each activation load serves all of them.
+constexpr int64_t kDenseRows = 8;
+constexpr int64_t kDenseChunk = 512;
+
+// out[b * out_stride + r] = scale * <rows[r], x[b]> for r < count (<= kDenseRows) and
+// b < batch; rows has kDenseRows rows of n floats. acc: room for batch * kDenseRows floats.
+template <typename T>
+inline void multiply_rows(const float* rows, int64_t count, int64_t n, const float* x,
+                          int64_t batch, float scale, float* acc, T* out, int64_t out_stride) {
+  constexpr int kLanes = 16;
+  std::fill(acc, acc + batch * kDenseRows, 0.f);
+  for (int64_t c0 = 0; c0 < n; c0 += kDenseChunk) {
+    const int64_t len = std::min(kDenseChunk, n - c0);
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * n + c0;
+      float lanes[kDenseRows][kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= len; j += kLanes)
+#pragma GCC unroll 8
+        for (int r = 0; r < kDenseRows; ++r)
+#pragma omp simd
+          for (int v = 0; v < kLanes; ++v) lanes[r][v] += rows[r * n + c0 + j + v] * xb[j + v];
+      for (int r = 0; r < kDenseRows; ++r) {
+        float s = 0.f;
+        for (int v = 0; v < kLanes; ++v) s += lanes[r][v];
+        for (int64_t q = j; q < len; ++q) s += rows[r * n + c0 + q] * xb[q];
+        acc[b * kDenseRows + r] += s;
+      }
+    }
+  }
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < count; ++r)
+      out[b * out_stride + r] = static_cast<T>(scale * acc[b * kDenseRows + r]);
 }
 
 }  // namespace qamw::cpu

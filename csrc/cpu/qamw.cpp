@@ -3,6 +3,7 @@
 // the weight is never expanded in memory.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/bitpack.h"
@@ -10,52 +11,89 @@
 
 namespace qamw::cpu {
 
+// Batch 1: the table path of common.h over codewords, kLutTile pairs at a time. Each
+// thread builds its own table and streams the rows of its chunk through it.
+template <int BITS, typename T>
+static void gemv_lut(const QamwWeight& w, const float* xr, T* out) {
+  constexpr int64_t K = int64_t{1} << BITS;
+  const int64_t pairs = w.n / 2, segment_pairs = pairs / w.scales_per_row;
+  std::vector<float> cb0(K), cb1(K);   // split so the table loop is unit-stride
+  for (int64_t c = 0; c < K; ++c) {
+    cb0[c] = w.codebook[2 * c];
+    cb1[c] = w.codebook[2 * c + 1];
+  }
+  at::parallel_for(0, w.m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> table(kLutTile * K);
+    std::vector<float> acc(end - begin, 0.f);
+    uint16_t codes[kLutTile];
+    for (int64_t k0 = 0; k0 < pairs; k0 += kLutTile) {
+      const int64_t len = std::min(kLutTile, pairs - k0);
+      for (int64_t p = 0; p < len; ++p) {
+        const float x0 = xr[2 * (k0 + p)], x1 = xr[2 * (k0 + p) + 1];
+        float* t = table.data() + p * K;
+#pragma omp simd
+        for (int64_t c = 0; c < K; ++c) t[c] = cb0[c] * x0 + cb1[c] * x1;
+      }
+      const int64_t segment = k0 / segment_pairs;   // a tile never straddles two
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t* row = w.packed + i * w.words_per_row;
+        // Rows are read a tile at a time, a stride the hardware prefetchers miss.
+        __builtin_prefetch(row + kPrefetchRows * w.words_per_row + k0 / 32 * BITS);
+        float s;
+        if (len == kLutTile) {
+          s = lut_sum_chunk32<BITS>(table.data(), K,
+                                    reinterpret_cast<const uint32_t*>(row) + k0 / 32 * BITS);
+        } else {
+          decode_codes<BITS>(row, k0, len, codes);
+          s = lut_sum(table.data(), K, codes, len);
+        }
+        acc[i - begin] += w.scales_per_row == 1 ? s : w.row_scale[i * w.scales_per_row + segment] * s;
+      }
+    }
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = static_cast<T>(w.scales_per_row == 1 ? w.row_scale[i] * acc[i - begin] : acc[i - begin]);
+  });
+}
+
+// Larger batches: decode kDenseRows rows into their scaled rotated-domain weights and
+// multiply them with every activation row (common.h).
+template <int BITS, typename T>
+static void gemv_dense(const QamwWeight& w, const float* xr, int64_t batch, T* out) {
+  const int64_t n = w.n, pairs = n / 2, segment_pairs = pairs / w.scales_per_row;
+  at::parallel_for(0, (w.m + kDenseRows - 1) / kDenseRows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> codes(pairs);
+    std::vector<float> rows(kDenseRows * n, 0.f), acc(batch * kDenseRows);
+    for (int64_t r0 = begin * kDenseRows; r0 < std::min(w.m, end * kDenseRows); r0 += kDenseRows) {
+      const int64_t count = std::min(kDenseRows, w.m - r0);
+      for (int64_t r = 0; r < count; ++r) {
+        decode_row<BITS>(w.packed + (r0 + r) * w.words_per_row, pairs, codes.data());
+        float* row = rows.data() + r * n;
+        for (int64_t s = 0; s < w.scales_per_row; ++s) {
+          const float scale = w.row_scale[(r0 + r) * w.scales_per_row + s];
+          for (int64_t k = s * segment_pairs; k < (s + 1) * segment_pairs; ++k) {
+            row[2 * k] = scale * w.codebook[2 * codes[k]];
+            row[2 * k + 1] = scale * w.codebook[2 * codes[k] + 1];
+          }
+        }
+      }
+      multiply_rows(rows.data(), count, n, xr, batch, 1.f, acc.data(), out + r0, w.m);
+    }
+  });
+}
+
 template <int BITS, typename T>
 static void gemv_typed(const QamwWeight& w, const T* x, int64_t batch, T* out) {
-  const int64_t n = w.n, pairs = n / 2;
-  const int64_t segment_pairs = pairs / w.scales_per_row;  // pairs sharing one row scale
+  const int64_t n = w.n;
   std::vector<float> xr(batch * n);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       rotate_activation(x + b * n, n, w.block, w.signs, w.channel_scale, xr.data() + b * n);
   });
-  const float* cb = w.codebook;
-  at::parallel_for(0, w.m, 8, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> codes(pairs);
-    std::vector<float> acc(batch), part(batch);
-    for (int64_t i = begin; i < end; ++i) {
-      decode_row<BITS>(w.packed + i * w.words_per_row, pairs, codes.data());
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t s = 0; s < w.scales_per_row; ++s) {
-        const uint16_t* c = codes.data() + s * segment_pairs;
-        const int64_t j0 = 2 * s * segment_pairs;
-        if (batch == 1) {
-          // Two accumulators hide the latency of the dependent adds.
-          const float* xs = xr.data() + j0;
-          float a0 = 0.f, a1 = 0.f;
-          int64_t k = 0;
-          for (; k + 1 < segment_pairs; k += 2) {
-            const float* p = cb + 2 * c[k];
-            const float* q = cb + 2 * c[k + 1];
-            a0 += p[0] * xs[2 * k] + p[1] * xs[2 * k + 1];
-            a1 += q[0] * xs[2 * k + 2] + q[1] * xs[2 * k + 3];
-          }
-          if (k < segment_pairs) a0 += cb[2 * c[k]] * xs[2 * k] + cb[2 * c[k] + 1] * xs[2 * k + 1];
-          part[0] = a0 + a1;
-        } else {
-          std::fill(part.begin(), part.end(), 0.f);
-          for (int64_t k = 0; k < segment_pairs; ++k) {
-            const float c0 = cb[2 * c[k]], c1 = cb[2 * c[k] + 1];
-            const float* xs = xr.data() + j0 + 2 * k;
-            for (int64_t b = 0; b < batch; ++b) part[b] += c0 * xs[b * n] + c1 * xs[b * n + 1];
-          }
-        }
-        const float scale = w.row_scale[i * w.scales_per_row + s];
-        for (int64_t b = 0; b < batch; ++b) acc[b] += scale * part[b];
-      }
-      for (int64_t b = 0; b < batch; ++b) out[b * w.m + i] = static_cast<T>(acc[b]);
-    }
-  });
+  const int64_t segment_pairs = n / 2 / w.scales_per_row;
+  if (batch == 1 && (w.scales_per_row == 1 || segment_pairs % kLutTile == 0))
+    gemv_lut<BITS>(w, xr.data(), out);
+  else
+    gemv_dense<BITS>(w, xr.data(), batch, out);
 }
 
 void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out) {
