@@ -47,10 +47,13 @@ inline GroupScale group_scale(const AaacWeight& w, int64_t index) {
 // first): for a tile of kTileBytes bytes, every byte value's dot product with the two
 // activation values it multiplies, under each of the two codebooks. A row then costs one
 // load and one add per byte, plus one scale per group.
-template <typename T>
+template <int64_t kGroupBytes, typename T>
 static void gemv_lut(const AaacWeight& w, const float* xs, float tensor_scale, T* out) {
   constexpr int64_t kTileBytes = 64, kValues = 256;   // 128 KB of tables, in L2
-  const int64_t groups = w.n / w.group, group_bytes = w.group / 2, row_bytes = w.n / 2;
+  // Groups and the row length are multiples of 8 bytes, both powers of two: a tile holds
+  // whole groups or lies inside one, and every segment below has this compile-time length.
+  constexpr int64_t kSegment = std::min(kGroupBytes, kTileBytes);
+  const int64_t groups = w.n / w.group, row_bytes = w.n / 2;
   float low[2][kValues], high[2][kValues];   // byte -> codebook value of each nibble
   for (int choice = 0; choice < 2; ++choice)
     for (int v = 0; v < kValues; ++v) {
@@ -70,17 +73,15 @@ static void gemv_lut(const AaacWeight& w, const float* xs, float tensor_scale, T
 #pragma omp simd
           for (int v = 0; v < kValues; ++v) t[v] = low[choice][v] * x0 + high[choice][v] * x1;
         }
-      // Groups are powers of two of >= 8 bytes: a tile holds whole groups or lies in one.
-      const int64_t segment = std::min(group_bytes, len);
       for (int64_t i = begin; i < end; ++i) {
         const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.packed + i * w.words_per_row) + q0;
         // Rows are read a tile at a time, a stride the hardware prefetchers miss.
         __builtin_prefetch(bytes + kPrefetchRows * w.words_per_row * 4);
         float a = 0.f;
-        for (int64_t q = 0; q < len; q += segment) {
-          const GroupScale s = group_scale(w, i * groups + (q0 + q) / group_bytes);
+        for (int64_t q = 0; q < len; q += kSegment) {
+          const GroupScale s = group_scale(w, i * groups + (q0 + q) / kGroupBytes);
           a += s.magnitude * lut_sum(table.data() + (s.choice * kTileBytes + q) * kValues,
-                                     kValues, bytes + q, segment);
+                                     kValues, bytes + q, kSegment);
         }
         acc[i - begin] += a;
       }
@@ -125,8 +126,14 @@ static void aaac_gemv_typed(const AaacWeight& w, const T* x, int64_t batch, T* o
     }
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   e4m3_magnitudes();  // build the table before the threads race to it
-  if (batch == 1) gemv_lut(w, xs.data(), tensor_scale, out);
-  else gemv_dense(w, xs.data(), batch, tensor_scale, out);
+  if (batch > 1) return gemv_dense(w, xs.data(), batch, tensor_scale, out);
+  switch (w.group) {   // 16 ... 256, checked by the wrapper
+    case 16: return gemv_lut<8>(w, xs.data(), tensor_scale, out);
+    case 32: return gemv_lut<16>(w, xs.data(), tensor_scale, out);
+    case 64: return gemv_lut<32>(w, xs.data(), tensor_scale, out);
+    case 128: return gemv_lut<64>(w, xs.data(), tensor_scale, out);
+    default: return gemv_lut<128>(w, xs.data(), tensor_scale, out);
+  }
 }
 
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out) {
