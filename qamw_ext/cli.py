@@ -4,7 +4,7 @@
   qamw quantize [--model DIR] --config NAME --out DIR
   qamw eval     [--model DIR] [--configs A,B,..] [--eval-tokens N] [--out PREFIX]
   qamw generate [--model DIR] [--config NAME] --prompt TEXT
-  qamw bench    [--model DIR] [--config NAME] [--new-tokens N]
+  qamw bench    [--model DIR] [--config NAME] [--with-full] [--new-tokens N] [--out PREFIX]
   qamw plot quality RESULTS.json --out FILE.png
   qamw plot constellation --bits 6 [--kind qam|polar] --out FILE.png
 
@@ -180,7 +180,34 @@ def cmd_bench(args):
     for name, r in rows:
         _log(f"[qamw] {name:24s} decode {r['decode_tokens_per_s']:8.1f} tokens/s "
              f"(batch {r['batch']}, {r['new_tokens']} new tokens, {r['seconds']:.2f} s)")
+    if args.out:
+        _write_bench(args, rows)
     return 0
+
+
+def _write_bench(args, rows):
+    """PREFIX.json (every figure, the command, the machine) and PREFIX.md."""
+    import json
+
+    from .evaluate import machine_info
+
+    command = " ".join(["qamw"] + sys.argv[1:])
+    record = {"command": command, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine_info(), "model": args.model or "SmolLM2-135M-Instruct",
+              "results": [{"name": name, **r} for name, r in rows]}
+    base = rows[0][1]["decode_tokens_per_s"]
+    lines = ["| model | decode tokens/s | vs first row |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base:.2f}x |"
+              for name, r in rows]
+    lines += ["", f"Batch {rows[0][1]['batch']}, {rows[0][1]['new_tokens']} new tokens, greedy. "
+              f"Command: `{command}`; {record['machine'].get('cpu', 'CPU')}, "
+              f"{record['machine']['threads']} threads, {record['date']}."]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _log(f"[qamw] wrote {args.out}.json and {args.out}.md")
 
 
 def cmd_plot(args):
@@ -253,6 +280,7 @@ def build_parser():
     s.add_argument("--with-full", action="store_true", help="also time the model as loaded")
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--out", default=None, help="also write PREFIX.json and PREFIX.md")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("plot", help="draw the quality plot or a codebook constellation")

@@ -290,9 +290,14 @@ def test_cli_quantize_eval_generate_bench_plot(tmp_path, capsys):
                      "--max-new-tokens", "3"]) == 0
     assert "tokens/s" in capsys.readouterr().out
     assert cli_main(["bench", "--model", str(base), "--config", "rtn-int4-g128",
-                     "--with-full", "--new-tokens", "3", "--no-progress"]) == 0
+                     "--with-full", "--new-tokens", "3", "--no-progress",
+                     "--out", str(tmp_path / "res" / "speed")]) == 0
     out = capsys.readouterr().out
     assert out.count("decode") == 2
+    speed = json.loads((tmp_path / "res" / "speed.json").read_text())
+    assert [r["name"] for r in speed["results"]] == ["model as loaded", "rtn-int4-g128"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in speed["results"])
+    assert "rtn-int4-g128" in (tmp_path / "res" / "speed.md").read_text()
     png = tmp_path / "again.png"
     assert cli_main(["plot", "quality", str(tmp_path / "res" / "q.json"), "--out",
                      str(png)]) == 0
