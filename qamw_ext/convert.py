@@ -45,6 +45,9 @@ for _bpw, _b in QAMW_BITS.items():
                                      "activation-aware scaling")
     NAMED_CONFIGS[f"polar-{_bpw}"] = ("qamw", {"bits": _b, "codebook": "polar"}, True,
                                       f"QAM-W polar ablation (amplitude x phase), {_b} bits/pair")
+    NAMED_CONFIGS[f"qamw-{_bpw}-ef"] = ("qamw", {"bits": _b, "error_feedback": True}, True,
+                                        f"QAM-W, {_b} bits per 2-D pair (~{_bpw} bpw), "
+                                        "activation-aware scaling, error feedback (H = X^T X)")
     NAMED_CONFIGS[f"qamw-{_bpw}-noscale"] = ("qamw", {"bits": _b, "alpha": 0.0}, True,
                                              f"QAM-W {_b} bits/pair without activation-aware "
                                              "scaling (alpha = 0)")
@@ -256,8 +259,10 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
             raise ConfigError("calibration must be a (count, length) tensor of token ids")
         calibration = calibration.to(torch.int64).to(device)
         batches = list(torch.split(calibration, cfg.calib_batch))
-        hessian = cfg.hessian if cfg.hessian is not None else bool(getattr(cls, "uses_hessian",
-                                                                           False))
+        hessian = cfg.hessian
+        if hessian is None:  # ask the codec: a bool, or a function of the options
+            uses = getattr(cls, "uses_hessian", False)
+            hessian = bool(uses(cfg.options) if callable(uses) else uses)
         from .calibration import calibrate_and_replace
 
         calibrate_and_replace(model, batches, quantize_fn, set(names), sequential=cfg.sequential,

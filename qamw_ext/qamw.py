@@ -15,6 +15,21 @@ For a weight W (m x n) and calibration statistics of its input x:
 alpha is searched per layer over a grid, minimising |X W^T - X What^T|^2 on the calibration
 sample (stats.sample; without a sample, the diagonal proxy sum_j E[x_j^2] |W_:j - What_:j|^2).
 
+Error feedback (error_feedback=True; needs stats.hessian, H = X^T X / N): rounding each pair
+to its nearest codeword ignores how the input channels correlate. With it, the pairs are
+rounded in order, GPTQ/LDLQ style, and each pair's rounding error is pushed onto the columns
+not yet rounded so that the output error |X W^T - X What^T|^2 (not the weight error) is
+minimised. Since y = V R (x / s), the metric in the coordinates where V is coded is
+H_rot = R S^-1 H S^-1 R^T (two block Hadamards of the scaled H). With U the upper Cholesky
+factor of the damped H_rot^-1 (damping 1 % of its mean diagonal), pair p's error
+E_p = (v_p - vhat_p) U_pp^-1 (m x 2) updates the later columns by -E_p U_p,later, in lazy
+blocks of columns. Each row's (or row block's) scale is fixed from its norm before rounding;
+the "ls" row scale is then refit by least squares in the H_rot metric. alpha is chosen with
+plain rounding (cheap), then the layer is rounded once more with error feedback at that alpha
+(ef_search=True: every alpha of the grid is rounded with error feedback, ~3x the time).
+Named configs: "qamw-<bpw>-ef". The statistics come from sequential calibration, so H of a
+layer is measured on the outputs of the already-quantized layers before it.
+
 When n has no power-of-two factor of at least 16, the columns are zero-padded to a multiple
 of a block and x is zero-padded at run time (the padding is counted in bits_per_weight).
 
@@ -36,6 +51,8 @@ ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROW_SCALES = ("ls", "norm", "auto")
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
+EF_DAMP = 0.01      # error feedback: damping of H_rot, a fraction of its mean diagonal
+EF_BLOCK = 128      # error feedback: columns per lazy update
 
 
 def choose_block(n, block_size=None):
@@ -103,14 +120,78 @@ class _Candidate:
     __slots__ = ("alpha", "codes", "row_scale", "channel_scale", "error", "row_mode")
 
 
+def _check_hessian(stats, n):
+    h = None if stats is None else stats.hessian
+    if h is None:
+        raise ValueError("error_feedback needs calibration statistics with a hessian "
+                         "(X^T X / N): calibrate with hessian=True")
+    if h.dim() != 2 or tuple(h.shape) != (n, n):
+        raise ValueError(f"stats.hessian must have shape ({n}, {n}) to match in_features={n}, "
+                         f"got {tuple(h.shape)}")
+    if not torch.isfinite(h).all():
+        raise ValueError("stats.hessian has NaN or Inf entries")
+
+
+class _one_cpu_thread:
+    """Torch on one thread for the block: quantizing a layer runs many small ops (thousands
+    in the error-feedback pair loop), and on a busy machine waking a second thread for each
+    costs up to 40x the work itself."""
+
+    def __init__(self, device):
+        self.active = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.before)
+
+
+def _feedback_matrix(hrot):
+    """G = blockdiag(U_pp)^-1 U with U the upper Cholesky factor of the damped H_rot^-1:
+    rounding pair p with difference d (m x 2) moves the later columns by -d G[p, later]."""
+    h = hrot.to(torch.float64)
+    npad = h.shape[0]
+    mean_diag = h.diagonal().mean()
+    damp = EF_DAMP * mean_diag if mean_diag > 0 else 1.0
+    h = h + damp * torch.eye(npad, dtype=h.dtype, device=h.device)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    up = u.view(npad // 2, 2, npad // 2, 2)
+    diag = up.diagonal(dim1=0, dim2=2).permute(2, 0, 1)                  # (npad/2, 2, 2)
+    g = torch.einsum("pab,pbn->pan", torch.linalg.inv(diag), u.view(npad // 2, 2, npad))
+    return g.reshape(npad, npad).to(hrot.dtype)
+
+
+def _weighted_ls_scale(v, chat, hrot):
+    """(m, groups) scales a minimising (V - a Chat) H_rot (V - a Chat)^T row by row, jointly
+    over a row's groups (a tiny ridge keeps the systems regular)."""
+    m, groups, gw = chat.shape
+    t = torch.einsum("igb,gbk->igk", chat, hrot.view(groups, gw, -1))      # (m, groups, npad)
+    gram = (t.view(m, groups, groups, gw) * chat.unsqueeze(1)).sum(-1)      # (m, groups, groups)
+    rhs = (t * v.unsqueeze(1)).sum(-1)                                      # (m, groups)
+    eye = torch.eye(groups, dtype=gram.dtype, device=gram.device)
+    ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+    return torch.linalg.solve(gram + ridge.view(m, 1, 1) * eye, rhs)
+
+
 @register_codec("qamw")
 class QAMWLinear(QuantizedLinear):
     """QAM-W layer. Options (JSON-able keyword args of from_linear):
     bits (4..12, bits per pair; default 11 = 5.5 bits per weight), codebook ("qam" | "polar"),
     block_size (None = automatic), alpha ("search" | number | list), row_scale
     ("ls" | "norm" | "auto"), per_block_scale (bool: one row scale per Hadamard block),
-    seed (int, the sign seed)."""
+    seed (int, the sign seed), error_feedback (bool: round with error feedback; needs
+    stats.hessian), ef_search (bool: with error feedback, round every alpha of the grid with
+    it instead of choosing alpha by plain rounding)."""
     default_codebook = "qam"
+
+    @staticmethod
+    def uses_hessian(options):
+        """Whether from_linear with these options needs stats.hessian (asked by convert)."""
+        return bool(options.get("error_feedback", False))
 
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
                  block_size=None, per_block_scale=False, seed=0, channel_scaling=False,
@@ -167,7 +248,8 @@ class QAMWLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear, stats=None, bits=11, codebook=None, block_size=None,
-                    alpha="search", row_scale="ls", per_block_scale=False, seed=0):
+                    alpha="search", row_scale="ls", per_block_scale=False, seed=0,
+                    error_feedback=False, ef_search=False):
         w, bias = linear_parts(linear)
         m, n = w.shape
         cbs.check_bits(bits)
@@ -175,17 +257,28 @@ class QAMWLinear(QuantizedLinear):
             raise ValueError(f"row_scale must be one of {ROW_SCALES}, got {row_scale!r}")
         grid = _alpha_grid(alpha)
         validate_stats(stats, n)
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        if error_feedback:
+            _check_hessian(stats, n)
         if stats is None:
             grid = (0.0,)  # no activation statistics: no channel scale
+        if not isinstance(ef_search, bool):
+            raise ValueError(f"ef_search must be True or False, got {ef_search!r}")
         dev = w.device
         probe = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed)
         probe = probe.to(dev)
+        search_h = stats.hessian if error_feedback and ef_search else None
         best = None
-        for a in grid:
-            cand = probe._quantize(w, stats, a, row_scale, measure=len(grid) > 1 or
-                                   row_scale == "auto")
-            if best is None or cand.error < best.error:
-                best = cand
+        with _one_cpu_thread(dev):
+            for a in grid:
+                cand = probe._quantize(w, stats, a, row_scale, measure=len(grid) > 1 or
+                                       row_scale == "auto", hessian=search_h)
+                if best is None or cand.error < best.error:
+                    best = cand
+            if error_feedback and not ef_search:
+                best = probe._quantize(w, stats, best.alpha, row_scale,
+                                       measure=row_scale == "auto", hessian=stats.hessian)
         layer = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed,
                     channel_scaling=best.channel_scale is not None, alpha=best.alpha,
                     row_scale=row_scale).to(dev)
@@ -204,7 +297,9 @@ class QAMWLinear(QuantizedLinear):
             x = F.pad(x, (0, pad))
         return ops.hadamard(x.contiguous(), self.block_size, self.signs)
 
-    def _quantize(self, w, stats, alpha, row_mode, measure):
+    def _quantize(self, w, stats, alpha, row_mode, measure, hessian=None):
+        """One candidate at this alpha: nearest-codeword rounding, or with `hessian` (the
+        (n, n) X^T X / N) rounding with error feedback and the row scale refit in its metric."""
         m, n, npad, blk = self.out_features, self.in_features, self.padded_in, self.block_size
         s = None
         if alpha != 0.0:
@@ -213,12 +308,19 @@ class QAMWLinear(QuantizedLinear):
         groups = npad // blk if self.per_block_scale else 1
         vg = v.view(m, groups, npad // groups)
         norm = vg.norm(dim=-1, keepdim=True)                           # (m, groups, 1)
-        unit = vg * (math.sqrt(npad // groups) / torch.where(norm > 0, norm, 1.0))
-        codes = ops.nearest_codeword_2d(unit.reshape(m, npad // 2, 2), self.codebook)
-        chat = self.codebook[codes.long()].view(m, groups, npad // groups)
-        scale_norm = (norm / math.sqrt(npad // groups)).squeeze(-1)
-        cc = (chat * chat).sum(-1)
-        scale_ls = torch.where(cc > 0, (vg * chat).sum(-1) / torch.where(cc > 0, cc, 1.0), 0.0)
+        scale_norm = (norm / math.sqrt(npad // groups)).squeeze(-1)    # (m, groups)
+        if hessian is None:
+            unit = vg * (math.sqrt(npad // groups) / torch.where(norm > 0, norm, 1.0))
+            codes = ops.nearest_codeword_2d(unit.reshape(m, npad // 2, 2), self.codebook)
+            chat = self.codebook[codes.long()].view(m, groups, npad // groups)
+            cc = (chat * chat).sum(-1)
+            scale_ls = torch.where(cc > 0, (vg * chat).sum(-1) / torch.where(cc > 0, cc, 1.0),
+                                   0.0)
+        else:
+            hrot = self._rotated_hessian(hessian.to(w.device), s)
+            codes = self._round_with_feedback(v, scale_norm, hrot)
+            chat = self.codebook[codes.long()].view(m, groups, npad // groups)
+            scale_ls = _weighted_ls_scale(v, chat, hrot)
         options = {"norm": [scale_norm], "ls": [scale_ls], "auto": [scale_ls, scale_norm]}
         best = None
         for scale in options[row_mode]:
@@ -232,6 +334,43 @@ class QAMWLinear(QuantizedLinear):
         if s is not None:
             cand.channel_scale = F.pad(s, (0, npad - n), value=1.0)
         return cand
+
+    def _rotated_hessian(self, h, s):
+        """H_rot = R S^-1 H S^-1 R^T (npad x npad, fp32): the output-error metric for V."""
+        n, npad = self.in_features, self.padded_in
+        h = h.to(torch.float32)
+        if s is not None:
+            h = h / s.unsqueeze(1) / s.unsqueeze(0)
+        if npad > n:
+            h = F.pad(h, (0, npad - n, 0, npad - n))
+        h = ops.hadamard(h.contiguous(), self.block_size, self.signs)        # H R^T
+        h = ops.hadamard(h.t().contiguous(), self.block_size, self.signs)    # R H R^T
+        return (h + h.t()) / 2
+
+    def _round_with_feedback(self, v, scale, hrot):
+        """(m, npad/2) codes of V rounded pair by pair, each pair's error pushed onto the
+        later columns (block LDL / GPTQ with 2-column blocks). scale: (m, groups) row scales,
+        fixed during rounding."""
+        m, npad = v.shape
+        sc = scale.repeat_interleave(npad // scale.shape[1], dim=1)           # (m, npad)
+        inv_sc = torch.where(sc > 0, 1.0 / torch.where(sc > 0, sc, 1.0), 1.0)
+        g = _feedback_matrix(hrot)
+        work = v.clone()
+        codes = torch.empty(m, npad // 2, dtype=torch.int32, device=v.device)
+        for i1 in range(0, npad, EF_BLOCK):
+            i2 = min(i1 + EF_BLOCK, npad)
+            blk = work[:, i1:i2]
+            diff = torch.empty_like(blk)
+            for j in range(0, i2 - i1, 2):
+                c = slice(i1 + j, i1 + j + 2)
+                target = (blk[:, j:j + 2] * inv_sc[:, c]).contiguous().view(m, 1, 2)
+                code = ops.nearest_codeword_2d(target, self.codebook).view(m)
+                codes[:, (i1 + j) // 2] = code
+                d = blk[:, j:j + 2] - self.codebook[code.long()] * sc[:, c]
+                diff[:, j:j + 2] = d
+                blk[:, j + 2:] -= d @ g[c, i1 + j + 2:i2]
+            work[:, i2:] -= diff @ g[i1:i2, i2:]
+        return codes
 
     def _output_error(self, w, v, chat, scale, s, stats):
         """|X W^T - X What^T|^2 on the calibration sample, computed in the rotated domain:

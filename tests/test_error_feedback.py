@@ -1,0 +1,88 @@
+"""QAM-W error feedback (GPTQ/LDLQ-style rounding in the rotated, scaled coordinates)."""
+import pytest
+import torch
+
+import qamw_ext.qamw  # noqa: F401  (registers the codec)
+from qamw_ext import ops
+from qamw_ext.convert import get_config
+from qamw_ext.qamw import QAMWLinear
+from qamw_ext.quantized_linear import LayerStats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def correlated_layer(m=48, n=128, rows=2048, seed=0):
+    """A linear layer and inputs with a non-diagonal covariance and a few loud channels."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(n, m, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(m, n, generator=g))
+    mix = torch.eye(n) + 2.0 * torch.randn(n, n, generator=g) / n ** 0.5
+    x = torch.randn(rows, n, generator=g) @ mix
+    x[:, :4] *= 6.0
+    stats = LayerStats(x.abs().mean(0), x.pow(2).mean(0), x[:256], rows, hessian=x.T @ x / rows)
+    return lin, stats, x
+
+
+def output_error(lin, q, x):
+    return float(((x @ (lin.weight.detach() - q.dequantize()).T) ** 2).sum())
+
+
+@pytest.mark.parametrize("opts", [{"bits": 7}, {"bits": 11}, {"bits": 8, "row_scale": "norm"},
+                                  {"bits": 8, "per_block_scale": True, "block_size": 32},
+                                  {"bits": 8, "alpha": 0.0, "row_scale": "auto"},
+                                  {"bits": 8, "ef_search": True}])
+def test_error_feedback_lowers_the_output_error(opts):
+    lin, stats, x = correlated_layer()
+    plain = QAMWLinear.from_linear(lin, stats, **opts)
+    ef = QAMWLinear.from_linear(lin, stats, error_feedback=True, **opts)
+    assert output_error(lin, ef, x) < 0.8 * output_error(lin, plain, x)
+    assert ef.bits_per_weight() == plain.bits_per_weight()
+    assert ef.packed.shape == plain.packed.shape and ef.row_scale.shape == plain.row_scale.shape
+    codes = ops.unpack_bits(ef.packed, opts["bits"], ef.padded_in // 2)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2 ** opts["bits"]
+    assert torch.isfinite(ef.row_scale).all()
+
+
+def test_padded_width_and_zero_rows():
+    lin, stats, x = correlated_layer(m=8, n=99)
+    with torch.no_grad():
+        lin.weight[3].zero_()
+    q = QAMWLinear.from_linear(lin, stats, bits=8, error_feedback=True)
+    assert q.padded_in > q.in_features
+    assert torch.equal(q.dequantize()[3], torch.zeros(99))
+    assert output_error(lin, q, x) < output_error(lin, QAMWLinear.from_linear(lin, stats, bits=8), x)
+
+
+def test_deterministic():
+    lin, stats, _ = correlated_layer()
+    a = QAMWLinear.from_linear(lin, stats, bits=8, error_feedback=True)
+    b = QAMWLinear.from_linear(lin, stats, bits=8, error_feedback=True)
+    for k, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[k]), k
+
+
+def test_bad_hessian_is_a_clear_error():
+    lin, stats, _ = correlated_layer(n=64)
+    with pytest.raises(ValueError, match="hessian"):
+        QAMWLinear.from_linear(lin, None, error_feedback=True)
+    with pytest.raises(ValueError, match="hessian"):
+        QAMWLinear.from_linear(lin, LayerStats(stats.mean_abs, stats.mean_sq, stats.sample, 1),
+                               error_feedback=True)
+    bad = LayerStats(stats.mean_abs, stats.mean_sq, stats.sample, 1, hessian=torch.eye(32))
+    with pytest.raises(ValueError, match=r"shape \(64, 64\)"):
+        QAMWLinear.from_linear(lin, bad, error_feedback=True)
+    h = stats.hessian.clone()
+    h[1, 2] = float("nan")
+    bad = LayerStats(stats.mean_abs, stats.mean_sq, stats.sample, 1, hessian=h)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        QAMWLinear.from_linear(lin, bad, error_feedback=True)
+    with pytest.raises(ValueError, match="error_feedback"):
+        QAMWLinear.from_linear(lin, stats, error_feedback="yes")
+    with pytest.raises(ValueError, match="ef_search"):
+        QAMWLinear.from_linear(lin, stats, error_feedback=True, ef_search=1)
+
+
+def test_configs_ask_for_the_hessian_only_with_error_feedback():
+    assert QAMWLinear.uses_hessian(get_config("qamw-5.5-ef").options)
+    assert not QAMWLinear.uses_hessian(get_config("qamw-5.5").options)
