@@ -62,6 +62,10 @@ NAMED_CONFIGS.update({
                        "AAAC NVFP4-style with AWQ-style channel scaling"),
     "rtn-int4-g128": ("rtn", {"group_size": 128}, False,
                       "round-to-nearest asymmetric INT4, group 128 (data-free)"),
+    # AAAC INT4 falls back to groups of 64 where 128 does not divide in_features (576 in
+    # SmolLM2-135M): RTN at group 64 is its baseline at no fewer bits.
+    "rtn-int4-g64": ("rtn", {"group_size": 64}, False,
+                     "round-to-nearest asymmetric INT4, group 64 (data-free)"),
     "nf4": ("nf4", {"group_size": 64}, False, "NormalFloat4, absmax per group of 64 (data-free)"),
 })
 ALIASES = {"rtn": "rtn-int4-g128", "rtn-int4": "rtn-int4-g128", "aaac": "aaac-int4",
