@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])  # run from a checkout
 from qamw_ext import codebooks, ops  # noqa: E402
+from qamw_ext.evaluate import machine_info  # noqa: E402
 
 
 def timeit(fn, device, min_time=0.3):
@@ -83,7 +84,8 @@ def bench_gemv(device, m, n, dtype):
     layers = {f"qamw bits={b}": QAMWLinear.from_linear(linear, None, bits=b, alpha=0.0)
               for b in (7, 8, 11)}
     layers["aaac int4"] = AAACLinear.from_linear(linear, None, variant="int4")
-    for batch in [1, 4, 16]:
+    layers["aaac nvfp4"] = AAACLinear.from_linear(linear, None, variant="nvfp4")
+    for batch in [1, 2, 4, 16]:
         x = torch.randn(batch, n, device=device, dtype=dtype)
         t_dense = timeit(lambda: torch.nn.functional.linear(x, dense), device)
         for name, layer in layers.items():
@@ -110,7 +112,7 @@ def main():
     if args.out:
         record = dict(command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
                       date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                      device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+                      device=torch.cuda.get_device_name() if device == "cuda" else machine_info().get("cpu", platform.machine()),
                       threads=torch.get_num_threads(), results=results)
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
