@@ -15,7 +15,6 @@ import torch
 
 from .quantized_linear import CODECS, QuantizedLinear
 
-FORMAT_VERSION = 1
 CODEC_MODULES = ("qamw_ext.baselines", "qamw_ext.qamw", "qamw_ext.aaac")
 
 
