@@ -95,23 +95,16 @@ static void gemv_lut(const AaacWeight& w, const float* xs, float tensor_scale, T
 template <typename T>
 static void gemv_dense(const AaacWeight& w, const float* xs, int64_t batch, float tensor_scale,
                        T* out) {
-  const int64_t n = w.n, groups = n / w.group;
-  at::parallel_for(0, (w.m + kDenseRows - 1) / kDenseRows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> codes(n);
-    std::vector<float> rows(kDenseRows * n, 0.f), acc(batch * kDenseRows);
-    for (int64_t r0 = begin * kDenseRows; r0 < std::min(w.m, end * kDenseRows); r0 += kDenseRows) {
-      const int64_t count = std::min(kDenseRows, w.m - r0);
-      for (int64_t r = 0; r < count; ++r) {
-        decode_row<4>(w.packed + (r0 + r) * w.words_per_row, n, codes.data());
-        for (int64_t g = 0; g < groups; ++g) {
-          const GroupScale s = group_scale(w, (r0 + r) * groups + g);
-          const float* table = w.codebooks + 16 * s.choice;
-          for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j)
-            rows[r * n + j] = s.magnitude * table[codes[j]];
-        }
+  const int64_t groups = w.n / w.group;
+  multiply_decoded_rows(w.m, w.n, xs, batch, tensor_scale, out, [&] {
+    return [&w, groups, codes = std::vector<uint8_t>(w.n)](int64_t i, float* row) mutable {
+      decode_row<4>(w.packed + i * w.words_per_row, w.n, codes.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        const GroupScale s = group_scale(w, i * groups + g);
+        const float* table = w.codebooks + 16 * s.choice;
+        for (int64_t j = g * w.group; j < (g + 1) * w.group; ++j) row[j] = s.magnitude * table[codes[j]];
       }
-      multiply_rows(rows.data(), count, n, xs, batch, tensor_scale, acc.data(), out + r0, w.m);
-    }
+    };
   });
 }
 

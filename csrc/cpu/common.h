@@ -1,11 +1,13 @@
 // Shared pieces of the CPU kernels: activation dtypes and the Hadamard butterfly.
 #pragma once
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "kernels.h"
 
@@ -124,6 +126,23 @@ inline void multiply_rows(const float* rows, int64_t count, int64_t n, const flo
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t r = 0; r < count; ++r)
       out[b * out_stride + r] = static_cast<T>(scale * acc[b * kDenseRows + r]);
+}
+
+// out[b * m + i] = scale * <weight row i, x[b]> for a whole weight: each thread decodes its
+// rows kDenseRows at a time with its own decoder, make_decoder(), which returns a callable
+// decode(i, row) writing weight row i as n floats.
+template <typename T, typename MakeDecoder>
+void multiply_decoded_rows(int64_t m, int64_t n, const float* x, int64_t batch, float scale,
+                           T* out, MakeDecoder&& make_decoder) {
+  at::parallel_for(0, (m + kDenseRows - 1) / kDenseRows, 1, [&](int64_t begin, int64_t end) {
+    auto decode = make_decoder();
+    std::vector<float> rows(kDenseRows * n, 0.f), acc(batch * kDenseRows);
+    for (int64_t r0 = begin * kDenseRows; r0 < std::min(m, end * kDenseRows); r0 += kDenseRows) {
+      const int64_t count = std::min(kDenseRows, m - r0);
+      for (int64_t r = 0; r < count; ++r) decode(r0 + r, rows.data() + r * n);
+      multiply_rows(rows.data(), count, n, x, batch, scale, acc.data(), out + r0, m);
+    }
+  });
 }
 
 }  // namespace qamw::cpu

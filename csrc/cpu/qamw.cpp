@@ -59,25 +59,18 @@ static void gemv_lut(const QamwWeight& w, const float* xr, T* out) {
 // multiply them with every activation row (common.h).
 template <int BITS, typename T>
 static void gemv_dense(const QamwWeight& w, const float* xr, int64_t batch, T* out) {
-  const int64_t n = w.n, pairs = n / 2, segment_pairs = pairs / w.scales_per_row;
-  at::parallel_for(0, (w.m + kDenseRows - 1) / kDenseRows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> codes(pairs);
-    std::vector<float> rows(kDenseRows * n, 0.f), acc(batch * kDenseRows);
-    for (int64_t r0 = begin * kDenseRows; r0 < std::min(w.m, end * kDenseRows); r0 += kDenseRows) {
-      const int64_t count = std::min(kDenseRows, w.m - r0);
-      for (int64_t r = 0; r < count; ++r) {
-        decode_row<BITS>(w.packed + (r0 + r) * w.words_per_row, pairs, codes.data());
-        float* row = rows.data() + r * n;
-        for (int64_t s = 0; s < w.scales_per_row; ++s) {
-          const float scale = w.row_scale[(r0 + r) * w.scales_per_row + s];
-          for (int64_t k = s * segment_pairs; k < (s + 1) * segment_pairs; ++k) {
-            row[2 * k] = scale * w.codebook[2 * codes[k]];
-            row[2 * k + 1] = scale * w.codebook[2 * codes[k] + 1];
-          }
+  const int64_t pairs = w.n / 2, segment_pairs = pairs / w.scales_per_row;
+  multiply_decoded_rows(w.m, w.n, xr, batch, 1.f, out, [&] {
+    return [&w, pairs, segment_pairs, codes = std::vector<uint16_t>(pairs)](int64_t i, float* row) mutable {
+      decode_row<BITS>(w.packed + i * w.words_per_row, pairs, codes.data());
+      for (int64_t s = 0; s < w.scales_per_row; ++s) {
+        const float scale = w.row_scale[i * w.scales_per_row + s];
+        for (int64_t k = s * segment_pairs; k < (s + 1) * segment_pairs; ++k) {
+          row[2 * k] = scale * w.codebook[2 * codes[k]];
+          row[2 * k + 1] = scale * w.codebook[2 * codes[k] + 1];
         }
       }
-      multiply_rows(rows.data(), count, n, xr, batch, 1.f, acc.data(), out + r0, w.m);
-    }
+    };
   });
 }
 
