@@ -96,6 +96,20 @@ def sample_row_indices(total_rows, count, seed):
     return torch.randperm(total_rows, generator=g)[:count].sort().values
 
 
+def _run_to_hook(model, handle, batches):
+    """Run the model on every batch of token ids up to the pre-hook `handle` (which ends the
+    pass by raising _Stop), then remove the hook."""
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+
+
 def capture_layer_inputs(model, layers, batches):
     """Run the model up to its first decoder layer for every batch of token ids:
     ([hidden states], [kwargs]) as the first layer receives them."""
@@ -112,16 +126,7 @@ def capture_layer_inputs(model, layers, batches):
         kwargs_list.append(dict(kwargs))
         raise _Stop
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
+    _run_to_hook(model, layers[0].register_forward_pre_hook(hook, with_kwargs=True), batches)
     if len(inputs) != len(batches):
         raise CalibrationError("the first decoder layer was not reached")
     return inputs, kwargs_list
@@ -276,16 +281,7 @@ def _module_input_stats(model, name, mod, batches, rows_idx, hessian):
         acc["a"].add(x)
         raise _Stop
 
-    handle = mod.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
+    _run_to_hook(model, mod.register_forward_pre_hook(hook), batches)
     if "a" not in acc:
         raise CalibrationError(f"{name} was never called during calibration")
     return acc["a"].result(), None
