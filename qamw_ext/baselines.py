@@ -7,6 +7,11 @@ for them).
 `rtn`: asymmetric INT4, groups of `group_size` (default 128) along the input dimension,
     w = (q - zero) * scale with fp16 scales and 4-bit zero points; the range always
     includes 0 (as in GPTQ's quantizer), so a constant group is exact.
+`rtn` with error_feedback=True is GPTQ (Frantar et al., 2022) on the same format: the
+    columns are rounded left to right, each group's scale and zero point fixed from the
+    weights as they stand when rounding reaches the group, and each column's rounding error
+    pushed onto the columns not yet rounded through the Cholesky factor of H^-1 (H = X^T X
+    from calibration, damped by 1 % of its mean diagonal). Named config "gptq-int4-g128".
 `nf4`: NormalFloat4 (QLoRA's 16 levels) with one fp16 absmax scale per group of
     `group_size` (default 64).
 
@@ -25,6 +30,8 @@ from .codebooks import nf4_levels
 from .quantized_linear import LayerStats, QuantizedLinear, register_codec
 
 SEED_BITS = 64  # a stored 64-bit seed, e.g. QAM-W's sign seed
+EF_DAMP = 0.01    # error feedback: damping of H, a fraction of its mean diagonal
+EF_BLOCK = 128    # error feedback: columns per lazy update
 
 
 # ---------------------------------------------------------------- shared checks and helpers
@@ -88,6 +95,52 @@ def storage_bits(module, extra_bits=0):
             continue
         total += buf.numel() * buf.element_size() * 8
     return total
+
+
+def check_hessian(stats, n):
+    """Raise unless stats carries a finite (n, n) hessian (needed by error feedback)."""
+    h = None if stats is None else stats.hessian
+    if h is None:
+        raise ValueError("error_feedback needs calibration statistics with a hessian "
+                         "(X^T X / N): calibrate with hessian=True")
+    if h.dim() != 2 or tuple(h.shape) != (n, n):
+        raise ValueError(f"stats.hessian must have shape ({n}, {n}) to match in_features={n}, "
+                         f"got {tuple(h.shape)}")
+    if not torch.isfinite(h).all():
+        raise ValueError("stats.hessian has NaN or Inf entries")
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+class one_cpu_thread:
+    """Torch on one thread for the block: quantizing a layer runs many small ops (thousands
+    in the error-feedback pair loop), and on a busy machine waking a second thread for each
+    costs up to 40x the work itself."""
+
+    def __init__(self, device):
+        self.active = torch.device(device).type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.before)
+
+
+def inverse_hessian_factor(h, damp=EF_DAMP):
+    """Upper Cholesky factor U (fp64) of (H + damp * mean(diag H) * I)^-1: row i of U,
+    divided by U_ii, is how rounding column i moves the columns after it (GPTQ)."""
+    h = h.to(torch.float64)
+    mean_diag = h.diagonal().mean()
+    h = h + (damp * mean_diag if mean_diag > 0 else 1.0) * torch.eye(
+        h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def check_meta(cls, meta):
@@ -157,6 +210,56 @@ class _Scalar4Bit(QuantizedLinear):
 
 # ---------------------------------------------------------------- RTN INT4 (asymmetric)
 
+def _asym_int4(wg):
+    """(fp16 scale, fp32 zero point in [0, 15]) of asymmetric INT4 groups wg (..., g); the
+    range always includes 0."""
+    lo = wg.amin(-1).clamp(max=0)
+    hi = wg.amax(-1).clamp(min=0)
+    flat = (hi - lo) == 0
+    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
+    # Codes are rounded against the scale as it will be stored (fp16).
+    scale = ((hi - lo) / 15).to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
+    zero = torch.round(-lo / scale.to(torch.float32)).clamp(0, 15)
+    return scale, zero
+
+
+def _round_int4(w, scale, zero):
+    """int32 codes of w (..., g) for scale and zero of shape (...)."""
+    s = scale.to(torch.float32).unsqueeze(-1)
+    return torch.round(w / s + zero.unsqueeze(-1)).clamp(0, 15).to(torch.int32)
+
+
+def _gptq(w, h, group_size):
+    """GPTQ rounding of w (m, n) to asymmetric INT4 groups: (codes (m, n) int32, scales
+    (m, groups) fp16, zeros (m, groups) fp32)."""
+    m, n = w.shape
+    groups = math.ceil(n / group_size)
+    u = inverse_hessian_factor(h).to(torch.float32)
+    w = w.clone()
+    codes = torch.empty(m, n, dtype=torch.int32, device=w.device)
+    scales = torch.empty(m, groups, dtype=torch.float16, device=w.device)
+    zeros = torch.empty(m, groups, dtype=torch.float32, device=w.device)
+    # Lazy blocks hold whole groups, so a group's columns are up to date when it starts.
+    block = group_size * max(1, EF_BLOCK // group_size)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        blk = w[:, i1:i2]
+        err = torch.empty_like(blk)
+        for j in range(i2 - i1):
+            col = i1 + j
+            if col % group_size == 0:
+                g = col // group_size
+                scales[:, g], zeros[:, g] = _asym_int4(w[:, col:min(col + group_size, n)])
+                s, z = scales[:, g].to(torch.float32), zeros[:, g]
+            q = torch.round(blk[:, j] / s + z).clamp(0, 15)
+            codes[:, col] = q.to(torch.int32)
+            e = (blk[:, j] - (q - z) * s) / u[col, col]
+            blk[:, j + 1:] -= e.unsqueeze(1) * u[col, col + 1:i2]
+            err[:, j] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return codes, scales, zeros
+
+
 @register_codec("rtn")
 class RTNLinear(_Scalar4Bit):
     """Round-to-nearest asymmetric INT4, fp16 scale and 4-bit zero point per group.
@@ -169,23 +272,25 @@ class RTNLinear(_Scalar4Bit):
         zwords = 4 * ((out_features * self.groups * 4 + 127) // 128)
         self.register_buffer("zeros", torch.zeros(1, zwords, dtype=torch.int32))
 
+    @staticmethod
+    def uses_hessian(options):
+        return bool(options.get("error_feedback", False))
+
     @classmethod
-    def from_linear(cls, linear, stats=None, group_size=128):
+    def from_linear(cls, linear, stats=None, group_size=128, error_feedback=False):
         w, bias = linear_parts(linear)
         m, n = w.shape
         validate_stats(stats, n)
+        check_flag("error_feedback", error_feedback)
         layer = cls(n, m, bias is not None, group_size)
-        wg = _grouped(w, group_size)
-        lo = wg.amin(-1).clamp(max=0)
-        hi = wg.amax(-1).clamp(min=0)
-        flat = (hi - lo) == 0
-        lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
-        # Codes are rounded against the scale as it will be stored (fp16).
-        scale = ((hi - lo) / 15).to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
-        s = scale.to(torch.float32)
-        zero = torch.round(-lo / s).clamp(0, 15)
-        q = torch.round(wg / s.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 15)
-        codes = q.reshape(m, -1)[:, :n].to(torch.int32).contiguous()
+        if error_feedback:
+            check_hessian(stats, n)
+            with one_cpu_thread(w.device):
+                codes, scale, zero = _gptq(w, stats.hessian.to(w.device), group_size)
+        else:
+            scale, zero = _asym_int4(_grouped(w, group_size))
+            codes = _round_int4(_grouped(w, group_size), scale, zero)
+            codes = codes.reshape(m, -1)[:, :n].contiguous()
         layer.packed.copy_(ops.pack_bits(codes, 4))
         layer.scales.copy_(scale)
         layer.zeros.copy_(ops.pack_bits(zero.to(torch.int32).reshape(1, -1), 4))

@@ -65,6 +65,8 @@ NAMED_CONFIGS.update({
     # SmolLM2-135M): RTN at group 64 is its baseline at no fewer bits.
     "rtn-int4-g64": ("rtn", {"group_size": 64}, False,
                      "round-to-nearest asymmetric INT4, group 64 (data-free)"),
+    "gptq-int4-g128": ("rtn", {"group_size": 128, "error_feedback": True}, True,
+                       "GPTQ: INT4 g128 (the RTN format) rounded with error feedback"),
     "nf4": ("nf4", {"group_size": 64}, False, "NormalFloat4, absmax per group of 64 (data-free)"),
 })
 ALIASES = {"rtn": "rtn-int4-g128", "rtn-int4": "rtn-int4-g128", "aaac": "aaac-int4",

@@ -44,15 +44,15 @@ import torch.nn.functional as F
 
 from . import codebooks as cbs
 from . import ops
-from .baselines import SEED_BITS, check_meta, linear_parts, storage_bits, validate_stats
+from .baselines import (EF_BLOCK, SEED_BITS, check_flag, check_hessian, check_meta,
+                        inverse_hessian_factor, linear_parts, one_cpu_thread, storage_bits,
+                        validate_stats)
 from .quantized_linear import QuantizedLinear, register_codec
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROW_SCALES = ("ls", "norm", "auto")
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
-EF_DAMP = 0.01      # error feedback: damping of H_rot, a fraction of its mean diagonal
-EF_BLOCK = 128      # error feedback: columns per lazy update
 
 
 def choose_block(n, block_size=None):
@@ -120,45 +120,11 @@ class _Candidate:
     __slots__ = ("alpha", "codes", "row_scale", "channel_scale", "error", "row_mode")
 
 
-def _check_hessian(stats, n):
-    h = None if stats is None else stats.hessian
-    if h is None:
-        raise ValueError("error_feedback needs calibration statistics with a hessian "
-                         "(X^T X / N): calibrate with hessian=True")
-    if h.dim() != 2 or tuple(h.shape) != (n, n):
-        raise ValueError(f"stats.hessian must have shape ({n}, {n}) to match in_features={n}, "
-                         f"got {tuple(h.shape)}")
-    if not torch.isfinite(h).all():
-        raise ValueError("stats.hessian has NaN or Inf entries")
-
-
-class _one_cpu_thread:
-    """Torch on one thread for the block: quantizing a layer runs many small ops (thousands
-    in the error-feedback pair loop), and on a busy machine waking a second thread for each
-    costs up to 40x the work itself."""
-
-    def __init__(self, device):
-        self.active = torch.device(device).type == "cpu"
-
-    def __enter__(self):
-        if self.active:
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.active:
-            torch.set_num_threads(self.before)
-
-
 def _feedback_matrix(hrot):
     """G = blockdiag(U_pp)^-1 U with U the upper Cholesky factor of the damped H_rot^-1:
     rounding pair p with difference d (m x 2) moves the later columns by -d G[p, later]."""
-    h = hrot.to(torch.float64)
-    npad = h.shape[0]
-    mean_diag = h.diagonal().mean()
-    damp = EF_DAMP * mean_diag if mean_diag > 0 else 1.0
-    h = h + damp * torch.eye(npad, dtype=h.dtype, device=h.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    npad = hrot.shape[0]
+    u = inverse_hessian_factor(hrot)
     up = u.view(npad // 2, 2, npad // 2, 2)
     diag = up.diagonal(dim1=0, dim2=2).permute(2, 0, 1)                  # (npad/2, 2, 2)
     g = torch.einsum("pab,pbn->pan", torch.linalg.inv(diag), u.view(npad // 2, 2, npad))
@@ -257,20 +223,18 @@ class QAMWLinear(QuantizedLinear):
             raise ValueError(f"row_scale must be one of {ROW_SCALES}, got {row_scale!r}")
         grid = _alpha_grid(alpha)
         validate_stats(stats, n)
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"error_feedback must be True or False, got {error_feedback!r}")
+        check_flag("error_feedback", error_feedback)
         if error_feedback:
-            _check_hessian(stats, n)
+            check_hessian(stats, n)
         if stats is None:
             grid = (0.0,)  # no activation statistics: no channel scale
-        if not isinstance(ef_search, bool):
-            raise ValueError(f"ef_search must be True or False, got {ef_search!r}")
+        check_flag("ef_search", ef_search)
         dev = w.device
         probe = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed)
         probe = probe.to(dev)
         search_h = stats.hessian if error_feedback and ef_search else None
         best = None
-        with _one_cpu_thread(dev):
+        with one_cpu_thread(dev):
             for a in grid:
                 cand = probe._quantize(w, stats, a, row_scale, measure=len(grid) > 1 or
                                        row_scale == "auto", hessian=search_h)

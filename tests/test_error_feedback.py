@@ -1,10 +1,12 @@
-"""QAM-W error feedback (GPTQ/LDLQ-style rounding in the rotated, scaled coordinates)."""
+"""Error feedback: QAM-W (GPTQ/LDLQ-style rounding in the rotated, scaled coordinates) and
+GPTQ on the RTN INT4 format."""
 import pytest
 import torch
 
 import qamw_ext.qamw  # noqa: F401  (registers the codec)
 from qamw_ext import ops
 from qamw_ext.convert import get_config
+from qamw_ext.baselines import RTNLinear
 from qamw_ext.qamw import QAMWLinear
 from qamw_ext.quantized_linear import LayerStats
 
@@ -86,3 +88,40 @@ def test_bad_hessian_is_a_clear_error():
 def test_configs_ask_for_the_hessian_only_with_error_feedback():
     assert QAMWLinear.uses_hessian(get_config("qamw-5.5-ef").options)
     assert not QAMWLinear.uses_hessian(get_config("qamw-5.5").options)
+
+
+@pytest.mark.parametrize("m,n,group", [(48, 128, 128), (37, 200, 64), (16, 300, 128),
+                                       (20, 96, 32)])
+def test_gptq_lowers_the_output_error_and_keeps_the_format(m, n, group):
+    lin, stats, x = correlated_layer(m=m, n=n)
+    rtn = RTNLinear.from_linear(lin, None, group_size=group)
+    gptq = RTNLinear.from_linear(lin, stats, group_size=group, error_feedback=True)
+    assert output_error(lin, gptq, x) < 0.8 * output_error(lin, rtn, x)
+    assert gptq.bits_per_weight() == rtn.bits_per_weight()
+    for k, t in rtn.state_dict().items():
+        assert gptq.state_dict()[k].shape == t.shape, k
+    # Every code and zero point is a 4-bit value, and each group's zero point is what its
+    # scale implies: the stored model dequantizes through the same path as RTN's.
+    codes = ops.unpack_bits(gptq.packed, 4, n)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    assert torch.isfinite(gptq.dequantize()).all()
+
+
+def test_gptq_equals_rtn_when_the_inputs_are_uncorrelated():
+    # With H = I every column's error moves nothing, so GPTQ is round-to-nearest.
+    lin, stats, _ = correlated_layer(m=24, n=128)
+    eye = LayerStats(stats.mean_abs, stats.mean_sq, stats.sample, 1, hessian=torch.eye(128))
+    gptq = RTNLinear.from_linear(lin, eye, group_size=64, error_feedback=True)
+    rtn = RTNLinear.from_linear(lin, None, group_size=64)
+    for k, t in rtn.state_dict().items():
+        assert torch.equal(gptq.state_dict()[k], t), k
+
+
+def test_gptq_needs_a_hessian():
+    lin, stats, _ = correlated_layer(n=64)
+    with pytest.raises(ValueError, match="hessian"):
+        RTNLinear.from_linear(lin, None, error_feedback=True)
+    with pytest.raises(ValueError, match="error_feedback"):
+        RTNLinear.from_linear(lin, stats, error_feedback=1)
+    assert RTNLinear.uses_hessian(get_config("gptq-int4-g128").options)
+    assert not RTNLinear.uses_hessian(get_config("rtn-int4-g128").options)
