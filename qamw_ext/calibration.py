@@ -9,7 +9,8 @@ memory holds one decoder layer's inputs and outputs at a time.
 
 Within a layer, linears that read the same tensor (q/k/v; gate/up) form a group, and with
 `sequential=True` each group is calibrated after the groups before it are quantized (the
-forward pass stops as soon as the group's input has been seen)."""
+forward pass stops as soon as the group's input has been seen). `sequential=False` is the
+ablation: every layer's statistics come from the full-precision model."""
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -249,11 +250,16 @@ def calibrate_and_replace(model, batches, quantize_fn: Callable, targets, *, seq
                                                             stats[n]))
                         done.add(f"{lp}.{n}")
             else:
+                # Every statistic from the full-precision model: the next layer's inputs
+                # are this layer's outputs before it is quantized.
                 stats, _ = collect_layer_stats(layer, names, inputs, kwargs_list, rows_idx, hessian)
+                inputs = run_layer(layer, inputs, kwargs_list)
                 for n in names:
                     set_submodule(layer, n, quantize_fn(f"{lp}.{n}", layer.get_submodule(n),
                                                         stats[n]))
                     done.add(f"{lp}.{n}")
+                bar.set_postfix(quantized=len(done))
+                continue
         from .evaluate import materialized
 
         with materialized(layer):   # dequantize each weight once, not once per batch

@@ -3,7 +3,8 @@ of a causal LM's decoder (and, if asked, lm_head) with QuantizedLinear modules o
 
 A config is a QuantConfig, or a name from NAMED_CONFIGS ("qamw-5.5", "aaac-int4", "nf4", ...),
 or "method:key=value,key=value" for any registered codec with explicit options
-(e.g. "qamw:bits=9,codebook=polar")."""
+(e.g. "qamw:bits=9,codebook=polar"); either may end in "@field=value,..." to set QuantConfig
+fields (e.g. "qamw-5.5-ef@bit_allocation=true,sequential=false")."""
 import dataclasses
 import importlib
 import json
@@ -82,7 +83,11 @@ class QuantConfig:
     include_lm_head: also quantize lm_head (unties it from the embedding).
     exclude: regular expressions; a linear whose full name matches one is left in full
     precision. calib_*: calibration set size; sequential: calibrate each group of linears
-    inside a decoder layer after the groups before it are quantized."""
+    inside a decoder layer after the groups before it are quantized, and each decoder layer
+    on the outputs of the quantized layers before it (False: every statistic comes from
+    the full-precision model). bit_allocation: choose each linear's "bits" from its
+    measured sensitivity, at the storage of options["bits"] everywhere (qamw_ext.allocation).
+    layer_options: {full linear name: {option: value}} overriding options for that linear."""
     method: str
     options: dict = dataclasses.field(default_factory=dict)
     name: Optional[str] = None
@@ -96,6 +101,8 @@ class QuantConfig:
     sequential: bool = True
     hessian: Optional[bool] = None   # None: ask the codec (attribute `uses_hessian`)
     seed: int = 0
+    bit_allocation: bool = False
+    layer_options: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -147,6 +154,7 @@ def get_config(spec, **overrides):
     elif isinstance(spec, dict):
         cfg = QuantConfig.from_dict(spec)
     elif isinstance(spec, str):
+        spec, _, fields = spec.partition("@")
         name = ALIASES.get(spec.strip(), spec.strip())
         if name in NAMED_CONFIGS:
             method, options, calibrate, _ = NAMED_CONFIGS[name]
@@ -168,6 +176,16 @@ def get_config(spec, **overrides):
     else:
         raise ConfigError(f"a quantization config must be a name, dict or QuantConfig, "
                           f"not {type(spec).__name__}")
+    if isinstance(spec, str) and fields:
+        known = {f.name for f in dataclasses.fields(QuantConfig)} - {
+            "method", "options", "name", "exclude", "layer_options"}
+        for item in filter(None, (p.strip() for p in fields.split(","))):
+            k, eq, v = item.partition("=")
+            if not eq or k.strip() not in known:
+                raise ConfigError(f"bad field {item!r} after '@' in the config: use field=value "
+                                  f"with field one of {sorted(known)}")
+            setattr(cfg, k.strip(), _parse_value(v.strip()))
+        cfg.name = f"{cfg.label}@{fields}"
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -244,26 +262,37 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
     _untie_head(model, names)
     per_layer = {}
     t0 = time.time()
+    batches = None
+    if cfg.calibrate or cfg.bit_allocation:
+        if calibration is None:
+            raise ConfigError(f"config {cfg.label} needs calibration data")
+        calibration = torch.as_tensor(calibration)
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise ConfigError("calibration must be a (count, length) tensor of token ids")
+        batches = list(torch.split(calibration.to(torch.int64).to(device), cfg.calib_batch))
+    layer_options = {n: dict(o) for n, o in cfg.layer_options.items()}
+    allocation = None
+    if cfg.bit_allocation:
+        from .allocation import plan
+
+        choice, allocation = plan(model, names, cls, cfg.options, batches,
+                                  sample_rows=cfg.sample_rows, seed=cfg.seed, log=log)
+        for n, b in choice.items():
+            layer_options.setdefault(n, {}).setdefault("bits", b)
 
     def quantize_fn(name, linear, stats):
         t = time.time()
+        options = {**cfg.options, **layer_options.get(name, {})}
         try:
-            q = cls.from_linear(linear, stats, **cfg.options)
+            q = cls.from_linear(linear, stats, **options)
         except TypeError as e:
-            raise ConfigError(f"codec {cfg.method!r} rejected options {cfg.options}: {e}") from None
+            raise ConfigError(f"codec {cfg.method!r} rejected options {options}: {e}") from None
         q = q.to(device)
         per_layer[name] = {"bits_per_weight": q.bits_per_weight(), "seconds": time.time() - t,
                            "numel": linear.in_features * linear.out_features}
         return q
 
     if cfg.calibrate:
-        if calibration is None:
-            raise ConfigError(f"config {cfg.label} needs calibration data")
-        calibration = torch.as_tensor(calibration)
-        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-            raise ConfigError("calibration must be a (count, length) tensor of token ids")
-        calibration = calibration.to(torch.int64).to(device)
-        batches = list(torch.split(calibration, cfg.calib_batch))
         hessian = cfg.hessian
         if hessian is None:  # ask the codec: a bool, or a function of the options
             uses = getattr(cls, "uses_hessian", False)
@@ -289,6 +318,8 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
         "seconds": seconds, "linears": len(per_layer), "quantized_weights": numel,
         "bits_per_weight": bits / numel, "layers": per_layer,
     }
+    if allocation is not None:
+        model.qamw_report["allocation"] = allocation
     if log:
         log(f"[qamw] {cfg.label}: {len(per_layer)} linears, {bits / numel:.3f} bits/weight, "
             f"{seconds:.1f} s")
