@@ -8,22 +8,30 @@ import math
 
 import torch
 
+from . import hadamard_matrices
+
 
 def hadamard(x, block_size, signs=None, inverse=False):
-    """Orthonormal Walsh-Hadamard transform (Sylvester order) of consecutive blocks of
-    `block_size` along the last dimension. Forward: H (signs * x); inverse: signs * (H x).
-    Computed in fp64, returned in x's dtype."""
+    """Orthonormal Hadamard transform of consecutive blocks of `block_size` along the last
+    dimension. A block of K * 2^m (K = 1 or a tabulated order, see hadamard_matrices) is
+    H_K (x) H_{2^m} / sqrt(block), H_{2^m} the Sylvester matrix. Forward: H (signs * x);
+    inverse: signs * (H^T x). Computed in fp64, returned in x's dtype."""
+    order, pow2 = hadamard_matrices.split_block(block_size)
     n = x.shape[-1]
     y = x.to(torch.float64)
     if signs is not None and not inverse:
         y = y * signs.to(torch.float64)
     lead = y.shape[:-1]
-    y = y.reshape(-1, block_size)
+    y = y.reshape(-1, pow2)
     h = 1
-    while h < block_size:
-        y = y.view(-1, block_size // (2 * h), 2, h)
+    while h < pow2:
+        y = y.view(-1, pow2 // (2 * h), 2, h)
         y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
         h *= 2
+    y = y.reshape(-1, order, pow2)
+    if order > 1:
+        hk = hadamard_matrices.matrix(order).to(torch.float64)
+        y = torch.einsum("ab,rbj->raj", hk.T if inverse else hk, y)
     y = y.reshape(*lead, n) / math.sqrt(block_size)
     if signs is not None and inverse:
         y = y * signs.to(torch.float64)
