@@ -15,6 +15,9 @@ Fitting (all vectorised over groups):
     an fp32 tensor scale), the codes against that stored scale, and the pair with the
     lowest h-weighted error; (b) activation-weighted k-means update of each codebook entry:
     c = sum(h s^2 z) / sum(h s^2) over the weights z = w / s coded to it.
+With error_feedback=True the fitted scales, choices and codebooks are kept and the codes
+are re-rounded GPTQ-style (columns in order, each error pushed onto the later columns
+through the Cholesky factor of H^-1, H = X^T X in the scaled coordinates).
 Variants: "int4" (group 128, fp16 scales) and "nvfp4" (group 16, E4M3 scales, fp32 tensor
 scale). Optional AWQ-style channel scaling (alpha searched on the calibration sample, as in
 QAM-W). When group_size does not divide in_features, the largest power of two below it that
@@ -26,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .baselines import check_meta, linear_parts, storage_bits, validate_stats
+from .baselines import (EF_BLOCK, check_flag, check_hessian, check_meta, inverse_hessian_factor,
+                        linear_parts, one_cpu_thread, storage_bits, validate_stats)
 from .codebooks import E2M1_MAGNITUDES
 from .qamw import _alpha_grid, channel_scale_from_stats
 from .quantized_linear import QuantizedLinear, register_codec
@@ -159,11 +163,42 @@ class _Fit:
         return choice, s, codes
 
 
+def _round_with_feedback(w, scale, choice, books, hessian, g):
+    """(m, n) int32 codes of w (m, n) rounded column by column (GPTQ), the group scales and
+    codebook choices (m, n / g) of the fit kept, each column's rounding error pushed onto
+    the columns not yet rounded in the metric of `hessian` (X^T X of the layer's input)."""
+    m, n = w.shape
+    u = inverse_hessian_factor(hessian).to(torch.float32)
+    w = w.clone()
+    codes = torch.empty(m, n, dtype=torch.int32, device=w.device)
+    safe = torch.where(scale > 0, scale, 1.0)
+    pick = choice.bool()
+    for i1 in range(0, n, EF_BLOCK):
+        i2 = min(i1 + EF_BLOCK, n)
+        blk = w[:, i1:i2]
+        err = torch.empty_like(blk)
+        for j in range(i2 - i1):
+            col, grp = i1 + j, (i1 + j) // g
+            z = (blk[:, j] / safe[:, grp]).contiguous()
+            c0 = ops.nearest_codeword_1d(z, books[0])
+            c1 = ops.nearest_codeword_1d(z, books[1])
+            code = torch.where(pick[:, grp], c1, c0)
+            codes[:, col] = code
+            value = torch.where(pick[:, grp], books[1][c1.long()], books[0][c0.long()])
+            e = (blk[:, j] - value * scale[:, grp]) / u[col, col]
+            blk[:, j + 1:] -= e.unsqueeze(1) * u[col, col + 1:i2]
+            err[:, j] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return codes
+
+
 @register_codec("aaac")
 class AAACLinear(QuantizedLinear):
     """AAAC layer. Options: variant ("int4" | "nvfp4"), group_size (default: 128 for int4,
     16 for nvfp4), channel_scaling (bool), alpha ("search" | number | list; used with
-    channel_scaling), rounds (k-means rounds, default 4)."""
+    channel_scaling), rounds (k-means rounds, default 4), error_feedback (bool: after the
+    fit, round the codes column by column GPTQ-style with the fit's scales, codebook choices
+    and codebooks; needs stats.hessian)."""
 
     def __init__(self, in_features, out_features, has_bias, variant="int4", group_size=None,
                  channel_scaling=False, alpha=0.0):
@@ -204,9 +239,13 @@ class AAACLinear(QuantizedLinear):
 
     # ------------------------------------------------------------ quantization
 
+    @staticmethod
+    def uses_hessian(options):
+        return bool(options.get("error_feedback", False))
+
     @classmethod
     def from_linear(cls, linear, stats=None, variant="int4", group_size=None,
-                    channel_scaling=False, alpha="search", rounds=ROUNDS):
+                    channel_scaling=False, alpha="search", rounds=ROUNDS, error_feedback=False):
         w, bias = linear_parts(linear)
         m, n = w.shape
         validate_stats(stats, n)
@@ -214,20 +253,26 @@ class AAACLinear(QuantizedLinear):
             raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+        check_flag("error_feedback", error_feedback)
+        if error_feedback:
+            check_hessian(stats, n)
         grid = _alpha_grid(alpha) if channel_scaling and stats is not None else (0.0,)
         best = None
-        for a in grid:
-            layer = cls(n, m, bias is not None, variant, group_size, a != 0.0, a).to(w.device)
-            layer._fit(w, stats, a, rounds)
-            err = layer._output_error(w, stats) if len(grid) > 1 else 0.0
-            if best is None or err < best[0]:
-                best = (err, layer)
-        layer = best[1]
+        with one_cpu_thread(w.device):
+            for a in grid:
+                layer = cls(n, m, bias is not None, variant, group_size, a != 0.0, a).to(w.device)
+                layer._fit(w, stats, a, rounds)
+                err = layer._output_error(w, stats) if len(grid) > 1 else 0.0
+                if best is None or err < best[0]:
+                    best = (err, layer)
+            layer = best[1]
+            if error_feedback:   # alpha chosen by plain rounding; round once more with feedback
+                layer._fit(w, stats, layer.alpha, rounds, hessian=stats.hessian.to(w.device))
         if bias is not None:
             layer.bias.copy_(bias)
         return layer
 
-    def _fit(self, w, stats, alpha, rounds):
+    def _fit(self, w, stats, alpha, rounds, hessian=None):
         m, n, npad, g = self.out_features, self.in_features, self.padded_in, self.group_size
         h = (torch.ones(n, device=w.device) if stats is None
              else stats.mean_sq.to(device=w.device, dtype=torch.float32).clone())
@@ -235,6 +280,8 @@ class AAACLinear(QuantizedLinear):
             s = channel_scale_from_stats(stats.mean_abs.to(w.device), alpha)
             w = w * s
             h = h / (s * s)   # importance of the scaled input x / s
+            if hessian is not None:
+                hessian = hessian / s.unsqueeze(1) / s.unsqueeze(0)
             self.channel_scale.copy_(F.pad(s, (0, npad - n), value=1.0))
         if not (h > 0).any():
             h = torch.ones_like(h)
@@ -243,6 +290,10 @@ class AAACLinear(QuantizedLinear):
         fit = _Fit(w.reshape(m, npad // g, g), h.view(npad // g, g), self.variant,
                    self.scale_dtype)
         choice, scale, codes = fit.run(rounds)
+        if hessian is not None:
+            if npad != n:
+                hessian = F.pad(hessian, (0, npad - n, 0, npad - n))
+            codes = _round_with_feedback(w, scale, choice, fit.books, hessian, g)
         stored, _ = _store_scale(scale, choice, self.scale_dtype, fit.tensor_scale)
         self.scales.copy_(stored)
         self.codebooks.copy_(fit.books)

@@ -54,6 +54,8 @@ for _bpw, _b in QAMW_BITS.items():
 NAMED_CONFIGS.update({
     "aaac-int4": ("aaac", {"variant": "int4"}, True,
                   "AAAC INT4-style: group 128, fp16 scales, two learned 16-entry codebooks"),
+    "aaac-int4-ef": ("aaac", {"variant": "int4", "error_feedback": True}, True,
+                     "AAAC INT4-style, codes rounded with error feedback (H = X^T X)"),
     "aaac-int4-awq": ("aaac", {"variant": "int4", "channel_scaling": True}, True,
                       "AAAC INT4-style with AWQ-style channel scaling"),
     "aaac-nvfp4": ("aaac", {"variant": "nvfp4"}, True,

@@ -125,3 +125,24 @@ def test_gptq_needs_a_hessian():
         RTNLinear.from_linear(lin, stats, error_feedback=1)
     assert RTNLinear.uses_hessian(get_config("gptq-int4-g128").options)
     assert not RTNLinear.uses_hessian(get_config("rtn-int4-g128").options)
+
+
+@pytest.mark.parametrize("opts", [{"variant": "int4"}, {"variant": "nvfp4"},
+                                  {"variant": "int4", "channel_scaling": True},
+                                  {"variant": "int4", "group_size": 32}])
+def test_aaac_error_feedback_lowers_the_output_error(opts):
+    from qamw_ext.aaac import AAACLinear
+
+    lin, stats, x = correlated_layer(m=40, n=160)
+    plain = AAACLinear.from_linear(lin, stats, **opts)
+    ef = AAACLinear.from_linear(lin, stats, error_feedback=True, **opts)
+    assert output_error(lin, ef, x) < 0.8 * output_error(lin, plain, x)
+    assert ef.bits_per_weight() == plain.bits_per_weight()
+    # Only the codes change: the fit's scales (and their codebook choices) are kept.
+    assert torch.equal(ef.scales.view(torch.uint8) if ef.scales.dtype == torch.float8_e4m3fn
+                       else ef.scales, plain.scales.view(torch.uint8)
+                       if plain.scales.dtype == torch.float8_e4m3fn else plain.scales)
+    assert torch.equal(ef.codebooks, plain.codebooks)
+    assert AAACLinear.uses_hessian(get_config("aaac-int4-ef").options)
+    with pytest.raises(ValueError, match="hessian"):
+        AAACLinear.from_linear(lin, None, error_feedback=True, **opts)
