@@ -25,7 +25,9 @@ FULL = ["rtn-int4-g128", "nf4", "aaac-int4", "aaac-int4-awq", "aaac-nvfp4",
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
-    p.add_argument("--configs", default=",".join(FULL))
+    p.add_argument("--configs", default=",".join(FULL),
+                   help="config names separated by commas, or by semicolons when a config "
+                        "has options of its own ('qamw:bits=11,block_size=whole;qamw-4')")
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--calib-tokens", type=int, default=None)
@@ -42,7 +44,8 @@ def main():
         partial["command"], partial["complete"] = command, False
         write_results(partial, prefix)
 
-    result = quality_table([c for c in args.configs.split(",") if c], model_path=args.model,
+    sep = ";" if ";" in args.configs else ","
+    result = quality_table([c for c in args.configs.split(sep) if c], model_path=args.model,
                            eval_tokens=args.eval_tokens, window=args.window,
                            calib_tokens=args.calib_tokens, decode_tokens=args.decode_tokens,
                            progress=not args.no_progress, on_row=checkpoint_rows)

@@ -366,6 +366,9 @@ def _row(model, cfg, label, qseconds, windows, ref, base_metrics, tok, decode_to
            "calib_tokens": cfg.calib_tokens if cfg.calibrate else 0,
            "quant_config": cfg.to_dict()}
     row["family"] = family(row)
+    allocation = getattr(model, "qamw_report", {}).get("allocation")
+    if allocation is not None:
+        row["allocation"] = allocation
     row.update(model_storage(model))
     if decode_tokens:
         row.update(decode_speed(model, tok, decode_tokens))
