@@ -6,7 +6,10 @@
 //  * matrices are row-major and contiguous;
 //  * activations are fp32, fp16 or bf16 (DType); every sum is accumulated in fp32;
 //  * `signs` is an int8 vector of +-1 of length n, or nullptr;
-//  * `channel_scale` is an fp32 vector of length n (the activation is divided by it), or nullptr.
+//  * `channel_scale` is an fp32 vector of length n (the activation is divided by it), or nullptr;
+//  * a Hadamard `block` is a power of two or K * 2^m with K a tabulated order, and H is the
+//    orthonormal (H_K (x) H_{2^m}) / sqrt(block) of hadamard_tables.h on each block: the
+//    hadamard op computes H (signs * x), or signs * (H^T x) when `inverse`.
 //
 // Packed codes (pack_bits): each row of `count` codes of `bits` bits is one little-endian
 // bit stream, code k occupying bits [k*bits, (k+1)*bits) counted from bit 0 of word 0
@@ -29,7 +32,7 @@ inline int64_t packed_words_per_row(int64_t count, int bits) {
 // QAM-W weight: code k of row i is codeword codebook[code] = (c0, c1), the weights of
 // rotated columns 2k and 2k+1, times row_scale[i * scales_per_row + (2k) / (n / scales_per_row)].
 // The dense weight is W = diag(row scale) * C * H * diag(signs) * diag(1 / channel_scale)
-// with H the orthonormal block Walsh-Hadamard matrix of block size `block`.
+// with H the orthonormal block Hadamard matrix of block size `block` (hadamard_tables.h).
 struct QamwWeight {
   const int32_t* packed;      // [m, words_per_row]
   int64_t words_per_row;
@@ -39,7 +42,7 @@ struct QamwWeight {
   int64_t scales_per_row;     // 1, or n / block (one scale per Hadamard block)
   const float* channel_scale; // [n] or nullptr
   const int8_t* signs;        // [n] or nullptr
-  int64_t block;              // Hadamard block size, a power of two dividing n
+  int64_t block;              // Hadamard block size dividing n: 2^m or K * 2^m
   int64_t m, n;               // out_features, in_features
 };
 

@@ -1,4 +1,4 @@
-// Shared pieces of the CPU kernels: activation dtypes and the Hadamard butterfly.
+// Shared pieces of the CPU kernels: activation dtypes and the block Hadamard transform.
 #pragma once
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "hadamard_tables.h"
 #include "kernels.h"
 
 namespace qamw::cpu {
@@ -55,17 +56,93 @@ inline void fwht_block(float* v, int64_t size) {
   for (int64_t j = 0; j < size; ++j) v[j] *= norm;
 }
 
-// out[j] = H_block(signs * x / channel_scale) for one row of n values, in fp32.
+// The orthonormal Hadamard transform of blocks of B = K * 2^m values (hadamard_tables.h):
+// (H_K (x) H_{2^m}) / sqrt(B), or its transpose. A block is K runs of 2^m values; each run gets
+// the Walsh-Hadamard transform, then (K > 1) every column b is mixed across the runs by
+// H_K / sqrt(K) (H_K^T for the transpose). K = 1 is fwht_block alone.
+class BlockHadamard {
+ public:
+  BlockHadamard(int64_t block, bool transpose) : block_(block) {
+    const HadamardSplit split = split_hadamard_block(block);
+    order_ = split.order;
+    pow2_ = split.pow2;
+    if (order_ == 1) return;
+    const uint64_t* rows = kHadamardMasks + hadamard_mask_offset(order_, transpose);
+    const float one = 1.0f / std::sqrt(static_cast<float>(order_));
+    mix_.resize(order_ * order_);
+    for (int64_t a = 0; a < order_; ++a)
+      for (int64_t c = 0; c < order_; ++c) mix_[a * order_ + c] = (rows[a] >> c & 1) ? -one : one;
+  }
+
+  int64_t block() const { return block_; }
+  int64_t order() const { return order_; }
+
+  // Every block of a row of n values, in place; scratch holds block() floats (K > 1).
+  // The K = 1 test is made once per row, so power-of-two blocks run fwht_block alone.
+  void row(float* v, int64_t n, float* scratch) const {
+    if (order_ == 1) {
+      for (int64_t b = 0; b < n; b += block_) fwht_block(v + b, block_);
+    } else {
+      for (int64_t b = 0; b < n; b += block_) mixed_block(v + b, scratch);
+    }
+  }
+
+  // One block when K > 1, in place; scratch holds block() floats.
+  void mixed_block(float* v, float* scratch) const {
+    if (pow2_ > 1)
+      for (int64_t a = 0; a < order_; ++a) fwht_block(v + a * pow2_, pow2_);
+    switch (pow2_) {
+      case 1: mix<1>(v, scratch); break;
+      case 2: mix<2>(v, scratch); break;
+      case 4: mix<4>(v, scratch); break;
+      case 8: mix<8>(v, scratch); break;
+      default: mix<16>(v, scratch); break;
+    }
+    std::copy(scratch, scratch + block_, v);
+  }
+
+ private:
+  // y = (H_K / sqrt(K) (x) I) v: output runs four at a time (every tabulated K is a multiple of
+  // 4) and columns W at a time, the 4 x W sums in registers while the K input runs stream by.
+  template <int W>
+  void mix(const float* v, float* y) const {
+    const int64_t K = order_, P = pow2_;
+    for (int64_t a = 0; a < K; a += 4) {
+      const float* h = mix_.data() + a * K;
+      for (int64_t b = 0; b < P; b += W) {
+        float acc[4][W] = {};
+        for (int64_t c = 0; c < K; ++c) {
+          const float* x = v + c * P + b;
+          const float h0 = h[c], h1 = h[K + c], h2 = h[2 * K + c], h3 = h[3 * K + c];
+#pragma omp simd
+          for (int w = 0; w < W; ++w) {
+            acc[0][w] += h0 * x[w];
+            acc[1][w] += h1 * x[w];
+            acc[2][w] += h2 * x[w];
+            acc[3][w] += h3 * x[w];
+          }
+        }
+        for (int r = 0; r < 4; ++r) std::copy(acc[r], acc[r] + W, y + (a + r) * P + b);
+      }
+    }
+  }
+
+  int64_t block_, order_, pow2_;
+  std::vector<float> mix_;   // K x K: entry (a, c) is what output run a takes of input run c
+};
+
+// out[j] = H_block(signs * x / channel_scale) for one row of n values, in fp32;
+// scratch: h.block() floats.
 template <typename T>
-void rotate_activation(const T* x, int64_t n, int64_t block, const int8_t* signs,
-                       const float* channel_scale, float* out) {
+void rotate_activation(const T* x, int64_t n, const BlockHadamard& h, const int8_t* signs,
+                       const float* channel_scale, float* out, float* scratch) {
   for (int64_t j = 0; j < n; ++j) {
     float v = static_cast<float>(x[j]);
     if (channel_scale) v /= channel_scale[j];
     if (signs) v *= static_cast<float>(signs[j]);
     out[j] = v;
   }
-  for (int64_t b = 0; b < n; b += block) fwht_block(out + b, block);
+  h.row(out, n, scratch);
 }
 
 // The GEMVs at batch 1 look up instead of multiplying: for a tile of kLutTile codes, a

@@ -78,9 +78,12 @@ template <int BITS, typename T>
 static void gemv_typed(const QamwWeight& w, const T* x, int64_t batch, T* out) {
   const int64_t n = w.n;
   std::vector<float> xr(batch * n);
+  const BlockHadamard h(w.block, false);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(w.block);
     for (int64_t b = begin; b < end; ++b)
-      rotate_activation(x + b * n, n, w.block, w.signs, w.channel_scale, xr.data() + b * n);
+      rotate_activation(x + b * n, n, h, w.signs, w.channel_scale, xr.data() + b * n,
+                        scratch.data());
   });
   const int64_t segment_pairs = n / 2 / w.scales_per_row;
   if (batch == 1 && (w.scales_per_row == 1 || segment_pairs % kLutTile == 0))
@@ -102,9 +105,11 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
 template <int BITS, typename T>
 static void dequantize_typed(const QamwWeight& w, T* out) {
   const int64_t n = w.n, pairs = n / 2, segment = n / w.scales_per_row;
+  // W row = (rotated row) H diag(signs) / s, and (row H)^T = H^T row^T.
+  const BlockHadamard h(w.block, true);
   at::parallel_for(0, w.m, 4, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> codes(pairs);
-    std::vector<float> row(n);
+    std::vector<float> row(n), scratch(w.block);
     for (int64_t i = begin; i < end; ++i) {
       decode_row<BITS>(w.packed + i * w.words_per_row, pairs, codes.data());
       for (int64_t k = 0; k < pairs; ++k) {
@@ -112,8 +117,7 @@ static void dequantize_typed(const QamwWeight& w, T* out) {
         row[2 * k] = scale * w.codebook[2 * codes[k]];
         row[2 * k + 1] = scale * w.codebook[2 * codes[k] + 1];
       }
-      // W row = (rotated row) H diag(signs) / s: H is symmetric, so transform the row.
-      for (int64_t b = 0; b < n; b += w.block) fwht_block(row.data() + b, w.block);
+      h.row(row.data(), n, scratch.data());
       T* o = out + i * n;
       for (int64_t j = 0; j < n; ++j) {
         float v = row[j];

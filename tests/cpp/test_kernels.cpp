@@ -1,5 +1,6 @@
 // C++ checks of every CPU kernel against naive implementations written here, at odd sizes
-// and in every activation dtype: the Hadamard transform against the O(n^2) Sylvester matrix,
+// and in every activation dtype: the Hadamard tables are Hadamard matrices, the Hadamard
+// transform (blocks of 2^m and K * 2^m) against the O(n^2) dense matrix,
 // both nearest-codeword searches against brute force, bit packing round trips, QAM-W and
 // AAAC dequantize against their definitions and their GEMVs against the dense matrices.
 // Buffers are exactly sized std::vectors, so the sanitizer build (QAMW_SANITIZE) catches
@@ -13,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "hadamard_tables.h"
 #include "kernels.h"
 
 static int failures = 0;
@@ -31,24 +33,67 @@ static float normal() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
 
 static int popcount_parity(int64_t v) { return __builtin_popcountll(v) & 1; }
 
+// Entry (a, c) of the tabulated H_K, read from its rows or from the rows of its transpose.
+static int table_entry(int64_t order, bool transpose, int64_t a, int64_t c) {
+  return (qamw::kHadamardMasks[qamw::hadamard_mask_offset(order, transpose) + a] >> c & 1) ? -1 : 1;
+}
+
+static void test_hadamard_tables() {
+  for (const int K : qamw::kHadamardOrders) {
+    int bad = 0;
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t c = 0; c < K; ++c) {
+        int dot = 0;  // (H H^T)[a][c]
+        for (int64_t e = 0; e < K; ++e) dot += table_entry(K, false, a, e) * table_entry(K, false, c, e);
+        bad += dot != (a == c ? K : 0);
+        bad += table_entry(K, true, a, c) != table_entry(K, false, c, a);
+      }
+    for (int64_t a = 0; a < K; ++a)   // no bits past column K - 1
+      bad += (qamw::kHadamardMasks[qamw::hadamard_mask_offset(K, false) + a] >> K) != 0;
+    EXPECT(bad == 0, "H_%d is not a Hadamard matrix with its transpose: %d bad entries", K, bad);
+    const qamw::HadamardSplit split = qamw::split_hadamard_block(K * 16);
+    EXPECT(split.order == K && split.pow2 == 16, "split of %d * 16", K);
+  }
+  EXPECT(qamw::split_hadamard_block(1024).order == 1, "split of 1024");
+  EXPECT(qamw::split_hadamard_block(12).pow2 == 1, "split of 12");
+  for (const int64_t bad : {0, 1, 3, 6, 52, 100, 104})
+    EXPECT(qamw::split_hadamard_block(bad).order == 0, "%lld is not a block", (long long)bad);
+  EXPECT(qamw::hadamard_mask_offset(40, false) == -1, "no table of order 40");
+}
+
+// Entry (i, j) of the unnormalised H_K (x) H_{2^m} of a block (K = 1: the Sylvester matrix,
+// (-1)^popcount(i & j)).
+static double block_entry(int64_t block, int64_t i, int64_t j) {
+  const qamw::HadamardSplit split = qamw::split_hadamard_block(block);
+  const int64_t P = split.pow2;
+  const double sylvester = popcount_parity((i % P) & (j % P)) ? -1.0 : 1.0;
+  return split.order == 1 ? sylvester : sylvester * table_entry(split.order, false, i / P, j / P);
+}
+
 static void test_hadamard() {
-  for (int64_t block : {2, 4, 8, 16, 64, 256}) {
+  for (int64_t block : {2, 4, 8, 16, 64, 256, 12, 24, 80, 56, 576, 480, 44, 1536}) {
     const int64_t rows = 3, n = block * 3;
     std::vector<float> x(rows * n), out(rows * n);
     std::vector<int8_t> signs(n);
     for (auto& v : x) v = normal();
     for (auto& s : signs) s = (rng() & 1) ? 1 : -1;
-    qamw::cpu::hadamard(x.data(), out.data(), qamw::DType::F32, rows, n, block, signs.data(), false);
-    double worst = 0;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t b = 0; b < n; b += block)
-        for (int64_t i = 0; i < block; ++i) {
-          double acc = 0;  // Sylvester entry H[i][j] = (-1)^popcount(i & j)
-          for (int64_t j = 0; j < block; ++j)
-            acc += (popcount_parity(i & j) ? -1.0 : 1.0) * signs[b + j] * x[r * n + b + j];
-          worst = std::max(worst, std::abs(acc / std::sqrt(double(block)) - out[r * n + b + i]));
-        }
-    EXPECT(worst < 1e-5, "hadamard block %lld: max error %g", (long long)block, worst);
+    for (const bool inverse : {false, true}) {
+      qamw::cpu::hadamard(x.data(), out.data(), qamw::DType::F32, rows, n, block, signs.data(),
+                          inverse);
+      double worst = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < n; b += block)
+          for (int64_t i = 0; i < block; ++i) {
+            double acc = 0;  // forward: H (signs x); inverse: signs (H^T x)
+            for (int64_t j = 0; j < block; ++j)
+              acc += inverse ? block_entry(block, j, i) * x[r * n + b + j]
+                             : block_entry(block, i, j) * signs[b + j] * x[r * n + b + j];
+            if (inverse) acc *= signs[b + i];
+            worst = std::max(worst, std::abs(acc / std::sqrt(double(block)) - out[r * n + b + i]));
+          }
+      EXPECT(worst < 1e-5, "hadamard block %lld inverse %d: max error %g", (long long)block,
+             int(inverse), worst);
+    }
   }
 }
 
@@ -120,18 +165,21 @@ static double tolerance(qamw::DType d) {
 }
 
 static void test_hadamard_dtypes_and_inverse() {
-  const int64_t rows = 5, block = 32, n = 3 * block;
-  std::vector<int8_t> signs(n);
-  for (auto& s : signs) s = (rng() & 1) ? 1 : -1;
-  for (const qamw::DType d : kDtypes) {
-    Activations x(d, rows * n), y(d, rows * n), back(d, rows * n);
-    for (int64_t i = 0; i < rows * n; ++i) x.set(i, normal());
-    qamw::cpu::hadamard(x.data(), y.data(), d, rows, n, block, signs.data(), false);
-    qamw::cpu::hadamard(y.data(), back.data(), d, rows, n, block, signs.data(), true);
-    double worst = 0;
-    for (int64_t i = 0; i < rows * n; ++i)
-      worst = std::max(worst, double(std::abs(back.get(i) - x.get(i))));
-    EXPECT(worst < 4 * tolerance(d), "hadamard inverse round trip dtype %d: error %g", int(d), worst);
+  for (const int64_t block : {32, 96}) {
+    const int64_t rows = 5, n = 3 * block;
+    std::vector<int8_t> signs(n);
+    for (auto& s : signs) s = (rng() & 1) ? 1 : -1;
+    for (const qamw::DType d : kDtypes) {
+      Activations x(d, rows * n), y(d, rows * n), back(d, rows * n);
+      for (int64_t i = 0; i < rows * n; ++i) x.set(i, normal());
+      qamw::cpu::hadamard(x.data(), y.data(), d, rows, n, block, signs.data(), false);
+      qamw::cpu::hadamard(y.data(), back.data(), d, rows, n, block, signs.data(), true);
+      double worst = 0;
+      for (int64_t i = 0; i < rows * n; ++i)
+        worst = std::max(worst, double(std::abs(back.get(i) - x.get(i))));
+      EXPECT(worst < 4 * tolerance(d), "hadamard block %lld round trip dtype %d: error %g",
+             (long long)block, int(d), worst);
+    }
   }
 }
 
@@ -243,7 +291,9 @@ struct QamwCase { int bits; int64_t m, n, block; bool per_block; int64_t batch; 
 static void test_qamw() {
   const QamwCase cases[] = {{4, 1, 2, 2, false, 1},   {7, 13, 96, 32, true, 3},
                             {11, 19, 192, 64, false, 2}, {12, 5, 66, 2, true, 17},
-                            {8, 3, 1024, 1024, true, 1}};
+                            {8, 3, 1024, 1024, true, 1}, {8, 37, 576, 576, false, 1},
+                            {7, 9, 576, 576, true, 16},  {5, 6, 48, 12, true, 3},
+                            {9, 4, 160, 80, false, 2},   {6, 3, 1536, 1536, true, 5}};
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2, blocks = c.n / c.block;
     const int64_t scales_per_row = c.per_block ? blocks : 1;
@@ -260,7 +310,7 @@ static void test_qamw() {
     for (auto& s : signs) s = (rng() & 1) ? 1 : -1;
     const qamw::QamwWeight w{packed.data(), words, codebook.data(), c.bits, row_scale.data(),
                              scales_per_row, channel.data(), signs.data(), c.block, c.m, c.n};
-    // The definition: rotated row times the Sylvester matrix, signs, 1 / channel scale.
+    // The definition: rotated row times the block Hadamard matrix, signs, 1 / channel scale.
     std::vector<double> dense(c.m * c.n);
     for (int64_t i = 0; i < c.m; ++i)
       for (int64_t j = 0; j < c.n; ++j) {
@@ -269,7 +319,7 @@ static void test_qamw() {
         for (int64_t k = b0; k < b0 + c.block; ++k) {
           const double scale = row_scale[i * scales_per_row + k / (c.n / scales_per_row)];
           const double r = scale * codebook[2 * codes[i * pairs + k / 2] + k % 2];
-          acc += (popcount_parity((j - b0) & (k - b0)) ? -r : r);
+          acc += block_entry(c.block, k - b0, j - b0) * r;
         }
         dense[i * c.n + j] = acc / std::sqrt(double(c.block)) * signs[j] / channel[j];
       }
@@ -346,6 +396,7 @@ static void test_aaac() {
 }
 
 int main() {
+  test_hadamard_tables();
   test_hadamard();
   test_hadamard_dtypes_and_inverse();
   test_nearest_2d();
