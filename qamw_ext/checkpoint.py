@@ -124,6 +124,28 @@ def quantization_config_dict(model, tensors=None, tied=None, sha=None):
     return d
 
 
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(parent, base):
+    """Delete the hidden .tmp- directories that saves of `base` left behind when their
+    process was killed (the pid is in the name). They hold a partial save, or a replaced
+    model whose replacement was already in place. A .old- directory can be the only copy of
+    the previous model, so it is never touched."""
+    pattern = re.compile(rf"^\.{re.escape(base)}\.tmp-(\d+)-")
+    for entry in os.listdir(parent):
+        match = pattern.match(entry)
+        if match and not _process_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def save_quantized(model, out_dir, tokenizer=None, overwrite=False, extra=None):
     """Write a quantized model to out_dir atomically. Returns out_dir."""
     from safetensors.torch import save_file
@@ -135,7 +157,8 @@ def save_quantized(model, out_dir, tokenizer=None, overwrite=False, extra=None):
         raise CheckpointError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    _remove_stale_temporaries(parent, os.path.basename(out_dir))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
     try:
         tensors, tied = _unique_state(model)
         wpath = os.path.join(tmp, WEIGHTS_NAME)

@@ -94,6 +94,25 @@ def test_save_refuses_and_is_atomic(tmp_path, monkeypatch):
     assert torch.equal(_logits(load_quantized(str(tmp_path / "q"))), _logits(model))
 
 
+def test_save_removes_what_killed_saves_left_behind(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".q.tmp-{dead.pid}-abc"
+    live = tmp_path / f".q.tmp-{os.getppid()}-def"     # a save still running elsewhere
+    old = tmp_path / f".q.old-{dead.pid}-ghi"          # may be the only copy of a model
+    other = tmp_path / f".r.tmp-{dead.pid}-jkl"        # another target's
+    for d in (stale, live, old, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    save_quantized(_quantized(), str(tmp_path / "q"))
+    assert not stale.exists()
+    assert live.exists() and old.exists() and other.exists()
+    assert (tmp_path / "q" / "config.json").exists()
+
+
 def _saved(tmp_path):
     model = _quantized("rtn-int4-g128")
     path = pathlib.Path(save_quantized(model, str(tmp_path / "q")))
