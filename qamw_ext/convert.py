@@ -180,13 +180,15 @@ def get_config(spec, **overrides):
                           f"not {type(spec).__name__}")
     if isinstance(spec, str) and fields:
         known = {f.name for f in dataclasses.fields(QuantConfig)} - {
-            "method", "options", "name", "exclude", "layer_options"}
+            "method", "options", "name", "layer_options"}
         for item in filter(None, (p.strip() for p in fields.split(","))):
             k, eq, v = item.partition("=")
-            if not eq or k.strip() not in known:
+            k = k.strip()
+            if not eq or k not in known:
                 raise ConfigError(f"bad field {item!r} after '@' in the config: use field=value "
                                   f"with field one of {sorted(known)}")
-            setattr(cfg, k.strip(), _parse_value(v.strip()))
+            # exclude takes one regular expression here (QuantConfig holds a tuple of them)
+            setattr(cfg, k, (v.strip(),) if k == "exclude" else _parse_value(v.strip()))
         cfg.name = f"{cfg.label}@{fields}"
     for k, v in overrides.items():
         if v is not None:

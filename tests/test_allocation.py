@@ -112,6 +112,7 @@ def test_config_fields_after_an_at_sign():
     assert cfg.bit_allocation is True and cfg.sequential is False and cfg.calib_tokens == 4096
     assert cfg.label == "qamw-5.5-ef@bit_allocation=true,sequential=false,calib_tokens=4096"
     assert get_config("qamw:bits=9@seed=3").seed == 3
+    assert get_config("qamw-4@exclude=self_attn").exclude == ("self_attn",)
     for bad in ("qamw-4@colour=red", "qamw-4@sequential", "qamw-4@layer_options=x"):
         with pytest.raises(ConfigError, match="after '@'"):
             get_config(bad)
