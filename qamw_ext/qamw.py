@@ -4,7 +4,10 @@ For a weight W (m x n) and calibration statistics of its input x:
   1. channel scale s_j = (mean |x_j|)^alpha, normalised to geometric mean 1 (channels that
      are exactly zero get the smallest positive scale, so nothing is divided by 0);
      W' = W diag(s), and at run time x' = x / s;
-  2. R = block Hadamard (block B) after seeded +-1 signs; V = W' R^T (each row rotated);
+  2. R = block Hadamard (block B) after seeded +-1 signs; V = W' R^T (each row rotated).
+     B is a power of two, or with block_size="whole" the whole input dimension when it is
+     K * 2^m with K a tabulated Hadamard order (576 = 36 * 16, 1536 = 12 * 128): one rotation
+     then spreads every column's energy over the entire row (see hadamard_matrices);
   3. each row (or each row block) of V is normalised to unit variance, i.e. ~N(0, 1)
      coordinates, and adjacent pairs (2k, 2k+1) are coded by the nearest of the 2^b points
      of one shared 2-D codebook (ops.nearest_codeword_2d), codes packed by ops.pack_bits;
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import codebooks as cbs
-from . import ops
+from . import hadamard_matrices, ops
 from .baselines import (EF_BLOCK, SEED_BITS, check_flag, check_hessian, check_meta,
                         inverse_hessian_factor, linear_parts, one_cpu_thread, storage_bits,
                         validate_stats)
@@ -53,16 +56,33 @@ ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROW_SCALES = ("ls", "norm", "auto")
 MAX_BLOCK = 1024
 MIN_BLOCK = 16
+MAX_WHOLE = 32768   # the kernels' largest Hadamard block
 
 
 def choose_block(n, block_size=None):
-    """(block, padded n). Default: min(1024, largest power of 2 dividing n); when that is
-    below 16 (or n is odd), pad n to a multiple of the largest block (<= 1024) that costs
-    at most n/32 padding columns, else of 16."""
+    """(block, padded n). block_size: None (automatic), "whole" (one Hadamard over all n
+    columns; n must be 2^m or K * 2^m with K a tabulated order, see hadamard_matrices), or a
+    block of that form, the columns zero-padded to a multiple of it. Automatic: min(1024,
+    largest power of 2 dividing n); when that is below 16 (or n is odd), pad n to a multiple
+    of the largest block (<= 1024) that costs at most n/32 padding columns, else of 16."""
+    if block_size == "whole":
+        try:
+            hadamard_matrices.split_block(n)
+        except ValueError:
+            raise ValueError(f"block_size='whole' needs in_features = 2^m or K * 2^m with K in "
+                             f"{hadamard_matrices.ORDERS}, got {n}") from None
+        if n > MAX_WHOLE:
+            raise ValueError(f"block_size='whole' supports in_features up to {MAX_WHOLE}, got {n}")
+        return n, n
     if block_size is not None:
-        if (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2
-                or block_size & (block_size - 1) or block_size > 32768):
-            raise ValueError(f"block_size must be a power of two from 2 to 32768 or None, "
+        try:
+            hadamard_matrices.split_block(block_size)
+            valid = block_size <= MAX_WHOLE
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"block_size must be None, 'whole', or 2^m or K * 2^m (K in "
+                             f"{hadamard_matrices.ORDERS}) from 2 to {MAX_WHOLE}, "
                              f"got {block_size!r}")
         return block_size, -(-n // block_size) * block_size
     block = min(MAX_BLOCK, n & -n)
@@ -147,7 +167,7 @@ def _weighted_ls_scale(v, chat, hrot):
 class QAMWLinear(QuantizedLinear):
     """QAM-W layer. Options (JSON-able keyword args of from_linear):
     bits (4..12, bits per pair; default 11 = 5.5 bits per weight), codebook ("qam" | "polar"),
-    block_size (None = automatic), alpha ("search" | number | list), row_scale
+    block_size (None = automatic, "whole", or a block 2^m or K * 2^m), alpha ("search" | number | list), row_scale
     ("ls" | "norm" | "auto"), per_block_scale (bool: one row scale per Hadamard block),
     seed (int, the sign seed), error_feedback (bool: round with error feedback; needs
     stats.hessian), ef_search (bool: with error feedback, round every alpha of the grid with

@@ -191,6 +191,22 @@ def test_group_and_block_choice_for_awkward_widths():
     assert q.dequantize().shape == (8, 99)
 
 
+@pytest.mark.parametrize("n,block", [(576, "whole"), (96, "whole"), (128, "whole"), (100, 24)])
+def test_qamw_whole_dimension_and_tabulated_blocks(n, block):
+    lin = linear(12, n)
+    q = CODECS["qamw"].from_linear(lin, None, bits=10, block_size=block)
+    assert q.block_size == (n if block == "whole" else block)
+    assert q.padded_in % q.block_size == 0 and q.padded_in - n < q.block_size
+    # The stored layer reloads with the same block, and its GEMV matches its dense weight.
+    again = CODECS["qamw"].from_meta(q.meta())
+    again.load_state_dict(q.state_dict())
+    x = torch.randn(3, n)
+    w = q.dequantize()
+    assert torch.allclose(again.gemv(x), x @ w.T, rtol=1e-4, atol=1e-4)
+    rel = ((w - lin.weight) ** 2).sum() / (lin.weight ** 2).sum()
+    assert rel < 0.01   # 5 bits per weight: about 30 dB
+
+
 # ---------------------------------------------------------------- bad input and edge cases
 
 @pytest.mark.parametrize("method,config", CONFIGS)
@@ -222,8 +238,11 @@ def test_bad_options():
         CODECS["qamw"].from_linear(lin, None, row_scale="max")
     with pytest.raises(ValueError, match="alpha"):
         CODECS["qamw"].from_linear(lin, None, alpha=-1)
-    with pytest.raises(ValueError, match="block_size"):
-        CODECS["qamw"].from_linear(lin, None, block_size=24)
+    for block in (52, 3, 0, "half", 65536):
+        with pytest.raises(ValueError, match="block_size"):
+            CODECS["qamw"].from_linear(lin, None, block_size=block)
+    with pytest.raises(ValueError, match="whole.*K \\* 2\\^m"):
+        CODECS["qamw"].from_linear(linear(8, 104), None, block_size="whole")
     with pytest.raises(ValueError, match="variant"):
         CODECS["aaac"].from_linear(lin, None, variant="int3")
     with pytest.raises(ValueError, match="group_size"):
