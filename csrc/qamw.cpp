@@ -81,13 +81,27 @@ static at::Tensor qamw_gemv(const at::Tensor& x, const at::Tensor& packed,
   if (x.is_cuda()) {
 #ifdef QAMW_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
+    // The kernel applies row scales to power-of-two runs of pairs. Per-block scales of blocks
+    // of K * 2^m (segments of K * 2^m / 2 pairs, K 4 times an odd number) are repeated K / 4
+    // times, once for each run of the segment's largest power-of-two divisor.
+    QamwWeight view = a.view;
+    at::Tensor repeated;
+    const int64_t n = view.n, segment = n / 2 / view.scales_per_row;
+    if (view.scales_per_row > 1 && (segment & (segment - 1)) != 0) {
+      const int64_t run = segment & -segment, copies = segment / run;
+      repeated = a.row_scale.unsqueeze(2)
+                     .expand({view.m, view.scales_per_row, copies})
+                     .reshape({view.m, view.scales_per_row * copies});
+      view.row_scale = repeated.data_ptr<float>();
+      view.scales_per_row *= copies;
+    }
     // The kernel serves up to 16 activation rows per launch.
-    const int64_t step = 16, n = a.view.n;
+    const int64_t step = 16;
     at::Tensor workspace = at::empty({std::min(batch, step), n}, x.options().dtype(at::kFloat));
     const int64_t elem = x.element_size();
     for (int64_t b = 0; b < batch; b += step) {
       const int64_t rows = std::min(step, batch - b);
-      cuda::qamw_gemv(a.view, static_cast<const char*>(input.data_ptr()) + b * n * elem, dtype,
+      cuda::qamw_gemv(view, static_cast<const char*>(input.data_ptr()) + b * n * elem, dtype,
                       rows, static_cast<char*>(out.data_ptr()) + b * m * elem,
                       workspace.data_ptr<float>(), cuda_stream(x));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,4 +1,6 @@
-// Block Walsh-Hadamard transform (Sylvester order, orthonormal) on the GPU.
+// Block Hadamard transform (orthonormal) on the GPU: blocks of 2^L (Sylvester order), and blocks
+// of K * 2^m (hadamard_tables.h) as the 2^L transform of each run of 2^m values followed by a
+// kernel that mixes the K runs.
 //
 // A block of B = 2^L values is spread over B / E threads holding E = min(B, 32) values each in
 // registers. The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
@@ -7,6 +9,7 @@
 // and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
 // padded by one word every 32 so that both the strided writes of pass 0 and the reads are
 // free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads.
+#include "../hadamard_tables.h"
 #include "common.cuh"
 
 namespace qamw::cuda {
@@ -139,36 +142,120 @@ void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const i
                                              vec);
 }
 
+// The 2^L transform of every block of `block` (a power of two from 2 to 2^15) values.
+template <typename T>
+void launch_pow2(const T* x, T* out, int64_t rows, int64_t n, int64_t block, const int8_t* signs,
+                 bool inverse, cudaStream_t s) {
+  int L = 0;
+  while ((int64_t{1} << L) < block) ++L;
+  const int64_t nblocks = rows * (n / block), blocks_per_row = n / block;
+  switch (L) {
+    case 1: launch<T, 1>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 2: launch<T, 2>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 3: launch<T, 3>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 4: launch<T, 4>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 5: launch<T, 5>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 6: launch<T, 6>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 7: launch<T, 7>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 8: launch<T, 8>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 9: launch<T, 9>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 10: launch<T, 10>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 11: launch<T, 11>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 12: launch<T, 12>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 13: launch<T, 13>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    case 14: launch<T, 14>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+    default: launch<T, 15>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+  }
+}
+
+constexpr int kMixThreads = 256;
+
+// Calls f(IntC<K>{}) when `order` is the tabulated order K; nothing otherwise.
+template <typename F>
+void dispatch_order(int64_t order, F&& f) {
+  switch (order) {
+#define QAMW_ORDER_CASE(K) \
+  case K: f(IntC<K>{}); break;
+    QAMW_FOR_EACH_HADAMARD_ORDER(QAMW_ORDER_CASE)
+#undef QAMW_ORDER_CASE
+    default: break;
+  }
+}
+
+// sum_c H[a][c] v[c] for the row H[a] given as its mask (bit c set where H[a][c] = -1).
+template <int K>
+__device__ __forceinline__ float hadamard_row_dot(uint64_t row, const float (&v)[K]) {
+  float even = 0.0f, odd = 0.0f;   // two chains: half the dependent-add latency
+#pragma unroll
+  for (int c = 0; c < K; c += 2) {
+    even += (row >> c & 1) ? -v[c] : v[c];
+    odd += (row >> (c + 1) & 1) ? -v[c + 1] : v[c + 1];
+  }
+  return even + odd;
+}
+
+// Mixes the K runs of P values of every block of K * P: value (a, b) of a block (index a * P + b)
+// becomes scale * sum_c H[a][c] * value (c, b), H the K mask rows of kHadamardMasks from `table`
+// (H_K or H_K^T). A thread owns one column b of one block and reads all K of its values before
+// writing any, so `in` may be `out`. Signs multiply the values read (signs_in) or written
+// (signs_out).
+template <typename T, int K>
+__global__ void __launch_bounds__(kMixThreads)
+    mix_kernel(const T* in, T* out, int64_t columns, int P, int64_t blocks_per_row, int table,
+               const int8_t* signs_in, const int8_t* signs_out, float scale) {
+  for (int64_t col = int64_t{blockIdx.x} * kMixThreads + threadIdx.x; col < columns;
+       col += int64_t{gridDim.x} * kMixThreads) {
+    const int64_t blk = col / P, b = col - blk * P;
+    const int64_t base = blk * K * P + b;                          // value (a, b) at base + a * P
+    const int64_t sbase = (blk % blocks_per_row) * K * P + b;      // its sign at sbase + a * P
+    float v[K];
+#pragma unroll
+    for (int a = 0; a < K; ++a) {
+      v[a] = to_float(in[base + a * P]);
+      if (signs_in) v[a] *= static_cast<float>(signs_in[sbase + a * P]);
+    }
+    // Not unrolled: K^2 additions of code for K = 60 would be large; v stays in registers.
+#pragma unroll 1
+    for (int a = 0; a < K; ++a) {
+      float y = hadamard_row_dot<K>(kHadamardMasks[table + a], v) * scale;
+      if (signs_out) y *= static_cast<float>(signs_out[sbase + a * P]);
+      out[base + a * P] = from_float<T>(y);
+    }
+  }
+}
+
 }  // namespace
 
 void hadamard(const void* x, void* out, DType dtype, int64_t rows, int64_t n, int64_t block,
               const int8_t* signs, bool inverse, void* stream) {
   if (rows == 0 || n == 0) return;
-  int L = 0;
-  while ((int64_t{1} << L) < block) ++L;
-  const int64_t nblocks = rows * (n / block), blocks_per_row = n / block;
+  const HadamardSplit split = split_hadamard_block(block);
+  const int64_t P = split.pow2;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* xi = static_cast<const T*>(x);
     T* o = static_cast<T*>(out);
     const cudaStream_t s = as_stream(stream);
-    switch (L) {
-      case 1: launch<T, 1>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 2: launch<T, 2>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 3: launch<T, 3>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 4: launch<T, 4>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 5: launch<T, 5>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 6: launch<T, 6>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 7: launch<T, 7>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 8: launch<T, 8>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 9: launch<T, 9>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 10: launch<T, 10>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 11: launch<T, 11>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 12: launch<T, 12>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 13: launch<T, 13>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      case 14: launch<T, 14>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
-      default: launch<T, 15>(xi, o, nblocks, blocks_per_row, signs, inverse, s); break;
+    if (split.order == 1) {
+      launch_pow2<T>(xi, o, rows, n, block, signs, inverse, s);
+      return;
     }
+    // K * P: the transform of the runs of P first (with the signs when forward: they come
+    // before anything else), then the runs mixed in place by H_K, or by H_K^T with the signs
+    // applied last when inverse. When P = 1 the mixing reads x itself.
+    if (P > 1) launch_pow2<T>(xi, o, rows, n, P, inverse ? nullptr : signs, false, s);
+    const T* in = P > 1 ? o : xi;
+    const int8_t* signs_in = P > 1 || inverse ? nullptr : signs;
+    const int8_t* signs_out = inverse ? signs : nullptr;
+    const int64_t columns = rows * (n / split.order);
+    const int64_t ctas = ceil_div(columns, kMixThreads);
+    const unsigned grid = static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+    const int table = hadamard_mask_offset(split.order, inverse);
+    const float scale = static_cast<float>(1.0 / __builtin_sqrt(double(split.order)));
+    dispatch_order(split.order, [&](auto k) {
+      mix_kernel<T, decltype(k)::value><<<grid, kMixThreads, 0, s>>>(
+          in, o, columns, static_cast<int>(P), n / block, table, signs_in, signs_out, scale);
+    });
   });
 }
 

@@ -4,6 +4,8 @@
 // activation H_block(signs * x / channel_scale). Each CTA first rotates the whole activation
 // into shared memory (fused; when it is small enough) or the launcher rotates it into the
 // caller's workspace with a small kernel; the codebook is staged in shared memory (bits <= 12).
+// A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
+// of 2^m values, then its K runs mixed by H_K (mix_shared).
 // Then a thread owns 128 consecutive codes of a row at a time (a "chunk": exactly `bits` aligned
 // 16-byte vectors, decoded with compile-time shifts), a power-of-two group of lanes shares a
 // row, and the group reduces with shuffles. CTAs are persistent (one wave) and stride over rows,
@@ -11,6 +13,7 @@
 //
 // The rotated activation is stored with two padding floats after every 128 pairs: lanes of a
 // group read pairs 128 apart, which would otherwise all hit the same shared-memory bank.
+#include "../hadamard_tables.h"
 #include "common.cuh"
 
 namespace qamw::cuda {
@@ -68,6 +71,43 @@ __device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride
   }
 }
 
+// Mixes, in place in shared memory, the K runs of P values of every block of K * P in `rows`
+// rows of n values (row r at s + r * row_stride, value j at padded_index(j) when `padded`):
+// value (a, b) of a block becomes sum_c H[a][c] value (c, b), unnormalised, H the K mask rows of
+// kHadamardMasks from `table`. Thread t computes output a = t % K of one column per round; a
+// round covers whole columns and reads all their values before a barrier, then writes. K is a
+// runtime loop bound: the GEMV's registers stay those of its main loop.
+__device__ void mix_shared(float* s, int rows, int n, int K, int P, int table, int row_stride,
+                           bool padded) {
+  const int per_round = blockDim.x / K;   // the CTA has at least K threads
+  const int a = threadIdx.x % K, slot = threadIdx.x / K;
+  const bool active = slot < per_round;
+  const uint64_t mask = active ? kHadamardMasks[table + a] : 0;
+  const int cols_per_row = n / K, columns = rows * cols_per_row;
+  for (int c0 = 0; c0 < columns; c0 += per_round) {
+    const int col = c0 + slot;
+    const bool valid = active && col < columns;
+    float y = 0.0f;
+    float* dst = nullptr;
+    if (valid) {
+      const int r = col / cols_per_row, rc = col - r * cols_per_row;
+      const int blk = rc / P, j0 = blk * K * P + (rc - blk * P);
+      float* row = s + r * row_stride;
+#pragma unroll 4
+      for (int c = 0; c < K; ++c) {   // K is a multiple of 4
+        const int j = j0 + c * P;
+        const float v = row[padded ? padded_index(j) : j];
+        y += (mask >> c & 1) ? -v : v;
+      }
+      const int j = j0 + a * P;
+      dst = row + (padded ? padded_index(j) : j);
+    }
+    __syncthreads();  // every value of the round's columns is read
+    if (valid) *dst = y;
+    __syncthreads();
+  }
+}
+
 struct GemvParams {
   const int32_t* packed;
   int64_t words_per_row;
@@ -81,7 +121,7 @@ struct GemvParams {
   DType dtype;
   const float* channel_scale;
   const int8_t* signs;
-  int block;
+  int order, pow2, table;  // block = order * pow2; table: H_order's rows in kHadamardMasks
   float norm;
   int batch;
   const float* workspace;  // rotated activation, or nullptr: rotate into shared memory
@@ -124,7 +164,8 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
       }
     }
     __syncthreads();
-    fwht_shared(xr_s, p.batch, p.n, p.block, 2 * xr_row, true);
+    fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, true);
+    if (p.order > 1) mix_shared(xr_s, p.batch, p.n, p.order, p.pow2, p.table, 2 * xr_row, true);
     xr2 = reinterpret_cast<const float2*>(xr_s);
     xr_chunk = kChunk + 1;
   } else {
@@ -219,9 +260,10 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
   }
 }
 
-// Rotates `tile` values of one activation row into the workspace: grid (n / tile, batch).
+// Rotates `tile` values (whole blocks of order * pow2) of one activation row into the
+// workspace: grid (n / tile, batch).
 __global__ void __launch_bounds__(kThreads)
-    rotate_kernel(const void* x, DType dtype, int n, int block, int tile,
+    rotate_kernel(const void* x, DType dtype, int n, int order, int pow2, int table, int tile,
                   const float* channel_scale, const int8_t* signs, float norm, float* xr) {
   extern __shared__ float tile_s[];
   const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
@@ -233,13 +275,16 @@ __global__ void __launch_bounds__(kThreads)
     tile_s[i] = v * norm;
   }
   __syncthreads();
-  fwht_shared(tile_s, 1, tile, block, tile, false);
+  fwht_shared(tile_s, 1, tile, pow2, tile, false);
+  if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
   for (int i = threadIdx.x; i < tile; i += kThreads) xr[first + i] = tile_s[i];
 }
 
-// Dequantizes one tile (a whole number of Hadamard blocks) of one row per iteration.
+// Dequantizes one tile (a whole number of Hadamard blocks) of one row per iteration. The row is
+// the rotated row times H, i.e. H^T applied to it: `table` holds the rows of H_order^T.
 __global__ void __launch_bounds__(kThreads)
-    dequantize_kernel(QamwWeight w, int tile, float norm, void* out, DType dtype) {
+    dequantize_kernel(QamwWeight w, int order, int pow2, int table, int tile, float norm,
+                      void* out, DType dtype) {
   extern __shared__ float tile_s[];
   const int64_t tiles_per_row = w.n / tile, tiles = w.m * tiles_per_row;
   const int64_t pairs_per_scale = w.n / 2 / w.scales_per_row;
@@ -259,7 +304,8 @@ __global__ void __launch_bounds__(kThreads)
       tile_s[2 * i + 1] = w.codebook[2 * code + 1] * scale;
     }
     __syncthreads();
-    fwht_shared(tile_s, 1, tile, static_cast<int>(w.block), tile, false);
+    fwht_shared(tile_s, 1, tile, pow2, tile, false);
+    if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
     for (int i = threadIdx.x; i < tile; i += kThreads) {
       const int64_t j = j0 + i;
       float v = tile_s[i];
@@ -283,11 +329,11 @@ bool allow_smem(K kernel, size_t bytes) {
   return true;
 }
 
-// A power-of-two tile of at least `block` values dividing n, near kRotateTile.
+// A tile of block * 2^t values dividing n: the largest up to kRotateTile, or one block.
 int rotate_tile(int64_t n, int64_t block) {
-  int64_t p2 = n & -n;  // largest power of two dividing n
-  int64_t t = p2 < kRotateTile ? p2 : kRotateTile;
-  return static_cast<int>(t > block ? t : block);
+  int64_t t = block;
+  while (2 * t <= kRotateTile && n % (2 * t) == 0) t *= 2;
+  return static_cast<int>(t);
 }
 
 }  // namespace
@@ -338,7 +384,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.dtype = dtype;
   p.channel_scale = w.channel_scale;
   p.signs = w.signs;
-  p.block = static_cast<int>(w.block);
+  const HadamardSplit split = split_hadamard_block(w.block);
+  p.order = static_cast<int>(split.order);
+  p.pow2 = static_cast<int>(split.pow2);
+  p.table = hadamard_mask_offset(split.order, false);
   p.norm = inv_sqrt(w.block);
   p.batch = static_cast<int>(batch);
   p.out = out;
@@ -355,7 +404,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
         const size_t tile_bytes = sizeof(float) * tile;
         allow_smem(rotate_kernel, tile_bytes);
         rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
-                        kThreads, tile_bytes, s>>>(x, dtype, p.n, p.block, tile,
+                        kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
                                                    w.channel_scale, w.signs, p.norm, workspace);
         p.workspace = workspace;
         smem = cb_bytes;
@@ -381,8 +430,10 @@ void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream) 
   allow_smem(dequantize_kernel, smem);
   const int64_t tiles = w.m * (w.n / tile);
   const unsigned grid = static_cast<unsigned>(tiles < (1 << 20) ? tiles : (1 << 20));
-  dequantize_kernel<<<grid, kThreads, smem, as_stream(stream)>>>(w, tile, inv_sqrt(w.block), out,
-                                                                  dtype);
+  const HadamardSplit split = split_hadamard_block(w.block);
+  dequantize_kernel<<<grid, kThreads, smem, as_stream(stream)>>>(
+      w, static_cast<int>(split.order), static_cast<int>(split.pow2),
+      hadamard_mask_offset(split.order, true), tile, inv_sqrt(w.block), out, dtype);
 }
 
 }  // namespace qamw::cuda
