@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "hadamard_tables.h"
 #include "kernels.h"
 
 #ifdef QAMW_WITH_CUDA
@@ -45,9 +46,11 @@ inline void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::Scal
 
 inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+// A Hadamard block: a power of two, or K * 2^m with a tabulated order K (hadamard_tables.h).
 inline void check_block_size(int64_t block, int64_t n) {
-  TORCH_CHECK(is_power_of_two(block) && block >= 2 && block <= 32768,
-              "block_size must be a power of two from 2 to 32768, got ", block);
+  TORCH_CHECK(block <= 32768 && split_hadamard_block(block).order > 0,
+              "block_size must be a power of two from 2 to 32768, or K * 2^m up to 32768 with K "
+              "one of ", kHadamardOrderList, " (e.g. 576 = 36 * 16), got ", block);
   TORCH_CHECK(n % block == 0, "block_size ", block, " does not divide the last dimension ", n);
 }
 

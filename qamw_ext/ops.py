@@ -9,9 +9,12 @@ _ops = torch.ops.qamw_ext
 
 
 def hadamard(x, block_size, signs=None, inverse=False):
-    """Orthonormal block Walsh-Hadamard transform of x's last dimension (blocks of
-    `block_size`, a power of two from 2 to 32768 dividing it). Forward: H (signs * x);
-    inverse: signs * (H x). signs: optional int8 vector of +-1. fp32, fp16 or bf16."""
+    """Orthonormal block Hadamard transform of x's last dimension in blocks of `block_size`
+    dividing it: a power of two from 2 to 32768 (Walsh-Hadamard, Sylvester order), or
+    K * 2^m up to 32768 with K in hadamard_matrices.ORDERS (12, 20, 28, 36, 44, 60), whose
+    matrix is H_K (x) H_{2^m} / sqrt(block_size) (576 = 36 * 16, 1536 = 12 * 128).
+    Forward: H (signs * x); inverse: signs * (H^T x) (H_K is not symmetric for every K).
+    signs: optional int8 vector of +-1. fp32, fp16 or bf16."""
     return _ops.hadamard(x, block_size, signs, inverse)
 
 
@@ -37,13 +40,16 @@ def unpack_bits(packed, bits, count):
 
 
 def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
-    """y = x W^T for a QAM-W weight (see qamw_dequantize), x of shape (batch, n)."""
+    """y = x W^T for a QAM-W weight (see qamw_dequantize), x of shape (batch, n): the
+    activation is rotated once (H of `hadamard`), never the weight."""
     return _ops.qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size)
 
 
 def qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, block_size,
                     in_features, dtype=torch.float32):
-    """Dense weight W = diag(row_scale) C H diag(signs) diag(1 / channel_scale)."""
+    """Dense weight W = diag(row_scale) C H diag(signs) diag(1 / channel_scale), H the block
+    Hadamard matrix of `hadamard` with blocks of block_size (2^m or K * 2^m dividing
+    in_features); row_scale is (m,) or (m, in_features / block_size)."""
     return _ops.qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits,
                                 block_size, in_features, dtype)
 

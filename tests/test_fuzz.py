@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qamw_ext import ops, reference
+from qamw_ext import hadamard_matrices, ops, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +80,22 @@ def random_signs(g, n):
     return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.int8)
 
 
+def hadamard_block(draw, limit):
+    """A valid Hadamard block up to `limit`: 2^e (e >= 1), or, about half the time, K * 2^e
+    with K a tabulated order (e >= 0)."""
+    order = draw(st.one_of(st.just(1), st.sampled_from(hadamard_matrices.ORDERS)), label="K")
+    top = (limit // order).bit_length() - 1
+    return order * 2 ** draw(st.integers(1 if order == 1 else 0, top), label="log2 of block / K")
+
+
+def is_block(v):
+    try:
+        hadamard_matrices.split_block(v)
+    except ValueError:
+        return False
+    return v <= 32768
+
+
 # ------------------------------------------------------------------ comparing
 
 def assert_matches_reference(out, ref64, dtype, rel_atol):
@@ -106,7 +122,7 @@ def assert_matches_reference(out, ref64, dtype, rel_atol):
 def test_hadamard(fuzz_counts, data):
     draw = data.draw
     g = generator(draw)
-    block = 2 ** draw(st.integers(1, 15), label="log2 block")
+    block = hadamard_block(draw, 32768)
     n = block * draw(st.integers(1, max(1, 4096 // block)), label="blocks")
     lead = draw(st.lists(st.integers(0, max(0, min(5, 8192 // n))), max_size=2), label="lead")
     dtype = draw(st.sampled_from(FLOATS))
@@ -231,7 +247,7 @@ def test_qamw(fuzz_counts, data):
     draw = data.draw
     g = generator(draw)
     bits = draw(st.integers(4, 12), label="bits")
-    block = 2 ** draw(st.integers(1, 11), label="log2 block")
+    block = hadamard_block(draw, 2048)
     n = block * draw(st.integers(1, max(1, 2048 // block)), label="blocks")
     m = draw(st.integers(0, 24), label="m")
     batch = draw(st.integers(0, 17), label="batch")
@@ -306,6 +322,9 @@ def test_aaac(fuzz_counts, data):
 # accepted too. A crash here would take the whole pytest process down.
 
 NOT_POW2 = st.integers(-2**40, 2**40).filter(lambda v: v <= 0 or v & (v - 1))
+# Neither 2^e nor K * 2^e up to 32768 (qamw_ext.hadamard_matrices): 0, 3, 52, 12 * 2^16 ...
+NOT_A_BLOCK = st.one_of(NOT_POW2, st.sampled_from([52, 104, 2**16 * 12])).filter(
+    lambda v: not is_block(v))
 BAD_FLOATS = st.sampled_from([torch.float64, torch.int32, torch.int64, torch.int8, torch.uint8,
                               torch.bool, torch.complex64])
 BAD_BITS = st.one_of(st.integers(-2**62, 0), st.integers(17, 2**62))
@@ -317,7 +336,7 @@ def zeros(shape, dtype=torch.float32):
 
 def invalid_hadamard(draw):
     x, signs = torch.randn(3, 64), torch.ones(64, dtype=torch.int8)
-    kind = draw(st.sampled_from(["x dtype", "x 0-d", "block not power of two",
+    kind = draw(st.sampled_from(["x dtype", "x 0-d", "block not a valid size",
                                  "block out of range", "block does not divide", "signs shape",
                                  "signs dtype"]))
     if kind == "x dtype":
@@ -325,15 +344,16 @@ def invalid_hadamard(draw):
             "x must be float32, float16 or bfloat16"
     if kind == "x 0-d":
         return kind, lambda: ops.hadamard(torch.tensor(1.0), 2), "at least one dimension"
-    if kind == "block not power of two":
-        block = draw(NOT_POW2)
-        return kind, lambda: ops.hadamard(x, block), "power of two from 2 to 32768"
+    if kind == "block not a valid size":
+        block = draw(NOT_A_BLOCK)
+        return kind, lambda: ops.hadamard(x, block), \
+            r"power of two from 2 to 32768, or K \* 2\^m up to 32768 with K one of 12, 20"
     if kind == "block out of range":
         block = draw(st.sampled_from([1, 65536, 2**20, 2**62]))
         return kind, lambda: ops.hadamard(torch.randn(1, 2 ** 16), block), \
             "power of two from 2 to 32768"
     if kind == "block does not divide":
-        block = 2 ** draw(st.integers(2, 10))
+        block = hadamard_block(draw, 1024)
         n = block // 2 * draw(st.sampled_from([1, 3, 5]))
         return kind, lambda: ops.hadamard(torch.randn(2, n), block), "does not divide"
     if kind == "signs shape":
@@ -428,7 +448,7 @@ def qamw_parts(bits=8, m=6, n=64, block=32):
 
 
 def invalid_qamw(draw):
-    kind = draw(st.sampled_from(["bits", "in_features", "block not power of two",
+    kind = draw(st.sampled_from(["bits", "in_features", "block not a valid size",
                                  "block does not divide", "packed dtype", "packed dims",
                                  "packed words", "codebook size", "codebook dtype",
                                  "row_scale shape", "row_scale dtype", "channel_scale",
@@ -446,9 +466,9 @@ def invalid_qamw(draw):
             n = min(max(n, 1), 4097) | 1    # an odd width for x
             x = torch.randn(2, n)
         message = r"(x.shape\[1\]|in_features) must be even, from 2 to 2\^40"
-    elif kind == "block not power of two":
-        w["block_size"] = draw(NOT_POW2)
-        message = "power of two from 2 to 32768"
+    elif kind == "block not a valid size":
+        w["block_size"] = draw(NOT_A_BLOCK)
+        message = "power of two from 2 to 32768, or K"
     elif kind == "block does not divide":
         w["block_size"] = 128
         message = "does not divide"

@@ -49,6 +49,49 @@ def test_hadamard_matches_reference(device, dtype, block):
             assert_matches_reference(out, ref, dtype, atol=1e-5)
 
 
+# Blocks of K * 2^m (qamw_ext.hadamard_matrices): 12 * 1, 12 * 2, 44 * 1, 20 * 4, 28 * 2, 60 * 8,
+# 36 * 16 = 576, 12 * 128 = 1536 and the largest, 60 * 512.
+K_BLOCKS = [12, 24, 44, 80, 56, 480, 576, 1536, 30720]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("block", K_BLOCKS)
+def test_hadamard_k_blocks_match_reference(device, dtype, block):
+    rows, n = (7, 3 * block) if block <= 1536 else (1, block)   # an odd number of rows
+    x = torch.randn(rows, n, device=device).to(dtype)
+    signs = random_signs(n, device)
+    for s in (None, signs):
+        for inverse in (False, True):
+            out = ops.hadamard(x, block, s, inverse)
+            ref = reference.hadamard(x.double(), block, s, inverse)
+            assert_matches_reference(out, ref, dtype, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block", [12, 80, 576, 1536])
+def test_hadamard_k_blocks_inverse_is_identity(device, block):
+    x = torch.randn(5, 2 * block, device=device)
+    signs = random_signs(2 * block, device)
+    y = ops.hadamard(x, block, signs)
+    torch.testing.assert_close(ops.hadamard(y, block, signs, inverse=True), x, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)  # orthonormal
+
+
+def test_hadamard_tables_header_is_up_to_date():
+    """csrc/hadamard_tables.h is what tools/make_hadamard_tables.py writes from
+    qamw_ext.hadamard_matrices."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_hadamard_tables",
+                                                  root / "tools" / "make_hadamard_tables.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert (root / "csrc" / "hadamard_tables.h").read_text() == tool.render()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_hadamard_inverse_and_noncontiguous(device):
     x = torch.randn(64, 48, device=device).T  # non-contiguous (48, 64)
@@ -121,7 +164,12 @@ def qamw_weight(m, n, bits, block, per_block, device, channel=True):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [4, 7, 8, 11, 12])
 @pytest.mark.parametrize("m,n,block,per_block", [(1, 2, 2, False), (37, 96, 32, True),
-                                                 (130, 576, 64, False), (64, 1024, 1024, True)])
+                                                 (130, 576, 64, False), (64, 1024, 1024, True),
+                                                 # blocks of K * 2^m
+                                                 (37, 576, 576, False), (29, 1152, 576, True),
+                                                 (19, 3072, 1536, True), (70, 1536, 1536, False),
+                                                 (9, 72, 12, True), (11, 160, 80, True),
+                                                 (5, 960, 480, False)])
 def test_qamw_dequantize_and_gemv(device, bits, m, n, block, per_block):
     w = qamw_weight(m, n, bits, block, per_block, device)
     ref_w = reference.qamw_dequantize(*w, bits, block, n, torch.float64)
@@ -203,7 +251,14 @@ def test_bad_input_gives_clear_errors():
     w = qamw_weight(8, 64, 8, 64, False, "cpu")
     cases = [
         (lambda: ops.hadamard(x.int(), 16), "float32, float16 or bfloat16"),
-        (lambda: ops.hadamard(x, 12), "power of two"),
+        (lambda: ops.hadamard(x, 12), "block_size 12 does not divide the last dimension 64"),
+        (lambda: ops.hadamard(torch.randn(2, 36), 24), "does not divide"),
+        (lambda: ops.hadamard(torch.randn(2, 104), 52), r"power of two from 2 to 32768, or K \* 2\^m"),
+        (lambda: ops.hadamard(x, 0), "power of two from 2 to 32768, or K"),
+        (lambda: ops.hadamard(torch.randn(2, 36), 3), "K one of 12, 20, 28, 36, 44, 60"),
+        (lambda: ops.hadamard(torch.randn(1, 61440), 61440), "up to 32768"),
+        (lambda: ops.qamw_gemv(torch.randn(2, 104), *qamw_weight(8, 104, 8, 104, False, "cpu"), 8, 52),
+         "power of two from 2 to 32768, or K"),
         (lambda: ops.hadamard(x, 128), "does not divide"),
         (lambda: ops.hadamard(x, 16, torch.ones(64)), "signs must be Char"),
         (lambda: ops.hadamard(x, 16, torch.ones(32, dtype=torch.int8)), "signs must have shape"),
