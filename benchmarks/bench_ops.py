@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])  # run from a checkout
-from qamw_ext import codebooks, ops  # noqa: E402
+from qamw_ext import codebooks, hadamard_matrices, ops  # noqa: E402
 from qamw_ext.evaluate import machine_info  # noqa: E402
 
 
@@ -38,21 +38,27 @@ def timeit(fn, device, min_time=0.3):
 
 
 def hadamard_matrix(block, device):
-    h = torch.ones(1, 1, device=device)
-    while h.shape[0] < block:
+    """M with ops.hadamard(x, block) = x @ M on one block: the transpose of
+    H_K (x) Sylvester(2^m) / sqrt(block)."""
+    order, pow2 = hadamard_matrices.split_block(block)
+    h = torch.ones(1, 1)
+    while h.shape[0] < pow2:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / block ** 0.5
+    if order > 1:
+        h = torch.kron(hadamard_matrices.matrix(order).float().T.contiguous(), h)
+    return (h / block ** 0.5).to(device)
 
 
 def bench_hadamard(device, rows):
     out = []
-    for block in [128, 1024, 4096]:
-        x = torch.randn(rows, 4096, device=device)
+    # The last two are blocks of K * 2^m: 576 = 36 * 16 and 1536 = 12 * 128.
+    for block, n in [(128, 4096), (1024, 4096), (4096, 4096), (576, 4608), (1536, 4608)]:
+        x = torch.randn(rows, n, device=device)
         h = hadamard_matrix(block, device)
         t_op = timeit(lambda: ops.hadamard(x, block), device)
-        t_mm = timeit(lambda: (x.view(-1, block) @ h).view(rows, 4096), device)
+        t_mm = timeit(lambda: (x.view(-1, block) @ h).view(rows, n), device)
         t_clone = timeit(lambda: x.clone(), device)
-        out.append(dict(op="hadamard", shape=[rows, 4096], block=block, ms=t_op * 1e3,
+        out.append(dict(op="hadamard", shape=[rows, n], block=block, ms=t_op * 1e3,
                         dense_matmul_ms=t_mm * 1e3, clone_ms=t_clone * 1e3,
                         speedup_vs_matmul=t_mm / t_op, time_vs_clone=t_op / t_clone))
     return out
