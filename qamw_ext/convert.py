@@ -37,7 +37,7 @@ def load_codecs():
 
 QAMW_BITS = {"3.5": 7, "4": 8, "4.5": 9, "5": 10, "5.5": 11, "6": 12}
 
-# name -> (method, options, calibrate, description)
+# name -> (method, options, calibrate, description[, QuantConfig fields])
 NAMED_CONFIGS = {}
 for _bpw, _b in QAMW_BITS.items():
     NAMED_CONFIGS[f"qamw-{_bpw}"] = ("qamw", {"bits": _b}, True,
@@ -48,6 +48,10 @@ for _bpw, _b in QAMW_BITS.items():
     NAMED_CONFIGS[f"qamw-{_bpw}-ef"] = ("qamw", {"bits": _b, "error_feedback": True}, True,
                                         f"QAM-W, {_b} bits per 2-D pair (~{_bpw} bpw), "
                                         "activation-aware scaling, error feedback (H = X^T X)")
+    NAMED_CONFIGS[f"qamw-{_bpw}-best"] = ("qamw", {"bits": _b, "error_feedback": True}, True,
+                                          f"QAM-W ~{_bpw} bpw on average with every quality "
+                                          "lever: error feedback and bits allocated per layer",
+                                          {"bit_allocation": True})
     NAMED_CONFIGS[f"qamw-{_bpw}-noscale"] = ("qamw", {"bits": _b, "alpha": 0.0}, True,
                                              f"QAM-W {_b} bits/pair without activation-aware "
                                              "scaling (alpha = 0)")
@@ -159,9 +163,9 @@ def get_config(spec, **overrides):
         spec, _, fields = spec.partition("@")
         name = ALIASES.get(spec.strip(), spec.strip())
         if name in NAMED_CONFIGS:
-            method, options, calibrate, _ = NAMED_CONFIGS[name]
+            method, options, calibrate, _, *fields_of_name = NAMED_CONFIGS[name]
             cfg = QuantConfig(method=method, options=dict(options), name=name,
-                              calibrate=calibrate)
+                              calibrate=calibrate, **(fields_of_name[0] if fields_of_name else {}))
         elif ":" in name or name in CODECS:
             method, _, rest = name.partition(":")
             options = {}
