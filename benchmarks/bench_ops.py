@@ -1,19 +1,53 @@
-"""Speed of the ops against PyTorch baselines measured in the same run, on the CPU (and on
-CUDA when present). Prints a table of times and ratios; --out writes it as JSON.
+"""Speed of the ops against PyTorch baselines measured in the same run. Prints every figure;
+--out writes them as JSON (and, for the GPU suite, a markdown table beside it).
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--out benchmarks/results/ops_cpu.json]
+    python benchmarks/bench_ops.py [--out benchmarks/results/ops_cpu.json]   # CPU, 4096 x 4096
+    python benchmarks/bench_ops.py --device cuda --out DIR/ops_cuda.json     # the GPU suite
+    python benchmarks/bench_ops.py --smoke [--device cpu|cuda] --out F.json  # GPU suite, tiny
+
+The GPU suite (benchmarks/NOTES.md has its byte counts and predictions): the device-to-device
+copy bandwidth; the QAM-W (3.5, 4, 5.5 bpw) and AAAC (int4 g128, nvfp4 g16) GEMV at batches
+1-16 on four Llama-sized shapes, fp16 and bf16, against F.linear with fp16/bf16 weights; the
+block Hadamard transform against torch.clone on 64 MiB; the nearest-codeword search. Every
+GEMV counts the bytes of its codes, scales, codebook, signs, activation and output, and calls
+rotate among enough weight copies (> 4x L2) that the L2 cache cannot hold them. On CUDA each
+figure is one CUDA graph of `calls` calls replayed `repeats` times between events (the cost a
+decode step captured in a graph pays, without Python's dispatch), median over replays; if a
+capture fails the calls run eagerly and the row says so. --smoke runs the same code with tiny
+shapes (on the CPU: wall clock), to check the logic without a GPU.
 """
 import argparse
 import json
+import math
+import os
 import platform
+import statistics
 import sys
 import time
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])  # run from a checkout
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout
 from qamw_ext import codebooks, hadamard_matrices, ops  # noqa: E402
 from qamw_ext.evaluate import machine_info  # noqa: E402
+from random_layers import CODECS, WEIGHT_STD, buffer_bytes, random_layer  # noqa: E402
+
+MiB = 1 << 20
+GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
+FULL = dict(gemv_shapes=[(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
+            batches=[1, 2, 4, 8, 16], dtypes=[torch.bfloat16, torch.float16],
+            hadamard_blocks=[2 ** k for k in range(7, 16)] + [576, 1536],
+            hadamard_bytes=64 * MiB, copy_bytes=512 * MiB, rotation_bytes=256 * MiB,
+            max_copies=64, calls=64, repeats=15, nearest_points=1 << 22)
+SMOKE = dict(gemv_shapes=[(256, 512), (512, 256)], batches=[1, 4],
+             dtypes=[torch.bfloat16, torch.float16], hadamard_blocks=[128, 1024, 576],
+             hadamard_bytes=MiB // 4, copy_bytes=4 * MiB, rotation_bytes=MiB, max_copies=8,
+             calls=4, repeats=3, nearest_points=1 << 12)
+# A row of the Hadamard benchmark holds whole blocks and at least this many values.
+HADAMARD_MIN_ROW = 4096
 
 
 def timeit(fn, device, min_time=0.3):
@@ -103,25 +137,367 @@ def bench_gemv(device, m, n, dtype):
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    device = args.device
-    gemv_dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    results = (bench_hadamard(device, 64 if device == "cpu" else 16384)
-               + bench_nearest(device, 1 << 22)
-               + bench_gemv(device, 4096, 4096, gemv_dtype))
+def print_row(r):
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
+          flush=True)
+
+
+def cpu_main(args):
+    """The CPU benchmark of benchmarks/results/ops_cpu.json (fp32, 4096 x 4096)."""
+    results = (bench_hadamard("cpu", 64) + bench_nearest("cpu", 1 << 22)
+               + bench_gemv("cpu", 4096, 4096, torch.float32))
     for r in results:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+        print_row(r)
     if args.out:
-        record = dict(command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
-                      date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                      device=torch.cuda.get_device_name() if device == "cuda" else machine_info().get("cpu", platform.machine()),
+        record = dict(command=command_line(__file__, args.argv), date=time.strftime("%Y-%m-%d"),
+                      torch=torch.__version__, device=machine_info().get("cpu", platform.machine()),
                       threads=torch.get_num_threads(), results=results)
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
+
+
+# ------------------------------------------------------------------ the GPU suite
+
+def command_line(script, argv):
+    """The command that ran `script` with argv, the script's path relative to the checkout."""
+    path = os.path.relpath(os.path.abspath(script), REPO)
+    return " ".join([os.path.basename(sys.executable), path] + argv)
+
+
+def time_calls(fns, device, calls, repeats):
+    """(median seconds per call, how it was timed) of `calls` calls cycling through fns."""
+    calls = len(fns) * max(1, -(-calls // len(fns)))   # every copy equally often
+
+    def run_all():
+        for i in range(calls):
+            fns[i % len(fns)]()
+
+    if device != "cuda":
+        run_all()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run_all()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) / calls, "wall clock"
+    # Warm-up on a side stream before capture (lazy kernel loading, cuBLAS workspaces).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_all()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    timing, replay = "cuda graph", run_all
+    try:
+        graph = torch.cuda.CUDAGraph()
+        # relaxed: the launchers' attribute and occupancy queries are not stream work.
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+            run_all()
+        replay = graph.replay
+    except Exception as e:  # the eager loop still gives a figure; the row records why
+        timing = f"eager ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        torch.cuda.synchronize()
+    replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3 / calls, timing
+
+
+def copies_for(nbytes, s):
+    """Copies of an operand of nbytes that together exceed the rotation size."""
+    return max(2, min(s["max_copies"], math.ceil(s["rotation_bytes"] / nbytes)))
+
+
+def nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def bench_copy(device, s):
+    src = torch.empty(s["copy_bytes"], dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    sec, timing = time_calls([partial(dst.copy_, src)], device, max(2, s["calls"] // 8),
+                             s["repeats"])
+    moved = 2 * nbytes(src)   # read + write
+    return dict(op="copy", size_bytes=nbytes(src), bytes=moved, ms=sec * 1e3,
+                gbps=moved / sec / 1e9, timing=timing)
+
+
+class GemvWeights:
+    """Per shape: weight copies for the rotation, built on first use and kept."""
+
+    def __init__(self, device, s, generator):
+        self.device, self.s, self.generator, self.cache = device, s, generator, {}
+
+    def get(self, shape):
+        if shape not in self.cache:
+            m, n = shape
+            w = {}
+            for codec in GEMV_CODECS:
+                first = random_layer(codec, n, m, self.device, self.generator)
+                w[codec] = [first] + [random_layer(codec, n, m, self.device, self.generator)
+                                      for _ in range(copies_for(buffer_bytes(first), self.s) - 1)]
+            for dtype in self.s["dtypes"]:
+                copies = copies_for(m * n * torch.finfo(dtype).bits // 8, self.s)
+                w[dtype] = [torch.empty(m, n, dtype=dtype, device=self.device)
+                            .normal_(0.0, WEIGHT_STD, generator=self.generator)
+                            for _ in range(copies)]
+            self.cache[shape] = w
+        return self.cache[shape]
+
+
+def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
+    """One row per codec at this shape, dtype and batch, each against F.linear's time."""
+    m, n = shape
+    w = weights.get(shape)
+    x = torch.randn(batch, n, device=device, dtype=dtype)
+    io_bytes = nbytes(x) + batch * m * x.element_size()
+    dense = w[dtype]
+    t_dense, dense_timing = time_calls([partial(F.linear, x, d) for d in dense], device,
+                                       s["calls"], s["repeats"])
+    dense_bytes = nbytes(dense[0]) + io_bytes
+    rows = []
+    for codec in GEMV_CODECS:
+        layers = w[codec]
+        t, timing = time_calls([partial(layer.gemv, x) for layer in layers], device,
+                               s["calls"], s["repeats"])
+        moved = buffer_bytes(layers[0]) + io_bytes
+        rows.append(dict(op="gemv", codec=codec, bits_per_weight=layers[0].bits_per_weight(),
+                         shape=[m, n], batch=batch, dtype=str(dtype), copies=len(layers),
+                         bytes=moved, ms=t * 1e3, gbps=moved / t / 1e9,
+                         frac_of_copy=moved / t / 1e9 / copy_gbps, timing=timing,
+                         dense_linear_ms=t_dense * 1e3, dense_bytes=dense_bytes,
+                         dense_copies=len(dense), dense_gbps=dense_bytes / t_dense / 1e9,
+                         dense_frac_of_copy=dense_bytes / t_dense / 1e9 / copy_gbps,
+                         dense_timing=dense_timing, speedup_vs_dense=t_dense / t))
+    return rows
+
+
+def dao_hadamard_transform():
+    """Dao-AILab's fast_hadamard_transform when it happens to be importable (this project
+    never installs it), for comparison; else None."""
+    try:
+        from fast_hadamard_transform import hadamard_transform
+    except Exception:
+        return None
+    return hadamard_transform
+
+
+def bench_hadamard_suite(dtype, block, device, s, copy_gbps, dao):
+    """ops.hadamard on ~hadamard_bytes of input against torch.clone of the same tensors."""
+    n = block * -(-HADAMARD_MIN_ROW // block)
+    rows = max(1, s["hadamard_bytes"] // (n * torch.finfo(dtype).bits // 8))
+    first = torch.randn(rows, n, device=device, dtype=dtype)
+    xs = [first] + [torch.randn_like(first) for _ in range(copies_for(nbytes(first), s) - 1)]
+    t_op, timing = time_calls([partial(ops.hadamard, x, block) for x in xs], device,
+                              s["calls"], s["repeats"])
+    t_clone, clone_timing = time_calls([x.clone for x in xs], device, s["calls"], s["repeats"])
+    moved = 2 * nbytes(first)   # read + write, as the clone
+    row = dict(op="hadamard", dtype=str(dtype), block=block, shape=[rows, n], copies=len(xs),
+               bytes=moved, ms=t_op * 1e3, clone_ms=t_clone * 1e3, time_vs_clone=t_op / t_clone,
+               gbps=moved / t_op / 1e9, frac_of_copy=moved / t_op / 1e9 / copy_gbps,
+               timing=timing, clone_timing=clone_timing)
+    if dao is not None and block & (block - 1) == 0:
+        try:
+            t_dao, _ = time_calls([partial(dao, x.view(-1, block), block ** -0.5) for x in xs],
+                                  device, s["calls"], s["repeats"])
+            row.update(dao_fht_ms=t_dao * 1e3, time_vs_dao_fht=t_op / t_dao)
+        except Exception as e:
+            row["dao_fht_error"] = f"{type(e).__name__}: {e}"[:200]
+    return row
+
+
+def short_dtype(name):
+    return name.replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+
+
+def row_label(r):
+    if r["op"] == "gemv":
+        m, n = r["shape"]
+        return f"{r['codec']} {m}x{n} {short_dtype(r['dtype'])} b{r['batch']}"
+    return f"block {r['block']} {short_dtype(r['dtype'])}"
+
+
+def check_targets(results):
+    """The speed issue's targets, each with how many rows meet it and the ones that miss."""
+    gemv = [r for r in results if r["op"] == "gemv"]
+    first = [r for r in gemv if r["batch"] == 1]
+    pow2 = [r for r in results if r["op"] == "hadamard" and r["block"] & (r["block"] - 1) == 0]
+    specs = [
+        ("GEMV batch 1 at >= 80% of copy bandwidth", first, "frac_of_copy", ">=", 0.8),
+        ("QAM-W 5.5 bpw batch 1 >= 2.5x F.linear",
+         [r for r in first if r["codec"] == "qamw-5.5"], "speedup_vs_dense", ">=", 2.5),
+        ("QAM-W 4 bpw batch 1 >= 3.3x F.linear",
+         [r for r in first if r["codec"] == "qamw-4"], "speedup_vs_dense", ">=", 3.3),
+        ("AAAC batch 1 >= 3.3x F.linear",
+         [r for r in first if r["codec"].startswith("aaac")], "speedup_vs_dense", ">=", 3.3),
+        ("GEMV batches 2-16 faster than F.linear (cuBLAS)",
+         [r for r in gemv if r["batch"] > 1], "speedup_vs_dense", ">", 1.0),
+        ("Hadamard 2^7..2^15 within 1.2x of clone", pow2, "time_vs_clone", "<=", 1.2),
+    ]
+    out = []
+    for name, rows, key, rel, bound in specs:
+        ok = {">=": lambda v: v >= bound, ">": lambda v: v > bound, "<=": lambda v: v <= bound}[rel]
+        misses = [f"{row_label(r)}: {r[key]:.2f}" for r in rows if not ok(r[key])]
+        out.append(dict(target=name, key=key, bound=f"{rel} {bound}", met=len(rows) - len(misses),
+                        of=len(rows), misses=misses))
+    return out
+
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def markdown(record):
+    """The suite's tables: batch-1 GEMV, larger batches, Hadamard, nearest codeword, targets."""
+    copy = record["copy"]
+    res = record["results"]
+    gemv = [r for r in res if r["op"] == "gemv"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in gemv))
+    lines = [f"# Op benchmarks on {record['device']}", "",
+             f"{record['date']}, torch {record['torch']} (CUDA {record['cuda']}); "
+             f"`{record['command']}`.", "",
+             f"Device-to-device copy: **{copy['gbps']:.0f} GB/s** (copy of "
+             f"{copy['size_bytes'] // MiB} MiB, read + write counted). % of copy = bytes of "
+             "codes, scales, codebook, signs, activation and output / time / copy bandwidth; "
+             f"weights rotate over >= {record['settings']['rotation_bytes'] // MiB} MiB of copies. "
+             f"Times per call, median of {record['settings']['repeats']} replays of "
+             f"{record['settings']['calls']}+ calls; timed by "
+             f"{', '.join(sorted(set(r['timing'] for r in res if 'timing' in r))) or '-'}.", ""]
+    first = [r for r in gemv if r["batch"] == 1]
+    if first:
+        lines += ["## GEMV, batch 1", ""]
+        header = ["shape (out x in)", "codec", "bpw"]
+        for d in dtypes:
+            header += [f"{short_dtype(d)} us", f"{short_dtype(d)} % copy",
+                       f"{short_dtype(d)} x F.linear"]
+        rows = []
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in first):
+            at = [r for r in first if tuple(r["shape"]) == shape]
+            dense = ["F.linear", "16"]
+            for d in dtypes:
+                r = next((r for r in at if r["dtype"] == d), None)
+                dense += ([f"{r['dense_linear_ms'] * 1e3:.1f}",
+                           f"{100 * r['dense_frac_of_copy']:.0f}%", "1.00x"] if r else ["", "", ""])
+            rows.append([f"{shape[0]} x {shape[1]}"] + dense)
+            for codec in dict.fromkeys(r["codec"] for r in at):
+                cells = [f"{shape[0]} x {shape[1]}", codec]
+                bpw = next(r["bits_per_weight"] for r in at if r["codec"] == codec)
+                cells.append(f"{bpw:.2f}")
+                for d in dtypes:
+                    r = next((r for r in at if r["codec"] == codec and r["dtype"] == d), None)
+                    cells += ([f"{r['ms'] * 1e3:.1f}", f"{100 * r['frac_of_copy']:.0f}%",
+                               f"{r['speedup_vs_dense']:.2f}x"] if r else ["", "", ""])
+                rows.append(cells)
+        lines += md_table(header, rows)
+    more = [r for r in gemv if r["batch"] > 1]
+    if more:
+        batches = sorted(set(r["batch"] for r in more))
+        lines += ["## GEMV, batches > 1: speed-up over F.linear (cuBLAS) at the same dtype", ""]
+        rows = []
+        for key in dict.fromkeys((tuple(r["shape"]), r["codec"], r["dtype"]) for r in more):
+            cells = [f"{key[0][0]} x {key[0][1]}", key[1], short_dtype(key[2])]
+            for b in batches:
+                r = next((r for r in more if (tuple(r["shape"]), r["codec"], r["dtype"]) == key
+                          and r["batch"] == b), None)
+                cells.append(f"{r['speedup_vs_dense']:.2f}x" if r else "")
+            rows.append(cells)
+        lines += md_table(["shape", "codec", "dtype"] + [f"batch {b}" for b in batches], rows)
+    had = [r for r in res if r["op"] == "hadamard"]
+    if had:
+        lines += ["## Block Hadamard transform against torch.clone", ""]
+        rows = [[short_dtype(r["dtype"]), r["block"], f"{r['shape'][0]} x {r['shape'][1]}",
+                 f"{r['ms'] * 1e3:.1f}", f"{r['clone_ms'] * 1e3:.1f}", f"{r['time_vs_clone']:.2f}x",
+                 f"{100 * r['frac_of_copy']:.0f}%",
+                 f"{r['dao_fht_ms'] * 1e3:.1f}" if "dao_fht_ms" in r else "-"] for r in had]
+        lines += md_table(["dtype", "block", "rows x n", "us", "clone us", "time / clone",
+                           "% copy", "Dao FHT us"], rows)
+    near = [r for r in res if r["op"] == "nearest_codeword_2d"]
+    if near:
+        lines += ["## Nearest codeword (2-D)", ""]
+        lines += md_table(["K", "points", "M points/s", "x brute force"],
+                          [[r["K"], r["points"], f"{r['mpoints_per_s']:.0f}",
+                            f"{r['speedup_vs_brute_force']:.0f}x"] for r in near])
+    lines += ["## Targets", ""]
+    lines += md_table(["target", "met", "misses"],
+                      [[t["target"], f"{t['met']} / {t['of']}", "; ".join(t["misses"][:6]) +
+                        (f"; ... {len(t['misses']) - 6} more" if len(t["misses"]) > 6 else "")]
+                       for t in record["targets"]])
+    return "\n".join(lines)
+
+
+def suite_main(args):
+    """The GPU suite (or, with --smoke, the same code on tiny shapes)."""
+    device = args.device
+    s = dict(SMOKE if args.smoke else FULL)
+    l2 = 0
+    if device == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+        if not args.smoke:
+            s["rotation_bytes"] = max(s["rotation_bytes"], 5 * l2)
+    generator = torch.Generator(device).manual_seed(0)
+    record = dict(command=command_line(__file__, args.argv), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  torch=torch.__version__, cuda=torch.version.cuda,
+                  device=(torch.cuda.get_device_name() if device == "cuda"
+                          else machine_info().get("cpu", platform.machine())),
+                  l2_cache_bytes=l2, smoke=args.smoke, machine=machine_info(),
+                  settings={k: [str(d) for d in v] if k == "dtypes" else v for k, v in s.items()},
+                  copy=None, results=[], targets=[])
+
+    def save(rows=()):
+        for r in rows:
+            print_row(r)
+        record["results"] += rows
+        record["targets"] = check_targets(record["results"])
+        if args.out:   # after every group, so that a time limit keeps what was measured
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
+            with open(args.out.removesuffix(".json") + ".md", "w") as f:
+                f.write(markdown(record) + "\n")
+
+    record["copy"] = bench_copy(device, s)
+    copy_gbps = record["copy"]["gbps"]
+    print_row(record["copy"])
+    save()
+    weights = GemvWeights(device, s, generator)
+    # Batch 1 first (the headline figures), then the Hadamard transform, then larger batches.
+    for shape in s["gemv_shapes"]:
+        for dtype in s["dtypes"]:
+            save(bench_gemv_suite(weights, shape, dtype, 1, device, s, copy_gbps))
+    dao = dao_hadamard_transform()
+    record["dao_fast_hadamard_transform"] = dao is not None
+    for dtype in s["dtypes"]:
+        for block in s["hadamard_blocks"]:
+            save([bench_hadamard_suite(dtype, block, device, s, copy_gbps, dao)])
+    for shape in s["gemv_shapes"]:
+        for dtype in s["dtypes"]:
+            for batch in s["batches"][1:]:
+                save(bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps))
+    del weights
+    save(bench_nearest(device, s["nearest_points"]))
+    for t in record["targets"]:
+        print(f"target: {t['target']}: {t['met']} / {t['of']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the GPU suite with tiny shapes (checks the logic on the CPU)")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.device == "cpu" and not args.smoke:
+        cpu_main(args)
+    else:
+        suite_main(args)
 
 
 if __name__ == "__main__":
