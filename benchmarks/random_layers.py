@@ -33,8 +33,7 @@ def random_bytes_as(tensor, generator):
 def random_layer(codec, in_features, out_features, device, generator=None):
     """A layer of codec `codec` (a key of CODECS) with random codes and plausible scales."""
     meta = dict(CODECS[codec], in_features=in_features, out_features=out_features, bias=False)
-    with torch.device(device):
-        layer = codec_class(meta["method"]).from_meta(meta).to(device)
+    layer = codec_class(meta["method"]).from_meta(meta).to(device)
     random_bytes_as(layer.packed, generator)
     if meta["method"] == "qamw":
         layer.row_scale.uniform_(0.5 * WEIGHT_STD, 1.5 * WEIGHT_STD, generator=generator)
