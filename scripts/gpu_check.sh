@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, on a machine with an NVIDIA GPU, nvcc and the CUDA build of
 # torch (it installs nothing: it builds against the torch it finds). In order: the build, the
-# op tests on CUDA against the reference, compute-sanitizer's memcheck, racecheck and initcheck
-# over the CUDA op tests, and the op benchmarks against PyTorch/cuBLAS. Every step's log, a
-# summary and the benchmark JSON go to OUT (default benchmarks/results/gpu-DATE-GPU).
+# CUDA op tests against the reference (K * 2^m Hadamard blocks included), compute-sanitizer's
+# memcheck, racecheck and initcheck over small targeted selections of them, the op benchmarks
+# (benchmarks/bench_ops.py --device cuda) and the decode benchmark (benchmarks/bench_decode.py).
+# Every step's log, a summary and the benchmarks' JSON and markdown go to OUT (default
+# benchmarks/results/gpu-DATE-GPU).
 #   bash scripts/gpu_check.sh [OUT]
+# The whole run fits in GPU_CHECK_BUDGET_S seconds (default 540): every step runs under
+# `timeout`, cut so that the benchmarks keep their time, and a step that fails or times out
+# does not stop the later ones. The benchmarks write their JSON after each group of figures,
+# so a time limit keeps what was measured. OUT holds a dozen files: to bring them back from a
+# machine that returns few files, archive it (tar -czf ... OUT) after this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,35 +24,60 @@ out=${1:-benchmarks/results/gpu-$(date +%Y-%m-%d)-$gpu}
 mkdir -p "$out"
 : > "$out/summary.txt"
 failed=0
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 
-# step NAME COMMAND...: runs COMMAND with its output in OUT/NAME.log and records the outcome.
+# step NAME LIMIT RESERVE COMMAND...: runs COMMAND under `timeout` with its output in
+# OUT/NAME.log and records the outcome. The limit is LIMIT seconds, or less so that RESERVE
+# seconds stay before the deadline for the steps after it; with under 10 s left it is skipped.
 step() {
-  local name=$1 start=$SECONDS rc=0
-  shift
-  echo "== $name: $*"
-  "$@" > "$out/$name.log" 2>&1 || rc=$?
+  local name=$1 limit=$2 reserve=$3 start=$SECONDS rc=0
+  shift 3
+  local left=$((deadline - SECONDS - reserve))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "$name: SKIPPED, out of time" | tee -a "$out/summary.txt"
+    failed=1
+    return
+  fi
+  echo "== $name (limit ${limit} s): $*"
+  timeout --kill-after=5 "$limit" "$@" > "$out/$name.log" 2>&1 || rc=$?
   tail -n 3 "$out/$name.log"
   if [ "$rc" -eq 0 ]; then
     echo "$name: ok ($((SECONDS - start)) s)" >> "$out/summary.txt"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "$name: TIMED OUT after ${limit} s" >> "$out/summary.txt"
+    failed=1
   else
     echo "$name: FAILED, exit $rc ($((SECONDS - start)) s)" >> "$out/summary.txt"
     failed=1
   fi
 }
 
-sanitize() {
-  compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 \
-    python -m pytest tests/test_ops.py -q -x -p no:cacheprovider -k "$2"
-}
+# Seconds kept for the two benchmarks while the build, the tests and the sanitizer run (the
+# decode benchmark, last, may use whatever is left).
+bench_ops_s=90
+bench_decode_s=120
+benches=$((bench_ops_s + bench_decode_s))
+pytest_ops=(python -m pytest tests/test_ops.py -p no:cacheprovider)
+sanitizer=(compute-sanitizer --error-exitcode 1 --print-limit 20)
 
-step build env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace
-step tests python -m pytest tests/test_ops.py tests/test_codecs.py tests/test_error_feedback.py \
-  -q -p no:cacheprovider
-step memcheck sanitize memcheck cuda
-# racecheck and initcheck are far slower: the kernels with shared memory and reductions.
-step racecheck sanitize racecheck "cuda and (hadamard or gemv)"
-step initcheck sanitize initcheck "cuda and (gemv or dequantize or pack)"
-step bench python benchmarks/bench_ops.py --device cuda --out "$out/ops_cuda.json"
+step build 330 "$benches" env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace
+# Every CUDA case of the op tests: Hadamard blocks 2^m and K * 2^m (12 ... 30720, 576, 1536),
+# the QAM-W GEMV and dequantize with K * 2^m blocks, AAAC, packing, nearest codeword.
+step tests 90 "$benches" "${pytest_ops[@]}" -q -k cuda
+# The sanitizer slows every kernel launch a hundredfold: a few cases per kernel family,
+# K * 2^m blocks first (the newest code); -v so that a timed-out log shows how far it got.
+step memcheck 50 "$benches" "${sanitizer[@]}" --tool memcheck "${pytest_ops[@]}" -x -v -k \
+  "cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128))"
+# racecheck and initcheck are slower still: the kernels with shared memory and reductions.
+step racecheck 25 "$benches" "${sanitizer[@]}" --tool racecheck "${pytest_ops[@]}" -x -v -k \
+  "cuda and (k_blocks_match_reference and (576- or 1536-) and dtype2 or qamw_dequantize_and_gemv and (576-576 or 3072-1536 or 1024-1024) and 11-cuda or aaac_dequantize_and_gemv and 192-64)"
+step initcheck 25 "$benches" "${sanitizer[@]}" --tool initcheck "${pytest_ops[@]}" -x -v -k \
+  "cuda and (qamw_dequantize_and_gemv and (576-576 or 1536-1536 or 96-32) and 7-cuda or aaac_dequantize_and_gemv and 512-128 or pack_unpack and 11-cuda)"
+step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py --device cuda \
+  --out "$out/ops_cuda.json"
+step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda \
+  --out "$out/decode_cuda.json"
 
 { echo "device: $gpu"; echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "command: bash scripts/gpu_check.sh $*";
   python -c "import torch; print('torch:', torch.__version__)"; } >> "$out/summary.txt"
