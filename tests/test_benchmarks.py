@@ -1,0 +1,124 @@
+"""The GPU benchmarks' logic, run here on the CPU with tiny shapes (their --smoke modes): a GPU
+run of scripts/gpu_check.sh gets one try, so its JSON, byte counts and ratios are checked
+before it. Also the decode benchmark's step against the transformers Llama forward, and that
+the benchmarked model shapes suit every codec without padding."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import bench_decode  # noqa: E402
+import bench_ops  # noqa: E402
+from random_layers import CODECS  # noqa: E402
+
+from qamw_ext.convert import codec_class  # noqa: E402
+
+
+def positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
+    out = tmp_path / "ops.json"
+    bench_ops.main(["--smoke", "--out", str(out)])
+    record = json.loads(out.read_text())
+    for key in ("command", "date", "torch", "device", "settings", "copy", "results", "targets"):
+        assert key in record
+    assert record["command"].endswith("benchmarks/bench_ops.py --smoke --out " + str(out))
+    assert positive(record["copy"]["gbps"])
+    s = bench_ops.SMOKE
+    gemv = [r for r in record["results"] if r["op"] == "gemv"]
+    assert len(gemv) == (len(s["gemv_shapes"]) * len(s["dtypes"]) * len(s["batches"])
+                         * len(bench_ops.GEMV_CODECS))
+    for r in gemv:
+        for key in ("ms", "gbps", "frac_of_copy", "dense_linear_ms", "dense_gbps",
+                    "speedup_vs_dense", "bits_per_weight"):
+            assert positive(r[key]), (key, r)
+        assert r["copies"] >= 2 and r["dense_copies"] >= 2
+        m, n = r["shape"]
+        io = r["batch"] * (m + n) * 2     # fp16 / bf16 activation and output
+        assert r["dense_bytes"] == m * n * 2 + io
+        if r["codec"].startswith("qamw"):
+            bits = CODECS[r["codec"]]["bits"]
+            # codes, fp32 row and channel scales, fp32 codebook, int8 signs
+            assert r["bytes"] == m * n // 2 * bits // 8 + 4 * m + 4 * n + 8 * 2 ** bits + n + io
+        elif r["codec"] == "aaac-int4":   # codes, fp16 scales per 128, two fp32 codebooks
+            assert r["bytes"] == m * n // 2 + 2 * m * n // 128 + 128 + io
+    hadamard = [r for r in record["results"] if r["op"] == "hadamard"]
+    assert len(hadamard) == len(s["dtypes"]) * len(s["hadamard_blocks"])
+    for r in hadamard:
+        assert r["shape"][1] % r["block"] == 0
+        for key in ("ms", "clone_ms", "time_vs_clone", "gbps"):
+            assert positive(r[key]), (key, r)
+    assert [t["target"] for t in record["targets"]][0].startswith("GEMV batch 1")
+    assert all(0 <= t["met"] <= t["of"] and t["of"] > 0 for t in record["targets"])
+    table = (tmp_path / "ops.md").read_text()
+    for heading in ("## GEMV, batch 1", "## GEMV, batches > 1", "## Block Hadamard", "## Targets"):
+        assert heading in table
+
+
+def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
+    out = tmp_path / "decode.json"
+    bench_decode.main(["--smoke", "--out", str(out)])
+    record = json.loads(out.read_text())
+    for key in ("command", "date", "torch", "transformers", "device", "model", "copy",
+                "results"):
+        assert key in record
+    rows = {r["config"]: r for r in record["results"]}
+    assert list(rows) == bench_decode.DEFAULT_CONFIGS.split(",")
+    shape = bench_decode.SHAPES["tiny"]
+    hidden, inter, layers = (shape["hidden_size"], shape["intermediate_size"],
+                             shape["num_hidden_layers"])
+    kv_dim = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    linear_weights = layers * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter)
+    for name, r in rows.items():
+        assert "error" not in r, r
+        for key in ("tokens_per_s", "ms_per_token", "implied_gbps", "frac_of_copy",
+                    "speedup_vs_bf16", "decoder_linears_ms_per_token"):
+            assert positive(r[key]), (key, r)
+        assert r["bytes_per_token"] == sum(r["bytes"].values())
+        assert r["bytes"]["lm_head"] == shape["vocab_size"] * hidden * 2
+        if name == "bf16":
+            assert r["bytes"]["linears"] == 2 * linear_weights
+        else:
+            assert r["quantized_linears"] == 7 * layers and r["padded_linears"] == 0
+            # Read but not stored: QAM-W's shared codebook and seed-derived signs, per linear.
+            unstored = 0
+            if name.startswith("qamw"):
+                unstored = layers * (7 * 8 * 2 ** CODECS[name]["bits"] + 6 * hidden + inter)
+            assert r["bytes"]["linears"] == pytest.approx(
+                r["bits_per_weight"] * linear_weights / 8 + unstored, rel=1e-3)
+    assert rows["qamw-4"]["bits_per_weight"] < rows["qamw-5.5"]["bits_per_weight"]
+    assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
+
+
+def test_decode_step_matches_the_llama_forward(one_thread):
+    torch.manual_seed(0)
+    model = bench_decode.build_model("tiny", "cpu", torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        decoder = bench_decode.StaticDecoder(model, max_len=16)
+        decoder.reset()
+        steps = []
+        for token in ids[0]:
+            decoder.token.fill_(int(token))   # teacher forcing instead of the argmax
+            steps.append(decoder.step())
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-4)
+    assert int(decoder.pos) == ids.shape[1]
+
+
+@pytest.mark.parametrize("shape", ["llama3-8b", "llama2-7b"])
+def test_benchmarked_shapes_suit_every_codec(shape):
+    dims = bench_decode.SHAPES[shape]
+    for n in (dims["hidden_size"], dims["intermediate_size"]):
+        for codec, meta in CODECS.items():
+            layer = codec_class(meta["method"]).from_meta(
+                dict(meta, in_features=n, out_features=1, bias=False))
+            assert layer.padded_in == n, (shape, codec, n)
