@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 from qamw_ext import codebooks, hadamard_matrices, ops  # noqa: E402
 from qamw_ext.evaluate import machine_info  # noqa: E402
-from random_layers import CODECS, WEIGHT_STD, buffer_bytes, random_layer  # noqa: E402
+from random_layers import WEIGHT_STD, buffer_bytes, random_layer  # noqa: E402
 
 MiB = 1 << 20
 GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
@@ -442,7 +442,8 @@ def suite_main(args):
         if not args.smoke:
             s["rotation_bytes"] = max(s["rotation_bytes"], 5 * l2)
     generator = torch.Generator(device).manual_seed(0)
-    record = dict(command=command_line(__file__, args.argv), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    record = dict(command=command_line(__file__, args.argv),
+                  date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   torch=torch.__version__, cuda=torch.version.cuda,
                   device=(torch.cuda.get_device_name() if device == "cuda"
                           else machine_info().get("cpu", platform.machine())),
