@@ -7,7 +7,8 @@ which levers each QAM-W row had on from its recorded config, and writes a markdo
 lever alone:
 
   error feedback     options error_feedback (GPTQ/LDLQ rounding in the rotated domain)
-  whole-dim rotation options block_size == "whole" (Hadamard over all input columns)
+  whole-dim rotation options block_size "whole" or "largest" (one Hadamard over all input
+                     columns; on the default model's 576 and 1536 the two are the same)
   bit allocation     config bit_allocation (bits per layer from measured sensitivity)
   sequential         config sequential (statistics from the quantized earlier layers)
 
@@ -20,7 +21,7 @@ import os
 import sys
 
 LEVERS = (("error feedback", lambda o, q: bool(o.get("error_feedback", False))),
-          ("whole-dim rotation", lambda o, q: o.get("block_size") == "whole"),
+          ("whole-dim rotation", lambda o, q: o.get("block_size") in ("whole", "largest")),
           ("bit allocation", lambda o, q: bool(q.get("bit_allocation", False))),
           ("sequential", lambda o, q: bool(q.get("sequential", True))))
 # Options that make a row something other than a lever combination of plain QAM-W.

@@ -48,10 +48,12 @@ for _bpw, _b in QAMW_BITS.items():
     NAMED_CONFIGS[f"qamw-{_bpw}-ef"] = ("qamw", {"bits": _b, "error_feedback": True}, True,
                                         f"QAM-W, {_b} bits per 2-D pair (~{_bpw} bpw), "
                                         "activation-aware scaling, error feedback (H = X^T X)")
-    NAMED_CONFIGS[f"qamw-{_bpw}-best"] = ("qamw", {"bits": _b, "error_feedback": True}, True,
+    NAMED_CONFIGS[f"qamw-{_bpw}-best"] = ("qamw", {"bits": _b, "error_feedback": True,
+                                                   "block_size": "largest"}, True,
                                           f"QAM-W ~{_bpw} bpw on average with every quality "
-                                          "lever: error feedback and bits allocated per layer",
-                                          {"bit_allocation": True})
+                                          "lever: error feedback, the largest Hadamard block "
+                                          "(the whole dimension where it can be), bits "
+                                          "allocated per layer", {"bit_allocation": True})
     NAMED_CONFIGS[f"qamw-{_bpw}-noscale"] = ("qamw", {"bits": _b, "alpha": 0.0}, True,
                                              f"QAM-W {_b} bits/pair without activation-aware "
                                              "scaling (alpha = 0)")

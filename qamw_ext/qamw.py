@@ -61,8 +61,10 @@ MAX_WHOLE = 32768   # the kernels' largest Hadamard block
 
 def choose_block(n, block_size=None):
     """(block, padded n). block_size: None (automatic), "whole" (one Hadamard over all n
-    columns; n must be 2^m or K * 2^m with K a tabulated order, see hadamard_matrices), or a
-    block of that form, the columns zero-padded to a multiple of it. Automatic: min(1024,
+    columns; n must be 2^m or K * 2^m with K a tabulated order, see hadamard_matrices),
+    "largest" (the largest such block dividing n: the whole dimension where it can be, and
+    automatic when that is below 16), or a block of that form, the columns zero-padded to a
+    multiple of it. Automatic: min(1024,
     largest power of 2 dividing n); when that is below 16 (or n is odd), pad n to a multiple
     of the largest block (<= 1024) that costs at most n/32 padding columns, else of 16."""
     if block_size == "whole":
@@ -74,6 +76,11 @@ def choose_block(n, block_size=None):
         if n > MAX_WHOLE:
             raise ValueError(f"block_size='whole' supports in_features up to {MAX_WHOLE}, got {n}")
         return n, n
+    if block_size == "largest":
+        block = _largest_block(n)
+        if block >= MIN_BLOCK:
+            return block, n
+        block_size = None
     if block_size is not None:
         try:
             hadamard_matrices.split_block(block_size)
@@ -96,6 +103,20 @@ def choose_block(n, block_size=None):
             break
         b //= 2
     return block, -(-n // block) * block
+
+
+def _largest_block(n):
+    """The largest block 2^m or K * 2^m (K tabulated) up to MAX_WHOLE that divides n."""
+    best = 0
+    for order in (1,) + hadamard_matrices.ORDERS:
+        if n % order:
+            continue
+        pow2 = (n // order) & -(n // order)
+        while order * pow2 > MAX_WHOLE:
+            pow2 //= 2
+        if order * pow2 >= 2:
+            best = max(best, order * pow2)
+    return best
 
 
 def seeded_signs(seed, n):
@@ -167,7 +188,7 @@ def _weighted_ls_scale(v, chat, hrot):
 class QAMWLinear(QuantizedLinear):
     """QAM-W layer. Options (JSON-able keyword args of from_linear):
     bits (4..12, bits per pair; default 11 = 5.5 bits per weight), codebook ("qam" | "polar"),
-    block_size (None = automatic, "whole", or a block 2^m or K * 2^m), alpha ("search" | number | list), row_scale
+    block_size (None = automatic, "whole", "largest", or a block 2^m or K * 2^m), alpha ("search" | number | list), row_scale
     ("ls" | "norm" | "auto"), per_block_scale (bool: one row scale per Hadamard block),
     seed (int, the sign seed), error_feedback (bool: round with error feedback; needs
     stats.hessian), ef_search (bool: with error feedback, round every alpha of the grid with

@@ -114,7 +114,8 @@ def test_config_fields_after_an_at_sign():
     assert get_config("qamw:bits=9@seed=3").seed == 3
     assert get_config("qamw-4@exclude=self_attn").exclude == ("self_attn",)
     best = get_config("qamw-4-best")
-    assert best.bit_allocation and best.options == {"bits": 8, "error_feedback": True}
+    assert best.bit_allocation and best.options == {"bits": 8, "error_feedback": True,
+                                                    "block_size": "largest"}
     assert not get_config("qamw-4-best@bit_allocation=false").bit_allocation
     for bad in ("qamw-4@colour=red", "qamw-4@sequential", "qamw-4@layer_options=x"):
         with pytest.raises(ConfigError, match="after '@'"):

@@ -191,11 +191,15 @@ def test_group_and_block_choice_for_awkward_widths():
     assert q.dequantize().shape == (8, 99)
 
 
-@pytest.mark.parametrize("n,block", [(576, "whole"), (96, "whole"), (128, "whole"), (100, 24)])
-def test_qamw_whole_dimension_and_tabulated_blocks(n, block):
+@pytest.mark.parametrize("n,block,expect", [(576, "whole", 576), (96, "whole", 96),
+                                            (128, "whole", 128), (100, 24, 24),
+                                            (576, "largest", 576), (1536, "largest", 1536),
+                                            (11008 // 8, "largest", 1376 // 43 * 1),
+                                            (2 * 43 * 28, "largest", 56), (98, "largest", 16)])
+def test_qamw_whole_dimension_and_tabulated_blocks(n, block, expect):
     lin = linear(12, n)
     q = CODECS["qamw"].from_linear(lin, None, bits=10, block_size=block)
-    assert q.block_size == (n if block == "whole" else block)
+    assert q.block_size == expect
     assert q.padded_in % q.block_size == 0 and q.padded_in - n < q.block_size
     # The stored layer reloads with the same block, and its GEMV matches its dense weight.
     again = CODECS["qamw"].from_meta(q.meta())
