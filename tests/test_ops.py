@@ -34,6 +34,15 @@ def random_signs(n, device):
     return (torch.randint(0, 2, (n,), device=device) * 2 - 1).to(torch.int8)
 
 
+def check_hadamard_both_ways(x, block, signs, dtype):
+    """Forward and inverse, without and with signs, against the reference."""
+    for s in (None, signs):
+        for inverse in (False, True):
+            out = ops.hadamard(x, block, s, inverse)
+            ref = reference.hadamard(x.double(), block, s, inverse)
+            assert_matches_reference(out, ref, dtype, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("block", [2, 8, 64, 256, 2048, 32768])
@@ -41,12 +50,7 @@ def test_hadamard_matches_reference(device, dtype, block):
     rows = 3 if block < 32768 else 1
     n = block * (3 if block <= 256 else 1)
     x = torch.randn(rows, 5 if block < 2048 else 1, n, device=device).to(dtype)
-    signs = random_signs(n, device)
-    for s in (None, signs):
-        for inverse in (False, True):
-            out = ops.hadamard(x, block, s, inverse)
-            ref = reference.hadamard(x.double(), block, s, inverse)
-            assert_matches_reference(out, ref, dtype, atol=1e-5)
+    check_hadamard_both_ways(x, block, random_signs(n, device), dtype)
 
 
 # Blocks of K * 2^m (qamw_ext.hadamard_matrices): 12 * 1, 12 * 2, 44 * 1, 20 * 4, 28 * 2, 60 * 8,
@@ -60,12 +64,7 @@ K_BLOCKS = [12, 24, 44, 80, 56, 480, 576, 1536, 30720]
 def test_hadamard_k_blocks_match_reference(device, dtype, block):
     rows, n = (7, 3 * block) if block <= 1536 else (1, block)   # an odd number of rows
     x = torch.randn(rows, n, device=device).to(dtype)
-    signs = random_signs(n, device)
-    for s in (None, signs):
-        for inverse in (False, True):
-            out = ops.hadamard(x, block, s, inverse)
-            ref = reference.hadamard(x.double(), block, s, inverse)
-            assert_matches_reference(out, ref, dtype, atol=1e-5)
+    check_hadamard_both_ways(x, block, random_signs(n, device), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
