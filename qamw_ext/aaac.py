@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .baselines import (EF_BLOCK, check_flag, check_hessian, check_meta, inverse_hessian_factor,
-                        linear_parts, one_cpu_thread, storage_bits, validate_stats)
+from .baselines import (check_flag, check_hessian, check_meta, linear_parts, one_cpu_thread,
+                        round_columns_with_feedback, storage_bits, validate_stats)
 from .codebooks import E2M1_MAGNITUDES
 from .qamw import _alpha_grid, channel_scale_from_stats
 from .quantized_linear import QuantizedLinear, register_codec
@@ -168,27 +168,20 @@ def _round_with_feedback(w, scale, choice, books, hessian, g):
     codebook choices (m, n / g) of the fit kept, each column's rounding error pushed onto
     the columns not yet rounded in the metric of `hessian` (X^T X of the layer's input)."""
     m, n = w.shape
-    u = inverse_hessian_factor(hessian).to(torch.float32)
-    w = w.clone()
     codes = torch.empty(m, n, dtype=torch.int32, device=w.device)
     safe = torch.where(scale > 0, scale, 1.0)
     pick = choice.bool()
-    for i1 in range(0, n, EF_BLOCK):
-        i2 = min(i1 + EF_BLOCK, n)
-        blk = w[:, i1:i2]
-        err = torch.empty_like(blk)
-        for j in range(i2 - i1):
-            col, grp = i1 + j, (i1 + j) // g
-            z = (blk[:, j] / safe[:, grp]).contiguous()
-            c0 = ops.nearest_codeword_1d(z, books[0])
-            c1 = ops.nearest_codeword_1d(z, books[1])
-            code = torch.where(pick[:, grp], c1, c0)
-            codes[:, col] = code
-            value = torch.where(pick[:, grp], books[1][c1.long()], books[0][c0.long()])
-            e = (blk[:, j] - value * scale[:, grp]) / u[col, col]
-            blk[:, j + 1:] -= e.unsqueeze(1) * u[col, col + 1:i2]
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+
+    def round_column(work, col):
+        grp = col // g
+        z = (work[:, col] / safe[:, grp]).contiguous()
+        c0 = ops.nearest_codeword_1d(z, books[0])
+        c1 = ops.nearest_codeword_1d(z, books[1])
+        codes[:, col] = torch.where(pick[:, grp], c1, c0)
+        value = torch.where(pick[:, grp], books[1][c1.long()], books[0][c0.long()])
+        return value * scale[:, grp]
+
+    round_columns_with_feedback(w, hessian, round_column)
     return codes
 
 

@@ -143,6 +143,27 @@ def inverse_hessian_factor(h, damp=EF_DAMP):
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
+def round_columns_with_feedback(w, h, round_column, block=EF_BLOCK):
+    """GPTQ's loop: the columns of a copy of w (m, n) rounded left to right, each column's
+    rounding error pushed onto the columns not yet rounded through the factor of
+    inverse_hessian_factor(h), lazily in blocks of `block` columns. round_column(work, col)
+    rounds column col of the working copy (whose columns up to the end of the current block
+    are up to date) and returns its rounded values (m,); it records the codes itself."""
+    n = w.shape[1]
+    u = inverse_hessian_factor(h).to(torch.float32)
+    w = w.clone()
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        blk = w[:, i1:i2]
+        err = torch.empty_like(blk)
+        for j in range(i2 - i1):
+            col = i1 + j
+            e = (blk[:, j] - round_column(w, col)) / u[col, col]
+            blk[:, j + 1:] -= e.unsqueeze(1) * u[col, col + 1:i2]
+            err[:, j] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+
+
 def check_meta(cls, meta):
     if meta.get("method") != cls.method:
         raise ValueError(f"meta is for method {meta.get('method')!r}, not {cls.method!r}")
@@ -234,29 +255,24 @@ def _gptq(w, h, group_size):
     (m, groups) fp16, zeros (m, groups) fp32)."""
     m, n = w.shape
     groups = math.ceil(n / group_size)
-    u = inverse_hessian_factor(h).to(torch.float32)
-    w = w.clone()
     codes = torch.empty(m, n, dtype=torch.int32, device=w.device)
     scales = torch.empty(m, groups, dtype=torch.float16, device=w.device)
     zeros = torch.empty(m, groups, dtype=torch.float32, device=w.device)
+    group = {}
+
+    def round_column(work, col):
+        if col % group_size == 0:
+            g = col // group_size
+            scales[:, g], zeros[:, g] = _asym_int4(work[:, col:min(col + group_size, n)])
+            group["s"], group["z"] = scales[:, g].to(torch.float32), zeros[:, g]
+        s, z = group["s"], group["z"]
+        q = torch.round(work[:, col] / s + z).clamp(0, 15)
+        codes[:, col] = q.to(torch.int32)
+        return (q - z) * s
+
     # Lazy blocks hold whole groups, so a group's columns are up to date when it starts.
-    block = group_size * max(1, EF_BLOCK // group_size)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        blk = w[:, i1:i2]
-        err = torch.empty_like(blk)
-        for j in range(i2 - i1):
-            col = i1 + j
-            if col % group_size == 0:
-                g = col // group_size
-                scales[:, g], zeros[:, g] = _asym_int4(w[:, col:min(col + group_size, n)])
-                s, z = scales[:, g].to(torch.float32), zeros[:, g]
-            q = torch.round(blk[:, j] / s + z).clamp(0, 15)
-            codes[:, col] = q.to(torch.int32)
-            e = (blk[:, j] - (q - z) * s) / u[col, col]
-            blk[:, j + 1:] -= e.unsqueeze(1) * u[col, col + 1:i2]
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+    round_columns_with_feedback(w, h, round_column,
+                                block=group_size * max(1, EF_BLOCK // group_size))
     return codes, scales, zeros
 
 
