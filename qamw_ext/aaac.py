@@ -232,10 +232,6 @@ class AAACLinear(QuantizedLinear):
 
     # ------------------------------------------------------------ quantization
 
-    @staticmethod
-    def uses_hessian(options):
-        return bool(options.get("error_feedback", False))
-
     @classmethod
     def from_linear(cls, linear, stats=None, variant="int4", group_size=None,
                     channel_scaling=False, alpha="search", rounds=ROUNDS, error_feedback=False):

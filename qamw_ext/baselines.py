@@ -288,10 +288,6 @@ class RTNLinear(_Scalar4Bit):
         zwords = 4 * ((out_features * self.groups * 4 + 127) // 128)
         self.register_buffer("zeros", torch.zeros(1, zwords, dtype=torch.int32))
 
-    @staticmethod
-    def uses_hessian(options):
-        return bool(options.get("error_feedback", False))
-
     @classmethod
     def from_linear(cls, linear, stats=None, group_size=128, error_feedback=False):
         w, bias = linear_parts(linear)

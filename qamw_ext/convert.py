@@ -107,7 +107,7 @@ class QuantConfig:
     calib_batch: int = 4
     sample_rows: int = 256
     sequential: bool = True
-    hessian: Optional[bool] = None   # None: ask the codec (attribute `uses_hessian`)
+    hessian: Optional[bool] = None   # None: ask the codec (QuantizedLinear.uses_hessian)
     seed: int = 0
     bit_allocation: bool = False
     layer_options: dict = dataclasses.field(default_factory=dict)
@@ -303,10 +303,7 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
         return q
 
     if cfg.calibrate:
-        hessian = cfg.hessian
-        if hessian is None:  # ask the codec: a bool, or a function of the options
-            uses = getattr(cls, "uses_hessian", False)
-            hessian = bool(uses(cfg.options) if callable(uses) else uses)
+        hessian = cfg.hessian if cfg.hessian is not None else cls.uses_hessian(cfg.options)
         from .calibration import calibrate_and_replace
 
         calibrate_and_replace(model, batches, quantize_fn, set(names), sequential=cfg.sequential,

@@ -195,11 +195,6 @@ class QAMWLinear(QuantizedLinear):
     it instead of choosing alpha by plain rounding)."""
     default_codebook = "qam"
 
-    @staticmethod
-    def uses_hessian(options):
-        """Whether from_linear with these options needs stats.hessian (asked by convert)."""
-        return bool(options.get("error_feedback", False))
-
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
                  block_size=None, per_block_scale=False, seed=0, channel_scaling=False,
                  alpha=0.0, row_scale="ls"):

@@ -53,6 +53,12 @@ class QuantizedLinear(torch.nn.Module):
         """Quantize a torch.nn.Linear given its LayerStats (or None) and codec options."""
         raise NotImplementedError
 
+    @staticmethod
+    def uses_hessian(options):
+        """Whether from_linear with these options needs stats.hessian (asked by convert):
+        every codec that rounds with error feedback takes the option `error_feedback`."""
+        return bool(options.get("error_feedback", False))
+
     @classmethod
     def from_meta(cls, meta):
         """An instance with buffers of the right names, shapes and dtypes, to load into."""
