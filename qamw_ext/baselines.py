@@ -300,9 +300,9 @@ class RTNLinear(_Scalar4Bit):
             with one_cpu_thread(w.device):
                 codes, scale, zero = _gptq(w, stats.hessian.to(w.device), group_size)
         else:
-            scale, zero = _asym_int4(_grouped(w, group_size))
-            codes = _round_int4(_grouped(w, group_size), scale, zero)
-            codes = codes.reshape(m, -1)[:, :n].contiguous()
+            wg = _grouped(w, group_size)
+            scale, zero = _asym_int4(wg)
+            codes = _round_int4(wg, scale, zero).reshape(m, -1)[:, :n].contiguous()
         layer.packed.copy_(ops.pack_bits(codes, 4))
         layer.scales.copy_(scale)
         layer.zeros.copy_(ops.pack_bits(zero.to(torch.int32).reshape(1, -1), 4))

@@ -232,6 +232,7 @@ def calibrate_and_replace(model, batches, quantize_fn: Callable, targets, *, seq
         layer = layers[i]
         lp = f"{prefix}.{i}" if prefix else str(i)
         names = [n for n in linear_names(layer) if f"{lp}.{n}" in targets]
+        next_inputs = None   # the quantized layer's outputs, unless set to the full-precision's
         if names:
             if sequential:
                 # A probe on one batch finds the groups (linears sharing one input) in call
@@ -253,17 +254,17 @@ def calibrate_and_replace(model, batches, quantize_fn: Callable, targets, *, seq
                 # Every statistic from the full-precision model: the next layer's inputs
                 # are this layer's outputs before it is quantized.
                 stats, _ = collect_layer_stats(layer, names, inputs, kwargs_list, rows_idx, hessian)
-                inputs = run_layer(layer, inputs, kwargs_list)
+                next_inputs = run_layer(layer, inputs, kwargs_list)
                 for n in names:
                     set_submodule(layer, n, quantize_fn(f"{lp}.{n}", layer.get_submodule(n),
                                                         stats[n]))
                     done.add(f"{lp}.{n}")
-                bar.set_postfix(quantized=len(done))
-                continue
-        from .evaluate import materialized
+        if next_inputs is None:
+            from .evaluate import materialized
 
-        with materialized(layer):   # dequantize each weight once, not once per batch
-            inputs = run_layer(layer, inputs, kwargs_list)
+            with materialized(layer):   # dequantize each weight once, not once per batch
+                next_inputs = run_layer(layer, inputs, kwargs_list)
+        inputs = next_inputs
         bar.set_postfix(quantized=len(done))
     del inputs
     rest = sorted(t for t in targets if t not in done)
