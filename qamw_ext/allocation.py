@@ -20,7 +20,6 @@ import time
 import torch
 
 from .calibration import StatsAccumulator, sample_row_indices
-from .quantized_linear import LayerStats
 
 SPREAD = 2        # candidate widths: the uniform width +- this many bits per pair
 ALPHA = 0.5       # channel-scale exponent used to measure costs (most layers choose it)
@@ -86,8 +85,7 @@ def layer_costs(model, names, fisher, stats, cls, options, candidates):
         f = fisher[name].to(w.device)
         costs[name] = {}
         for b in candidates:
-            q = cls.from_linear(lin, LayerStats(st.mean_abs, st.mean_sq, st.sample, st.tokens),
-                                **dict(opts, bits=b))
+            q = cls.from_linear(lin, st, **dict(opts, bits=b))
             dy = x @ (w - q.dequantize()).T
             cost = float(((dy * dy).mean(0) * f).sum())
             costs[name][b] = (cost, q.bits_per_weight() * w.numel())

@@ -59,22 +59,27 @@ MIN_BLOCK = 16
 MAX_WHOLE = 32768   # the kernels' largest Hadamard block
 
 
+def _kernel_block(block):
+    """Whether the kernels take this Hadamard block: 2^m or K * 2^m up to MAX_WHOLE."""
+    try:
+        hadamard_matrices.split_block(block)
+    except ValueError:
+        return False
+    return block <= MAX_WHOLE
+
+
 def choose_block(n, block_size=None):
     """(block, padded n). block_size: None (automatic), "whole" (one Hadamard over all n
     columns; n must be 2^m or K * 2^m with K a tabulated order, see hadamard_matrices),
     "largest" (the largest such block dividing n: the whole dimension where it can be, and
     automatic when that is below 16), or a block of that form, the columns zero-padded to a
-    multiple of it. Automatic: min(1024,
-    largest power of 2 dividing n); when that is below 16 (or n is odd), pad n to a multiple
-    of the largest block (<= 1024) that costs at most n/32 padding columns, else of 16."""
+    multiple of it. Automatic: min(1024, largest power of 2 dividing n); when that is below
+    16 (or n is odd), pad n to a multiple of the largest block (<= 1024) that costs at most
+    n/32 padding columns, else of 16."""
     if block_size == "whole":
-        try:
-            hadamard_matrices.split_block(n)
-        except ValueError:
+        if not _kernel_block(n):
             raise ValueError(f"block_size='whole' needs in_features = 2^m or K * 2^m with K in "
-                             f"{hadamard_matrices.ORDERS}, got {n}") from None
-        if n > MAX_WHOLE:
-            raise ValueError(f"block_size='whole' supports in_features up to {MAX_WHOLE}, got {n}")
+                             f"{hadamard_matrices.ORDERS}, up to {MAX_WHOLE}, got {n}")
         return n, n
     if block_size == "largest":
         block = _largest_block(n)
@@ -82,14 +87,9 @@ def choose_block(n, block_size=None):
             return block, n
         block_size = None
     if block_size is not None:
-        try:
-            hadamard_matrices.split_block(block_size)
-            valid = block_size <= MAX_WHOLE
-        except ValueError:
-            valid = False
-        if not valid:
-            raise ValueError(f"block_size must be None, 'whole', or 2^m or K * 2^m (K in "
-                             f"{hadamard_matrices.ORDERS}) from 2 to {MAX_WHOLE}, "
+        if not _kernel_block(block_size):
+            raise ValueError(f"block_size must be None, 'whole', 'largest', or 2^m or K * 2^m "
+                             f"(K in {hadamard_matrices.ORDERS}) from 2 to {MAX_WHOLE}, "
                              f"got {block_size!r}")
         return block_size, -(-n // block_size) * block_size
     block = min(MAX_BLOCK, n & -n)
@@ -188,9 +188,9 @@ def _weighted_ls_scale(v, chat, hrot):
 class QAMWLinear(QuantizedLinear):
     """QAM-W layer. Options (JSON-able keyword args of from_linear):
     bits (4..12, bits per pair; default 11 = 5.5 bits per weight), codebook ("qam" | "polar"),
-    block_size (None = automatic, "whole", "largest", or a block 2^m or K * 2^m), alpha ("search" | number | list), row_scale
-    ("ls" | "norm" | "auto"), per_block_scale (bool: one row scale per Hadamard block),
-    seed (int, the sign seed), error_feedback (bool: round with error feedback; needs
+    block_size (None = automatic, "whole", "largest", or a block 2^m or K * 2^m), alpha
+    ("search" | number | list), row_scale ("ls" | "norm" | "auto"), per_block_scale (bool:
+    one row scale per Hadamard block), seed (int, the sign seed), error_feedback (bool: round with error feedback; needs
     stats.hessian), ef_search (bool: with error feedback, round every alpha of the grid with
     it instead of choosing alpha by plain rounding)."""
     default_codebook = "qam"
