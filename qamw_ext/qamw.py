@@ -190,9 +190,9 @@ class QAMWLinear(QuantizedLinear):
     bits (4..12, bits per pair; default 11 = 5.5 bits per weight), codebook ("qam" | "polar"),
     block_size (None = automatic, "whole", "largest", or a block 2^m or K * 2^m), alpha
     ("search" | number | list), row_scale ("ls" | "norm" | "auto"), per_block_scale (bool:
-    one row scale per Hadamard block), seed (int, the sign seed), error_feedback (bool: round with error feedback; needs
-    stats.hessian), ef_search (bool: with error feedback, round every alpha of the grid with
-    it instead of choosing alpha by plain rounding)."""
+    one row scale per Hadamard block), seed (int, the sign seed), error_feedback (bool:
+    round with error feedback; needs stats.hessian), ef_search (bool: with error feedback,
+    round every alpha of the grid with it instead of choosing alpha by plain rounding)."""
     default_codebook = "qam"
 
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
