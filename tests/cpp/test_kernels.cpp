@@ -16,20 +16,7 @@
 
 #include "hadamard_tables.h"
 #include "kernels.h"
-
-static int failures = 0;
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);      \
-      std::printf(__VA_ARGS__);                             \
-      std::printf("\n");                                    \
-      ++failures;                                           \
-    }                                                       \
-  } while (0)
-
-static std::mt19937 rng(7);
-static float normal() { return std::normal_distribution<float>(0.f, 1.f)(rng); }
+#include "test_util.h"
 
 static int popcount_parity(int64_t v) { return __builtin_popcountll(v) & 1; }
 
@@ -128,40 +115,6 @@ static void test_pack_round_trip() {
     qamw::cpu::unpack_bits(packed.data(), rows, count, bits, back.data());
     EXPECT(codes == back, "pack/unpack round trip at %d bits", bits);
   }
-}
-
-// Activations of `dtype` stored in raw bytes, and read back as float.
-struct Activations {
-  qamw::DType dtype;
-  std::vector<float> f32;
-  std::vector<c10::Half> f16;
-  std::vector<c10::BFloat16> bf16;
-  explicit Activations(qamw::DType d, int64_t size) : dtype(d) {
-    if (d == qamw::DType::F32) f32.resize(size);
-    if (d == qamw::DType::F16) f16.resize(size);
-    if (d == qamw::DType::BF16) bf16.resize(size);
-  }
-  void* data() {
-    if (dtype == qamw::DType::F16) return f16.data();
-    if (dtype == qamw::DType::BF16) return bf16.data();
-    return f32.data();
-  }
-  void set(int64_t i, float v) {
-    if (dtype == qamw::DType::F32) f32[i] = v;
-    if (dtype == qamw::DType::F16) f16[i] = c10::Half(v);
-    if (dtype == qamw::DType::BF16) bf16[i] = c10::BFloat16(v);
-  }
-  float get(int64_t i) const {
-    if (dtype == qamw::DType::F16) return static_cast<float>(f16[i]);
-    if (dtype == qamw::DType::BF16) return static_cast<float>(bf16[i]);
-    return f32[i];
-  }
-};
-
-static const qamw::DType kDtypes[] = {qamw::DType::F32, qamw::DType::F16, qamw::DType::BF16};
-// Relative rounding of one value stored in each dtype, with room for fp32 accumulation.
-static double tolerance(qamw::DType d) {
-  return d == qamw::DType::F32 ? 1e-4 : d == qamw::DType::F16 ? 2e-3 : 1.6e-2;
 }
 
 static void test_hadamard_dtypes_and_inverse() {
