@@ -1,0 +1,175 @@
+// A CPU emulation of the part of CUDA that csrc/cuda/*.cu uses, so that ctest runs the CUDA
+// kernels on machines without a GPU and compares them with the CPU kernels.
+//
+// translate.py turns each .cu file into C++ (launches `k<<<grid, block, smem, s>>>(args)` become
+// `qamw_emu::launch(k, grid, block, smem, s)(args)`, `extern __shared__` arrays become pointers
+// to the launch's dynamic shared memory); this header stands in for <cuda_runtime.h>. Every CUDA
+// thread of a block is a fiber on one OS thread: blocks run one after another, and a block's
+// threads run until they reach a barrier (__syncthreads, or the warp exchange of a shuffle).
+// Static __shared__ arrays are function statics, which the block's threads share.
+//
+// What it checks, beyond the results: a __syncthreads that not every thread reaches, or that
+// threads reach at different lines; a shuffle whose mask names lanes that exited or are
+// elsewhere; a block that can never finish (deadlock); launch configurations a GPU would refuse
+// (more than 1024 threads, dynamic shared memory over the 48 KiB default without
+// cudaFuncSetAttribute, or over the device maximum). Dynamic shared memory is a heap buffer of
+// exactly the launch's size, filled with NaN bytes, so the sanitizer build catches accesses past
+// it and reads of values never written show up as NaN. Schedule::Reverse runs each step's
+// threads in the opposite order: a missing barrier then gives a different result.
+// Not emulated: timing, the memory model beyond barriers, warp-synchronous execution
+// (only shuffles exchange values between lanes).
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __syncthreads() ::qamw_emu::sync_block(__FILE__, __LINE__)
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// The running thread's coordinates: the scheduler sets them before it resumes a thread.
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+constexpr int warpSize = 32;
+
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+  return static_cast<unsigned>(((uint64_t{hi} << 32) | lo) >> (shift & 31));
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+namespace qamw_emu {
+
+enum class Schedule { Forward, Reverse };
+
+// The emulated device: an H100's limits with few SMs, so that persistent grids stride.
+struct Device {
+  int sms = 3;
+  int max_threads_per_sm = 2048;
+  int max_blocks_per_sm = 32;
+  int shared_per_sm = 228 * 1024;
+  int shared_per_block_optin = 227 * 1024;
+};
+Device& device();
+void set_schedule(Schedule s);
+
+void sync_block(const char* file, int line);
+// Exchanges `bytes` bytes of every lane of `mask` in the running thread's warp; returns those
+// of lane `src` (or the caller's own when src is outside the warp).
+void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes, int src);
+void* dynamic_shared_memory();
+void set_max_dynamic_shared(const void* kernel, int bytes);
+int max_dynamic_shared(const void* kernel);
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
+              const std::function<void()>& thread_body);
+
+template <typename T>
+T* dynamic_shared() { return static_cast<T*>(dynamic_shared_memory()); }
+
+template <typename K>
+const void* kernel_key(K kernel) { return reinterpret_cast<const void*>(kernel); }
+
+// `launch(kernel, grid, block, smem, stream)(args...)`: runs the grid before returning.
+template <typename K>
+struct Launch {
+  K kernel;
+  dim3 grid, block;
+  size_t smem;
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    run_grid(kernel_key(kernel), grid, block, smem, [&] { kernel(args...); });
+  }
+};
+template <typename K>
+Launch<K> launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+  return Launch<K>{kernel, grid, block, smem};
+}
+
+}  // namespace qamw_emu
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8);
+  const int lane = static_cast<int>(threadIdx.x % warpSize);
+  const int src = lane ^ lane_mask;
+  T out;
+  // A source past this lane's width segment returns the lane's own value, as on a GPU.
+  qamw_emu::warp_exchange(mask, &v, &out, sizeof(T), src / width == lane / width ? src : lane);
+  return out;
+}
+
+inline cudaError_t cudaGetDevice(int* dev) { *dev = 0; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  const qamw_emu::Device& d = qamw_emu::device();
+  *value = attr == cudaDevAttrMultiProcessorCount ? d.sms : d.shared_per_block_optin;
+  return cudaSuccess;
+}
+template <typename K>
+cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
+  qamw_emu::set_max_dynamic_shared(qamw_emu::kernel_key(kernel), bytes);
+  return cudaSuccess;
+}
+// Limited by threads, blocks and shared memory (1 KiB reserved per block); registers unknown.
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int threads,
+                                                          size_t smem) {
+  const qamw_emu::Device& d = qamw_emu::device();
+  int n = d.max_threads_per_sm / threads;
+  if (n > d.max_blocks_per_sm) n = d.max_blocks_per_sm;
+  const int by_smem = static_cast<int>(d.shared_per_sm / (smem + 1024));
+  *blocks = n < by_smem ? n : by_smem;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }

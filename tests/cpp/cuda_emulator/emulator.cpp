@@ -1,0 +1,305 @@
+// The scheduler of the CUDA emulation (see cuda_runtime.h): the threads of one block are
+// fibers, resumed in turn until each reaches a barrier or returns. Any misuse the emulation can
+// see is a fatal error with a message, as a hang or undefined behaviour would be on a GPU.
+#include "cuda_runtime.h"
+
+#include <sys/mman.h>
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define QAMW_EMU_ASAN 1
+#else
+#define QAMW_EMU_ASAN 0
+#endif
+
+namespace qamw_emu {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr int kDefaultDynamicShared = 48 * 1024;
+
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "CUDA emulator: %s (block %u,%u,%u thread %u,%u,%u)\n", what, blockIdx.x,
+               blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+  std::fflush(stderr);
+  std::abort();
+}
+
+enum class State { Ready, AtBarrier, AtExchange, Done };
+
+struct Thread {
+  State state = State::Ready;
+  uint3 index{};
+};
+
+// A fiber per thread slot, made once and reused by every block and launch. Switching uses
+// _setjmp / _longjmp (no system call, unlike swapcontext); makecontext only gives each fiber
+// its stack once.
+struct Fiber {
+  jmp_buf jump;
+  void* fake_stack = nullptr;  // AddressSanitizer's record of the fiber's stack
+};
+
+struct Exchange {  // one warp's shuffle in progress
+  unsigned arrived = 0, mask = 0;
+  size_t bytes = 0;
+  unsigned char value[32][8];
+  void* result[32];
+  int src[32];
+};
+
+struct BlockRun {
+  std::vector<Thread> threads;
+  std::vector<Exchange> warps;
+  const std::function<void()>* body = nullptr;
+  int current = -1, done = 0;
+  int arrived = 0;  // at the __syncthreads in progress
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+  std::unique_ptr<unsigned char[]> shared;
+};
+
+Schedule g_schedule = Schedule::Forward;
+BlockRun* g_run = nullptr;
+std::map<const void*, int> g_max_dynamic_shared;
+
+Fiber g_fibers[kMaxThreads];
+int g_fiber_count = 0;
+jmp_buf g_scheduler_jump;
+#if QAMW_EMU_ASAN
+const void* g_scheduler_stack = nullptr;  // the scheduler's stack, for AddressSanitizer
+size_t g_scheduler_stack_size = 0;
+#endif
+
+// One stack per fiber, reserved once; pages are committed only when touched.
+unsigned char* stack_of(int i) {
+  static unsigned char* stacks = [] {
+    void* p = mmap(nullptr, kStackBytes * kMaxThreads, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) fail("cannot reserve fiber stacks");
+    return static_cast<unsigned char*>(p);
+  }();
+  return stacks + kStackBytes * i;
+}
+
+// From fiber i to the scheduler; returns when the scheduler resumes fiber i.
+__attribute__((noinline)) void to_scheduler(int i) {
+  Fiber& f = g_fibers[i];
+  if (_setjmp(f.jump) == 0) {
+#if QAMW_EMU_ASAN
+    __sanitizer_start_switch_fiber(&f.fake_stack, g_scheduler_stack, g_scheduler_stack_size);
+#endif
+    _longjmp(g_scheduler_jump, 1);
+  }
+#if QAMW_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &g_scheduler_stack, &g_scheduler_stack_size);
+#endif
+}
+
+// From the scheduler to fiber i; returns when the fiber yields.
+__attribute__((noinline)) void to_fiber(int i) {
+#if QAMW_EMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, stack_of(i), kStackBytes);
+#endif
+  if (_setjmp(g_scheduler_jump) == 0) _longjmp(g_fibers[i].jump, 1);
+#if QAMW_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+void yield() { to_scheduler(g_run->current); }
+
+void release_barrier(BlockRun& r) {
+  for (Thread& t : r.threads)
+    if (t.state == State::AtBarrier) t.state = State::Ready;
+  r.arrived = 0;
+}
+
+void thread_exit(BlockRun& r, int i) {
+  r.threads[i].state = State::Done;
+  ++r.done;
+  if (r.arrived > 0) fail("thread exited while others wait at a __syncthreads");
+  const Exchange& e = r.warps[i / warpSize];
+  if (e.arrived != 0 && (e.mask >> (i % warpSize) & 1))
+    fail("thread exited while its warp waits for it in a shuffle");
+}
+
+// Fiber i: runs the current block's thread i each time the scheduler resumes it.
+int g_new_fiber = 0;
+void fiber_main() {
+  const int i = g_new_fiber;
+#if QAMW_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack, &g_scheduler_stack_size);
+#endif
+  for (;;) {
+    to_scheduler(i);  // parked until a block needs thread i
+    (*g_run->body)();
+    thread_exit(*g_run, i);
+  }
+}
+
+void make_fibers(int count) {
+  static ucontext_t scheduler;
+  for (; g_fiber_count < count; ++g_fiber_count) {
+    ucontext_t c;
+    getcontext(&c);
+    c.uc_stack.ss_sp = stack_of(g_fiber_count);
+    c.uc_stack.ss_size = kStackBytes;
+    c.uc_link = nullptr;
+    makecontext(&c, fiber_main, 0);
+    g_new_fiber = g_fiber_count;
+#if QAMW_EMU_ASAN
+    void* fake_stack = nullptr;
+    __sanitizer_start_switch_fiber(&fake_stack, stack_of(g_fiber_count), kStackBytes);
+#endif
+    // The fiber parks at once with a jump back here.
+    if (_setjmp(g_scheduler_jump) == 0) swapcontext(&scheduler, &c);
+#if QAMW_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+  }
+}
+
+void run_block(BlockRun& r, int nthreads) {
+  for (int i = 0; i < nthreads; ++i)
+    r.threads[i] = Thread{State::Ready, uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y,
+                                              i / (blockDim.x * blockDim.y)}};
+  r.done = 0;
+  r.arrived = 0;
+  for (Exchange& e : r.warps) e = Exchange{};
+  while (r.done < nthreads) {
+    bool progressed = false;
+    for (int k = 0; k < nthreads; ++k) {
+      const int i = g_schedule == Schedule::Forward ? k : nthreads - 1 - k;
+      if (r.threads[i].state != State::Ready) continue;
+      r.current = i;
+      threadIdx = r.threads[i].index;
+      to_fiber(i);
+      progressed = true;
+    }
+    if (!progressed) {
+      int at_barrier = 0, at_exchange = 0;
+      for (const Thread& t : r.threads) {
+        at_barrier += t.state == State::AtBarrier;
+        at_exchange += t.state == State::AtExchange;
+      }
+      char what[160];
+      std::snprintf(what, sizeof what,
+                    "deadlock: %d threads wait at __syncthreads, %d in shuffles, %d exited",
+                    at_barrier, at_exchange, r.done);
+      fail(what);
+    }
+  }
+}
+
+}  // namespace
+
+Device& device() {
+  static Device d;
+  return d;
+}
+
+void set_schedule(Schedule s) { g_schedule = s; }
+
+void sync_block(const char* file, int line) {
+  BlockRun& r = *g_run;
+  if (r.done > 0) fail("__syncthreads reached after another thread of the block exited");
+  if (r.arrived == 0) {
+    r.barrier_file = file;
+    r.barrier_line = line;
+  } else if (r.barrier_line != line || std::strcmp(r.barrier_file, file) != 0) {
+    char what[512];
+    std::snprintf(what, sizeof what, "threads wait at different __syncthreads: %s:%d and %s:%d",
+                  r.barrier_file, r.barrier_line, file, line);
+    fail(what);
+  }
+  r.threads[r.current].state = State::AtBarrier;
+  if (++r.arrived == static_cast<int>(blockDim.x * blockDim.y * blockDim.z)) release_barrier(r);
+  yield();
+}
+
+void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes, int src) {
+  BlockRun& r = *g_run;
+  const int i = r.current, lane = i % warpSize, first = i - lane;
+  const int nthreads = static_cast<int>(r.threads.size());
+  Exchange& e = r.warps[i / warpSize];
+  if (!(mask >> lane & 1)) fail("shuffle by a lane outside its mask");
+  if (e.arrived != 0 && (e.mask != mask || e.bytes != bytes))
+    fail("lanes of a warp are in different shuffles");
+  if (!(mask >> src & 1)) fail("shuffle reads a lane outside its mask");
+  for (int l = 0; l < warpSize; ++l) {
+    if (!(mask >> l & 1)) continue;
+    if (first + l >= nthreads) fail("shuffle mask names a lane past the block's threads");
+    if (r.threads[first + l].state == State::Done) fail("shuffle mask names a lane that exited");
+  }
+  e.mask = mask;
+  e.bytes = bytes;
+  std::memcpy(e.value[lane], value, bytes);
+  e.result[lane] = result;
+  e.src[lane] = src;
+  e.arrived |= 1u << lane;
+  r.threads[i].state = State::AtExchange;
+  if (e.arrived == mask) {
+    for (int l = 0; l < warpSize; ++l) {
+      if (!(mask >> l & 1)) continue;
+      std::memcpy(e.result[l], e.value[e.src[l]], bytes);
+      r.threads[first + l].state = State::Ready;
+    }
+    e.arrived = 0;
+  }
+  yield();
+}
+
+void* dynamic_shared_memory() { return g_run->shared.get(); }
+
+void set_max_dynamic_shared(const void* kernel, int bytes) { g_max_dynamic_shared[kernel] = bytes; }
+
+int max_dynamic_shared(const void* kernel) {
+  const auto it = g_max_dynamic_shared.find(kernel);
+  return it == g_max_dynamic_shared.end() ? kDefaultDynamicShared : it->second;
+}
+
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
+              const std::function<void()>& thread_body) {
+  const int64_t nthreads = int64_t{block.x} * block.y * block.z;
+  if (nthreads < 1 || nthreads > kMaxThreads || block.z > 64)
+    fail("launch with an invalid number of threads per block");
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 0x7fffffffu || grid.y > 65535 ||
+      grid.z > 65535)
+    fail("launch with an invalid grid");
+  if (smem > static_cast<size_t>(device().shared_per_block_optin))
+    fail("launch with more dynamic shared memory than the device has per block");
+  if (smem > static_cast<size_t>(max_dynamic_shared(kernel)))
+    fail("launch with more dynamic shared memory than cudaFuncSetAttribute allowed");
+  if (g_run != nullptr) fail("launch from inside a kernel");
+
+  make_fibers(static_cast<int>(nthreads));
+  BlockRun run;
+  run.threads.resize(nthreads);
+  run.warps.resize((nthreads + warpSize - 1) / warpSize);
+  run.body = &thread_body;
+  g_run = &run;
+  blockDim = block;
+  gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = uint3{x, y, z};
+        run.shared.reset(new unsigned char[smem]);
+        std::memset(run.shared.get(), 0xff, smem);  // NaN floats until written
+        run_block(run, static_cast<int>(nthreads));
+      }
+  g_run = nullptr;
+}
+
+}  // namespace qamw_emu

@@ -1,0 +1,263 @@
+// Every CUDA launcher (csrc/cuda, run by the CPU emulation in cuda_emulator/) against the CPU
+// kernel of the same op on the same random inputs: Hadamard blocks of 2^m (2 ... 2^15, one to
+// three shared-memory passes) and K * 2^m, nearest codewords, bit packing, QAM-W and AAAC GEMV
+// (fused and workspace activation paths, batches 1 ... 16, per-block scales) and dequantize,
+// in every activation dtype, at odd sizes and with unaligned pointers. Outputs are NaN until
+// written. The whole run is repeated with each step's threads scheduled in reverse order, so
+// that a result depending on a missing barrier differs between the two runs.
+#include <c10/util/Float8_e4m3fn.h>
+
+#include <chrono>
+#include <cmath>
+#include <utility>
+#include <cstdio>
+#include <vector>
+
+#include "kernels.h"
+#include "test_util.h"
+// Last: the emulated runtime's macros stay out of the headers above.
+#include "cuda_runtime.h"
+
+namespace {
+
+// Largest |a - b| over the outputs, relative to |b| + the outputs' RMS; NaN anywhere is inf.
+double compare(const Activations& a, const Activations& b, int64_t size) {
+  double rms = 0;
+  for (int64_t i = 0; i < size; ++i) rms += double(b.get(i)) * b.get(i);
+  rms = std::sqrt(rms / (size > 0 ? size : 1));
+  double worst = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    const double d = std::abs(double(a.get(i)) - b.get(i)) / (std::abs(b.get(i)) + rms + 1e-30);
+    if (!(d <= worst)) worst = std::isnan(d) ? INFINITY : d;
+  }
+  return worst;
+}
+
+void poison(Activations& a, int64_t size) {
+  for (int64_t i = 0; i < size; ++i) a.set(i, NAN);
+}
+
+std::vector<int8_t> random_signs(int64_t n) {
+  std::vector<int8_t> s(n);
+  for (auto& v : s) v = (rng() & 1) ? 1 : -1;
+  return s;
+}
+
+void test_hadamard() {
+  struct Case { int64_t block, rows, n; };
+  const Case cases[] = {{2, 3, 6},       {8, 5, 24},      {32, 3, 96},     {64, 7, 192},
+                        {256, 3, 512},   {2048, 2, 4096}, {32768, 1, 32768}, {12, 4, 36},
+                        {24, 3, 72},     {96, 3, 192},    {576, 2, 1152},  {480, 2, 480},
+                        {1536, 1, 3072}, {44, 3, 88}};
+  for (const Case& c : cases)
+    for (const qamw::DType d : kDtypes)
+      for (const bool with_signs : {false, true})
+        for (const bool inverse : {false, true}) {
+          // fp32 one element in: the unaligned (scalar) load path.
+          const int64_t off = d == qamw::DType::F32 && c.rows == 3 ? 1 : 0;
+          const int64_t size = c.rows * c.n;
+          Activations x(d, size + off), got(d, size + off), want(d, size + off);
+          for (int64_t i = 0; i < size + off; ++i) x.set(i, normal());
+          poison(got, size + off);
+          poison(want, size + off);
+          const std::vector<int8_t> signs = random_signs(c.n);
+          const int8_t* sg = with_signs ? signs.data() : nullptr;
+          auto at = [&](Activations& a) { return static_cast<char*>(a.data()) + off * (d == qamw::DType::F32 ? 4 : 2); };
+          qamw::cuda::hadamard(at(x), at(got), d, c.rows, c.n, c.block, sg, inverse, nullptr);
+          qamw::cpu::hadamard(at(x), at(want), d, c.rows, c.n, c.block, sg, inverse);
+          // Compare from `off` on: the element before stays NaN in both.
+          Activations g(d, size), w(d, size);
+          for (int64_t i = 0; i < size; ++i) {
+            g.set(i, got.get(off + i));
+            w.set(i, want.get(off + i));
+          }
+          const double err = compare(g, w, size);
+          EXPECT(err < tolerance(d), "hadamard block %lld n %lld dtype %d signs %d inverse %d: error %g",
+                 (long long)c.block, (long long)c.n, int(d), int(with_signs), int(inverse), err);
+        }
+}
+
+void test_nearest() {
+  for (const int64_t K : {1, 5, 256, 5000})
+    for (const int64_t count : {3, 1001, 2500}) {
+      std::vector<float> codebook(2 * K), points(2 * count);
+      for (auto& v : codebook) v = normal();
+      for (auto& v : points) v = 1.5f * normal();
+      points[0] = NAN;
+      if (count > 2) points[5] = INFINITY;
+      std::vector<int32_t> got(count, -1), want(count, -2);
+      qamw::cuda::nearest_codeword_2d(points.data(), count, codebook.data(), K, got.data(), nullptr);
+      qamw::cpu::nearest_codeword_2d(points.data(), count, codebook.data(), K, want.data());
+      EXPECT(got == want, "nearest_codeword_2d K=%lld count=%lld", (long long)K, (long long)count);
+
+      std::vector<float> levels(K), values(count);
+      for (auto& v : levels) v = normal();
+      for (auto& v : values) v = 2 * normal();
+      values[0] = NAN;
+      std::vector<int32_t> got1(count, -1), want1(count, -2);
+      qamw::cuda::nearest_codeword_1d(values.data(), count, levels.data(), K, got1.data(), nullptr);
+      qamw::cpu::nearest_codeword_1d(values.data(), count, levels.data(), K, want1.data());
+      EXPECT(got1 == want1, "nearest_codeword_1d K=%lld count=%lld", (long long)K, (long long)count);
+    }
+}
+
+void test_pack() {
+  for (int bits = 1; bits <= 16; ++bits)
+    for (const int64_t count : {1, 33, 129, 1000}) {
+      const int64_t rows = 3, words = qamw::packed_words_per_row(count, bits);
+      std::vector<int32_t> codes(rows * count);
+      for (auto& c : codes) c = static_cast<int32_t>(rng() & ((1u << bits) - 1));
+      std::vector<int32_t> got(rows * words, -1), want(rows * words, -2);
+      qamw::cuda::pack_bits(codes.data(), rows, count, bits, got.data(), nullptr);
+      qamw::cpu::pack_bits(codes.data(), rows, count, bits, want.data());
+      EXPECT(got == want, "pack_bits %lld codes at %d bits", (long long)count, bits);
+      std::vector<int32_t> back(rows * count, -1);
+      qamw::cuda::unpack_bits(want.data(), rows, count, bits, back.data(), nullptr);
+      EXPECT(back == codes, "unpack_bits %lld codes at %d bits", (long long)count, bits);
+    }
+}
+
+struct QamwCase {
+  int bits;
+  int64_t m, n, block;
+  bool per_block, scaled, unaligned;
+  std::vector<int64_t> batches;
+};
+
+void test_qamw() {
+  const QamwCase cases[] = {
+      {4, 37, 256, 256, false, true, false, {1, 2, 3}},
+      {5, 70, 1024, 128, true, true, false, {1, 4, 16}},
+      {6, 3, 778, 2, false, false, false, {1, 5}},          // a partial chunk of 133 pairs
+      {8, 33, 576, 576, false, true, false, {1, 3}},        // 36 * 16
+      {9, 20, 1536, 1536, false, true, true, {1, 2}},       // 12 * 128, unaligned codes
+      {7, 11, 1536, 96, false, true, false, {1}},           // 12 * 8
+      {12, 45, 4096, 4096, false, true, false, {1, 5}},     // batch 5: the workspace path
+      {11, 300, 512, 64, true, false, false, {1, 16}},
+      {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
+  };
+  for (const QamwCase& c : cases) {
+    const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2;
+    // The launcher takes per-block scales only for blocks of 2^m (kernels.h).
+    const int64_t scales_per_row = c.per_block ? c.n / c.block : 1;
+    std::vector<int32_t> codes(c.m * pairs);
+    for (auto& v : codes) v = static_cast<int32_t>(rng() % K);
+    const int64_t words = qamw::packed_words_per_row(pairs, c.bits), off = c.unaligned ? 1 : 0;
+    std::vector<int32_t> packed(c.m * words + off);
+    qamw::cpu::pack_bits(codes.data(), c.m, pairs, c.bits, packed.data() + off);
+    std::vector<float> codebook(2 * K), row_scale(c.m * scales_per_row), channel(c.n);
+    for (auto& v : codebook) v = normal();
+    for (auto& v : row_scale) v = 0.5f + std::abs(normal());
+    for (auto& v : channel) v = 0.5f + std::abs(normal());
+    const std::vector<int8_t> signs = random_signs(c.n);
+    const qamw::QamwWeight w{packed.data() + off, words, codebook.data(), c.bits,
+                             row_scale.data(), scales_per_row,
+                             c.scaled ? channel.data() : nullptr,
+                             c.scaled ? signs.data() : nullptr, c.block, c.m, c.n};
+    for (const qamw::DType d : kDtypes) {
+      for (const int64_t batch : c.batches) {
+        Activations x(d, batch * c.n), got(d, batch * c.m), want(d, batch * c.m);
+        for (int64_t i = 0; i < batch * c.n; ++i) x.set(i, normal());
+        poison(got, batch * c.m);
+        std::vector<float> workspace(batch * c.n, NAN);
+        qamw::cuda::qamw_gemv(w, x.data(), d, batch, got.data(), workspace.data(), nullptr);
+        qamw::cpu::qamw_gemv(w, x.data(), d, batch, want.data());
+        const double err = compare(got, want, batch * c.m);
+        EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d: error %g",
+               c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch, int(d), err);
+      }
+      Activations got(d, c.m * c.n), want(d, c.m * c.n);
+      poison(got, c.m * c.n);
+      qamw::cuda::qamw_dequantize(w, got.data(), d, nullptr);
+      qamw::cpu::qamw_dequantize(w, want.data(), d);
+      const double err = compare(got, want, c.m * c.n);
+      EXPECT(err < tolerance(d), "qamw_dequantize bits=%d n=%lld block=%lld dtype %d: error %g",
+             c.bits, (long long)c.n, (long long)c.block, int(d), err);
+    }
+  }
+}
+
+struct AaacCase {
+  int64_t group, m, n;
+  qamw::ScaleType scale_type;
+  bool scaled, unaligned;
+  std::vector<int64_t> batches;
+};
+
+void test_aaac() {
+  const AaacCase cases[] = {
+      {16, 13, 48, qamw::ScaleType::F8E4M3, false, false, {1, 2}},
+      {32, 37, 96, qamw::ScaleType::F16, true, false, {1, 3, 16}},
+      {64, 70, 1024, qamw::ScaleType::F16, true, true, {1, 5}},
+      {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4}},  // batch 4: x from global
+      {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
+  };
+  for (const AaacCase& c : cases) {
+    const int64_t groups = c.n / c.group, words = qamw::packed_words_per_row(c.n, 4);
+    const int64_t off = c.unaligned ? 1 : 0;
+    std::vector<int32_t> codes(c.m * c.n), packed(c.m * words + off);
+    for (auto& v : codes) v = static_cast<int32_t>(rng() & 15);
+    qamw::cpu::pack_bits(codes.data(), c.m, c.n, 4, packed.data() + off);
+    std::vector<float> codebooks(32), channel(c.n);
+    for (auto& v : codebooks) v = normal();
+    for (auto& v : channel) v = 0.5f + std::abs(normal());
+    const float tensor_scale = 0.3f;
+    std::vector<c10::Half> f16(c.m * groups);
+    std::vector<c10::Float8_e4m3fn> f8(c.m * groups);
+    for (int64_t g = 0; g < c.m * groups; ++g) {
+      const float v = g == 0 ? -0.0f : normal() * (g % 3 == 0 ? 0.01f : 1.0f);
+      f16[g] = c10::Half(v);
+      f8[g] = c10::Float8_e4m3fn(v);
+    }
+    const void* scales = c.scale_type == qamw::ScaleType::F16 ? static_cast<const void*>(f16.data())
+                                                              : static_cast<const void*>(f8.data());
+    const qamw::AaacWeight w{packed.data() + off, words, scales, c.scale_type, codebooks.data(),
+                             c.scaled ? &tensor_scale : nullptr, c.scaled ? channel.data() : nullptr,
+                             c.group, c.m, c.n};
+    for (const qamw::DType d : kDtypes) {
+      for (const int64_t batch : c.batches) {
+        Activations x(d, batch * c.n), got(d, batch * c.m), want(d, batch * c.m);
+        for (int64_t i = 0; i < batch * c.n; ++i) x.set(i, normal());
+        poison(got, batch * c.m);
+        qamw::cuda::aaac_gemv(w, x.data(), d, batch, got.data(), nullptr);
+        qamw::cpu::aaac_gemv(w, x.data(), d, batch, want.data());
+        const double err = compare(got, want, batch * c.m);
+        EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d: error %g",
+               (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d), err);
+      }
+      Activations got(d, c.m * c.n), want(d, c.m * c.n);
+      poison(got, c.m * c.n);
+      qamw::cuda::aaac_dequantize(w, got.data(), d, nullptr);
+      qamw::cpu::aaac_dequantize(w, want.data(), d);
+      const double err = compare(got, want, c.m * c.n);
+      EXPECT(err < tolerance(d), "aaac_dequantize group=%lld dtype %d: error %g",
+             (long long)c.group, int(d), err);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  const std::pair<const char*, void (*)()> tests[] = {{"hadamard", test_hadamard},
+                                                      {"nearest codeword", test_nearest},
+                                                      {"bit packing", test_pack},
+                                                      {"QAM-W", test_qamw},
+                                                      {"AAAC", test_aaac}};
+  for (const auto schedule : {qamw_emu::Schedule::Forward, qamw_emu::Schedule::Reverse}) {
+    qamw_emu::set_schedule(schedule);
+    for (const auto& [name, test] : tests) {
+      const auto start = std::chrono::steady_clock::now();
+      const int before = failures;
+      test();
+      std::printf("%s, %s schedule: %d failed checks, %.1f s\n", name,
+                  schedule == qamw_emu::Schedule::Forward ? "forward" : "reverse",
+                  failures - before,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      std::fflush(stdout);
+    }
+  }
+  std::printf(failures ? "%d checks failed\n" : "all emulated CUDA kernel checks passed\n",
+              failures);
+  return failures ? 1 : 0;
+}
