@@ -41,6 +41,11 @@ __device__ __forceinline__ void decode_scale(const void* scales, ScaleType type,
   }
 }
 
+// Index in shared memory of activation value j: 4 padding floats after every 32 values.
+struct ChunkIndex {
+  __device__ int operator()(int j) const { return (j / kChunk) * kChunkStride + j % kChunk; }
+};
+
 struct GemvParams {
   AaacWeight w;
   int chunks_per_row, group_lanes, batch;
@@ -48,6 +53,7 @@ struct GemvParams {
   DType dtype;
   void* out;
   bool packed_vec;  // packed rows are 16-byte aligned
+  bool x_vec;       // stage_activation may use vector loads
 };
 
 // XS: the activation is staged in shared memory (else read from global, divided on the fly).
@@ -63,13 +69,10 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
 
   for (int i = threadIdx.x; i < 32 * 32; i += kThreads) cb_s[i] = w.codebooks[i / 32];
   if constexpr (XS) {
-    for (int b = 0; b < p.batch; ++b) {
-      for (int j = threadIdx.x; j < n; j += kThreads) {
-        float v = load_as_float(p.x, p.dtype, int64_t{b} * n + j);
-        if (w.channel_scale) v /= w.channel_scale[j];
-        x_s[b * x_row + (j / kChunk) * kChunkStride + j % kChunk] = v;
-      }
-    }
+    with_typed_activation(p.x, p.dtype, [&](auto* x) {
+      stage_activation(x, n, p.batch, w.channel_scale, nullptr, 1.0f, p.x_vec, x_s, x_row,
+                       ChunkIndex{});
+    });
   }
   __syncthreads();
 
@@ -202,6 +205,7 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   p.dtype = dtype;
   p.out = out;
   p.packed_vec = aligned16(w.packed);
+  p.x_vec = stage_vectors(x, w.channel_scale, nullptr, w.n);
   const size_t x_bytes = sizeof(float) * batch * p.chunks_per_row * kChunkStride;
   const bool staged = x_bytes <= static_cast<size_t>(kSharedActivationBytes);
   int dev = 0, sms = 0, optin = 0;

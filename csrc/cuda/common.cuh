@@ -141,6 +141,91 @@ __device__ __forceinline__ void store_floats(T* p, const float (&v)[N], bool vec
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Stages `batch` activation rows of n values into shared memory as floats: value j of row b,
+// divided by channel_scale[j] and times signs[j] and `scale`, goes to
+// dst[b * row_stride + index(j)]; index(j) .. index(j) + 7 must be consecutive and 8-byte
+// aligned for every j that is a multiple of 8. With `vec` (x and channel_scale 16-byte
+// aligned, signs 8-byte aligned, n a multiple of 8) a thread loads several pieces of 8 values
+// with 16-byte loads before it stores any: their loads are in flight together. Otherwise, and
+// for the last n % 8 values, one value at a time.
+template <typename T, typename Index>
+__device__ __forceinline__ void stage_activation(const T* __restrict__ x, int n, int batch,
+                                                 const float* __restrict__ channel_scale,
+                                                 const int8_t* __restrict__ signs, float scale,
+                                                 bool vec, float* dst, int row_stride,
+                                                 Index index) {
+  // Four pieces of fp16/bf16 or two of fp32 (both 64 bytes of x): more would raise the
+  // GEMV kernels' register count above what their main loops need.
+  constexpr int kVecs = sizeof(T) / 2, kUnroll = 4 / kVecs;  // kVecs: 16-byte vectors a piece
+  const int pieces = vec ? n / 8 : 0, total = batch * pieces;
+  for (int t0 = threadIdx.x; t0 < total; t0 += kUnroll * blockDim.x) {
+    uint4 raw[kUnroll][kVecs];
+    float4 cs[kUnroll][2];
+    uint2 sg[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * blockDim.x;
+      if (t < total) {
+        const int b = t / pieces, j = 8 * (t - b * pieces);
+        const uint4* xv = reinterpret_cast<const uint4*>(x + int64_t{b} * n + j);
+#pragma unroll
+        for (int q = 0; q < kVecs; ++q) raw[u][q] = xv[q];
+        if (channel_scale) {
+          cs[u][0] = reinterpret_cast<const float4*>(channel_scale + j)[0];
+          cs[u][1] = reinterpret_cast<const float4*>(channel_scale + j)[1];
+        }
+        if (signs) sg[u] = *reinterpret_cast<const uint2*>(signs + j);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * blockDim.x;
+      if (t < total) {
+        const int b = t / pieces, j = 8 * (t - b * pieces);
+        const T* e = reinterpret_cast<const T*>(raw[u]);
+        const float* c = reinterpret_cast<const float*>(cs[u]);
+        const int8_t* s = reinterpret_cast<const int8_t*>(&sg[u]);
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          v[i] = to_float(e[i]);
+          if (channel_scale) v[i] /= c[i];
+          if (signs) v[i] *= static_cast<float>(s[i]);
+          v[i] *= scale;
+        }
+        float2* out = reinterpret_cast<float2*>(dst + b * row_stride + index(j));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) out[i] = make_float2(v[2 * i], v[2 * i + 1]);
+      }
+    }
+  }
+  const int rest = n - 8 * pieces;
+  for (int t = threadIdx.x; t < batch * rest; t += blockDim.x) {
+    const int b = t / rest, j = 8 * pieces + (t - b * rest);
+    float v = to_float(x[int64_t{b} * n + j]);
+    if (channel_scale) v /= channel_scale[j];
+    if (signs) v *= static_cast<float>(signs[j]);
+    dst[b * row_stride + index(j)] = v * scale;
+  }
+}
+
+// Whether stage_activation may use vector loads.
+inline bool stage_vectors(const void* x, const float* channel_scale, const int8_t* signs,
+                          int64_t n) {
+  return aligned16(x) && (channel_scale == nullptr || aligned16(channel_scale)) &&
+         (reinterpret_cast<uintptr_t>(signs) & 7) == 0 && n % 8 == 0;
+}
+
+// Calls f with a typed pointer to the activation x of runtime dtype.
+template <typename F>
+__device__ __forceinline__ void with_typed_activation(const void* x, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F16: f(static_cast<const __half*>(x)); break;
+    case DType::BF16: f(static_cast<const __nv_bfloat16*>(x)); break;
+    default: f(static_cast<const float*>(x)); break;
+  }
+}
+
 // In-register Walsh-Hadamard butterflies over R index bits of each of the E / 2^R columns of v
 // (slot = column * 2^R + i), unnormalised.
 template <int R, int E>

@@ -3,7 +3,8 @@
 // GEMV: y[b, i] = sum_k scale(i, k) <codebook[code(i, k)], xr[b, 2k:2k+2]>, xr the rotated
 // activation H_block(signs * x / channel_scale). Each CTA first rotates the whole activation
 // into shared memory (fused; when it is small enough) or the launcher rotates it into the
-// caller's workspace with a small kernel; the codebook is staged in shared memory (bits <= 12).
+// caller's workspace with a small kernel; the codebook is staged in shared memory, in up to 16
+// copies that spread the lookups over the banks (codebook_copies).
 // A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
 // of 2^m values, then its K runs mixed by H_K (mix_shared).
 // Then a thread owns 128 consecutive codes of a row at a time (a "chunk": exactly `bits` aligned
@@ -22,7 +23,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 128;                     // codes a thread decodes at once
-constexpr int kSmemCodebookMaxBits = 12;        // 2^12 float2 = 32 KiB
+constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
 constexpr int64_t kFusedActivationBytes = 64 * 1024;
 constexpr int kRotateTile = 2048;               // floats a rotation CTA handles at least
 
@@ -36,6 +37,26 @@ float inv_sqrt(int64_t block) { return static_cast<float>(1.0 / __builtin_sqrt(d
 
 // Index in shared memory of value j of a row of the padded rotated activation.
 __device__ __forceinline__ int padded_index(int j) { return j + 2 * (j >> 8); }
+struct PaddedIndex {
+  __device__ int operator()(int j) const { return padded_index(j); }
+};
+struct Identity {
+  __device__ int operator()(int j) const { return j; }
+};
+
+// Copies of the codebook in shared memory: entry e of copy r at e * copies + r, and lane l reads
+// copy l % copies. A warp's 8-byte loads are served a half-warp at a time; with 16 copies the 16
+// lanes of a half-warp each read their own pair of banks, so the data-dependent lookups are free
+// of bank conflicts (one copy: ~3 times the wavefronts). The copies take at most 128 KiB and
+// what the device's shared memory leaves: on an H100, 16 copies up to 10 bits per pair, 8 at 11
+// bits, 4 at 12, where lanes l and l + copies may share banks. Returns 0 when not even one copy
+// fits in `budget` bytes.
+int codebook_copies(int bits, int64_t budget) {
+  const int64_t limit = budget < kCodebookCopiesBytes ? budget : kCodebookCopiesBytes;
+  int copies = 16;
+  while (copies > 0 && (int64_t{8} * copies << bits) > limit) copies /= 2;
+  return copies;
+}
 
 // Unnormalised Walsh-Hadamard transform, in place in shared memory, of `rows` rows of n values
 // (row b at s + b * row_stride, value j at padded_index(j) when `padded`), in blocks of `block`.
@@ -127,6 +148,8 @@ struct GemvParams {
   const float* workspace;  // rotated activation, or nullptr: rotate into shared memory
   void* out;
   bool packed_vec;         // packed rows are 16-byte aligned
+  bool x_vec;              // stage_activation may use vector loads
+  int copies_log2;         // log2 of the codebook's copies in shared memory
 };
 
 // Code j (0..127) of a chunk held as 4 * BITS little-endian words.
@@ -142,27 +165,23 @@ __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[4 * BITS], in
 template <int BITS, int NB>
 __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr bool kCodebookShared = BITS <= kSmemCodebookMaxBits;
+  const int copies_log2 = p.copies_log2;
   float2* cb_s = reinterpret_cast<float2*>(smem_raw);
-  float* xr_s = reinterpret_cast<float*>(smem_raw + (kCodebookShared ? (8 << BITS) : 0));
+  float* xr_s = reinterpret_cast<float*>(smem_raw + (8 << (BITS + copies_log2)));
 
-  if constexpr (kCodebookShared) {
-    for (int i = threadIdx.x; i < (1 << BITS); i += kThreads)
-      cb_s[i] = make_float2(p.codebook[2 * i], p.codebook[2 * i + 1]);
+  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
+    const int e = i >> copies_log2;
+    cb_s[i] = make_float2(p.codebook[2 * e], p.codebook[2 * e + 1]);
   }
   // Rotated activation: pair k of batch row b at xr2[b * xr_row + chunk * xr_chunk + k % 128].
   const float2* xr2;
   int xr_row, xr_chunk;
   if (p.workspace == nullptr) {
     xr_row = p.pairs + p.chunks_per_row;  // in pairs: one padding pair per chunk
-    for (int b = 0; b < p.batch; ++b) {
-      for (int j = threadIdx.x; j < p.n; j += kThreads) {
-        float v = load_as_float(p.x, p.dtype, int64_t{b} * p.n + j);
-        if (p.channel_scale) v /= p.channel_scale[j];
-        if (p.signs) v *= static_cast<float>(p.signs[j]);
-        xr_s[b * (2 * xr_row) + padded_index(j)] = v * p.norm;
-      }
-    }
+    with_typed_activation(p.x, p.dtype, [&](auto* x) {
+      stage_activation(x, p.n, p.batch, p.channel_scale, p.signs, p.norm, p.x_vec, xr_s,
+                       2 * xr_row, PaddedIndex{});
+    });
     __syncthreads();
     fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, true);
     if (p.order > 1) mix_shared(xr_s, p.batch, p.n, p.order, p.pow2, p.table, 2 * xr_row, true);
@@ -178,6 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
   const int G = p.group_lanes;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane & (G - 1);
+  const float2* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
   const int rows_per_warp = 32 / G;
   const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
   const int64_t vecs_per_row = p.words_per_row / 4;
@@ -221,12 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
         for (int j = 0; j < kChunk; ++j) {
           if (j < valid) {
             const uint32_t code = chunk_code<BITS>(w, j);
-            float2 cw;
-            if constexpr (kCodebookShared) {
-              cw = cb_s[code];
-            } else {
-              cw = make_float2(__ldg(p.codebook + 2 * code), __ldg(p.codebook + 2 * code + 1));
-            }
+            const float2 cw = my_cb[code << copies_log2];
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
               if (b < p.batch) {
@@ -264,16 +279,15 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
 // workspace: grid (n / tile, batch).
 __global__ void __launch_bounds__(kThreads)
     rotate_kernel(const void* x, DType dtype, int n, int order, int pow2, int table, int tile,
-                  const float* channel_scale, const int8_t* signs, float norm, float* xr) {
+                  const float* channel_scale, const int8_t* signs, float norm, bool vec,
+                  float* xr) {
   extern __shared__ float tile_s[];
   const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
   const int j0 = blockIdx.x * tile;
-  for (int i = threadIdx.x; i < tile; i += kThreads) {
-    float v = load_as_float(x, dtype, first + i);
-    if (channel_scale) v /= channel_scale[j0 + i];
-    if (signs) v *= static_cast<float>(signs[j0 + i]);
-    tile_s[i] = v * norm;
-  }
+  with_typed_activation(x, dtype, [&](auto* xt) {
+    stage_activation(xt + first, tile, 1, channel_scale ? channel_scale + j0 : nullptr,
+                     signs ? signs + j0 : nullptr, norm, vec, tile_s, tile, Identity{});
+  });
   __syncthreads();
   fwht_shared(tile_s, 1, tile, pow2, tile, false);
   if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
@@ -392,26 +406,35 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.batch = static_cast<int>(batch);
   p.out = out;
   p.packed_vec = aligned16(w.packed);
+  p.x_vec = stage_vectors(x, w.channel_scale, w.signs, w.n);
 
-  const size_t cb_bytes = w.bits <= kSmemCodebookMaxBits ? (size_t{8} << w.bits) : 0;
-  const size_t xr_bytes = sizeof(float) * batch * (p.n + 2 * p.chunks_per_row);
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const int64_t xr_bytes = int64_t{sizeof(float)} * batch * (p.n + 2 * p.chunks_per_row);
+  // The activation in shared memory beside the codebook copies when both fit, else rotated
+  // into the workspace by its own kernel.
+  int copies = xr_bytes <= kFusedActivationBytes ? codebook_copies(w.bits, optin - xr_bytes) : 0;
+  const bool fused = copies > 0;
+  if (!fused) copies = codebook_copies(w.bits, optin);
+  p.copies_log2 = log2_of(copies);
+  const size_t cb_bytes = size_t{8} * copies << w.bits;
+  const size_t smem = cb_bytes + (fused ? xr_bytes : 0);
+  if (!fused) {
+    const int tile = rotate_tile(w.n, w.block);
+    const size_t tile_bytes = sizeof(float) * tile;
+    allow_smem(rotate_kernel, tile_bytes);
+    rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
+                    kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
+                                               w.channel_scale, w.signs, p.norm,
+                                               p.x_vec && tile % 8 == 0, workspace);
+    p.workspace = workspace;
+  }
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(batch, [&](auto nb) {
       auto kernel = qamw_gemv_kernel<decltype(bits)::value, decltype(nb)::value>;
-      size_t smem = cb_bytes + xr_bytes;
-      if (xr_bytes > static_cast<size_t>(kFusedActivationBytes) || !allow_smem(kernel, smem)) {
-        const int tile = rotate_tile(w.n, w.block);
-        const size_t tile_bytes = sizeof(float) * tile;
-        allow_smem(rotate_kernel, tile_bytes);
-        rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
-                        kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
-                                                   w.channel_scale, w.signs, p.norm, workspace);
-        p.workspace = workspace;
-        smem = cb_bytes;
-        allow_smem(kernel, smem);
-      }
-      int dev = 0, sms = 0, per_sm = 0;
-      cudaGetDevice(&dev);
+      allow_smem(kernel, smem);
+      int sms = 0, per_sm = 0;
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
       const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
