@@ -126,11 +126,20 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
   }
 }
 
+// Dynamic shared memory of hadamard_kernel<T, L>, for any L at run time.
+size_t hadamard_smem_bytes(int L) {
+  const int64_t block = int64_t{1} << L;
+  const int64_t threads_per_block = block >> (L < kPassBits ? L : kPassBits);
+  const int64_t blocks_per_cta = threads_per_block >= 128 ? 1 : 128 / threads_per_block;
+  const bool shared = (L + kPassBits - 1) / kPassBits > 1;
+  return shared ? sizeof(float) * (block + block / 32) * blocks_per_cta : 0;
+}
+
 template <typename T, int L>
 void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const int8_t* signs,
             bool inverse, cudaStream_t stream) {
   using S = HadamardShape<L>;
-  const size_t smem = sizeof(float) * S::smem_per_block * S::blocks_per_cta;
+  const size_t smem = hadamard_smem_bytes(L);
   auto kernel = hadamard_kernel<T, L>;
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -142,33 +151,62 @@ void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const i
                                              vec);
 }
 
-// The 2^L transform of every block of `block` (a power of two from 2 to 2^15) values.
+constexpr int kMixThreads = 256;
+
+// Joins transformed runs of `half` values in pairs into transforms of 2 * half: values i and
+// i + half of each pair become (a + b, a - b) / sqrt(2), times signs_out (row position) if given.
+template <typename T>
+__global__ void __launch_bounds__(kMixThreads)
+    join_halves_kernel(T* v, int64_t columns, int64_t half, int64_t n, const int8_t* signs_out) {
+  for (int64_t col = int64_t{blockIdx.x} * kMixThreads + threadIdx.x; col < columns;
+       col += int64_t{gridDim.x} * kMixThreads) {
+    const int64_t pair = col / half, base = pair * 2 * half + (col - pair * half);
+    const float a = to_float(v[base]), b = to_float(v[base + half]);
+    float y0 = (a + b) * 0.70710678118654752f, y1 = (a - b) * 0.70710678118654752f;
+    if (signs_out) {
+      y0 *= static_cast<float>(signs_out[base % n]);
+      y1 *= static_cast<float>(signs_out[(base + half) % n]);
+    }
+    v[base] = from_float<T>(y0);
+    v[base + half] = from_float<T>(y1);
+  }
+}
+
+// The 2^L transform of every block of `block` (a power of two from 2 to 2^15) values. When the
+// device's shared memory cannot hold a block (2^15 needs 132 KiB, 2^14 66 KiB), the largest
+// block that fits is transformed and join_halves_kernel doubles it until it is whole.
 template <typename T>
 void launch_pow2(const T* x, T* out, int64_t rows, int64_t n, int64_t block, const int8_t* signs,
                  bool inverse, cudaStream_t s) {
   int L = 0;
   while ((int64_t{1} << L) < block) ++L;
-  const int64_t nblocks = rows * (n / block), blocks_per_row = n / block;
-  switch (L) {
-    case 1: launch<T, 1>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 2: launch<T, 2>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 3: launch<T, 3>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 4: launch<T, 4>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 5: launch<T, 5>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 6: launch<T, 6>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 7: launch<T, 7>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 8: launch<T, 8>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 9: launch<T, 9>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 10: launch<T, 10>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 11: launch<T, 11>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 12: launch<T, 12>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 13: launch<T, 13>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    case 14: launch<T, 14>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
-    default: launch<T, 15>(x, out, nblocks, blocks_per_row, signs, inverse, s); break;
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  int fit = L;
+  while (hadamard_smem_bytes(fit) > static_cast<size_t>(optin)) --fit;
+  const int joins = L - fit;
+  const int64_t nblocks = (rows * (n / block)) << joins, blocks_per_row = (n / block) << joins;
+  // Joined: the signs of the inverse multiply the last join's outputs instead.
+  const int8_t* first_signs = joins > 0 && inverse ? nullptr : signs;
+  const bool first_inverse = joins > 0 ? false : inverse;
+  switch (fit) {
+#define QAMW_POW2_CASE(B)                                                                   \
+  case B: launch<T, B>(x, out, nblocks, blocks_per_row, first_signs, first_inverse, s); break;
+    QAMW_POW2_CASE(1) QAMW_POW2_CASE(2) QAMW_POW2_CASE(3) QAMW_POW2_CASE(4) QAMW_POW2_CASE(5)
+    QAMW_POW2_CASE(6) QAMW_POW2_CASE(7) QAMW_POW2_CASE(8) QAMW_POW2_CASE(9) QAMW_POW2_CASE(10)
+    QAMW_POW2_CASE(11) QAMW_POW2_CASE(12) QAMW_POW2_CASE(13) QAMW_POW2_CASE(14)
+    default: launch<T, 15>(x, out, nblocks, blocks_per_row, first_signs, first_inverse, s); break;
+#undef QAMW_POW2_CASE
+  }
+  const int64_t columns = rows * n / 2;
+  const int64_t ctas = ceil_div(columns, kMixThreads);
+  const unsigned grid = static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+  for (int j = 0; j < joins; ++j) {
+    join_halves_kernel<T><<<grid, kMixThreads, 0, s>>>(
+        out, columns, int64_t{1} << (fit + j), n, j == joins - 1 && inverse ? signs : nullptr);
   }
 }
-
-constexpr int kMixThreads = 256;
 
 // Calls f(IntC<K>{}) when `order` is the tabulated order K; nothing otherwise.
 template <typename F>

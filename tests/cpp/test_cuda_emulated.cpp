@@ -4,7 +4,8 @@
 // (fused and workspace activation paths, batches 1 ... 16, per-block scales) and dequantize,
 // in every activation dtype, at odd sizes and with unaligned pointers. Outputs are NaN until
 // written. The whole run is repeated with each step's threads scheduled in reverse order, so
-// that a result depending on a missing barrier differs between the two runs.
+// that a result depending on a missing barrier differs between the two runs, and again on a
+// device with 99 KiB of shared memory per block instead of an H100's 227 KiB.
 #include <c10/util/Float8_e4m3fn.h>
 
 #include <chrono>
@@ -32,6 +33,8 @@ double compare(const Activations& a, const Activations& b, int64_t size) {
   }
   return worst;
 }
+
+int64_t element_size(qamw::DType d) { return d == qamw::DType::F32 ? 4 : 2; }
 
 void poison(Activations& a, int64_t size) {
   for (int64_t i = 0; i < size; ++i) a.set(i, NAN);
@@ -62,7 +65,7 @@ void test_hadamard() {
           poison(want, size + off);
           const std::vector<int8_t> signs = random_signs(c.n);
           const int8_t* sg = with_signs ? signs.data() : nullptr;
-          auto at = [&](Activations& a) { return static_cast<char*>(a.data()) + off * (d == qamw::DType::F32 ? 4 : 2); };
+          auto at = [&](Activations& a) { return static_cast<char*>(a.data()) + off * element_size(d); };
           qamw::cuda::hadamard(at(x), at(got), d, c.rows, c.n, c.block, sg, inverse, nullptr);
           qamw::cpu::hadamard(at(x), at(want), d, c.rows, c.n, c.block, sg, inverse);
           // Compare from `off` on: the element before stays NaN in both.
@@ -130,7 +133,7 @@ void test_qamw() {
       {5, 70, 1024, 128, true, true, false, {1, 4, 16}},
       {6, 3, 778, 2, false, false, false, {1, 5}},          // a partial chunk of 133 pairs
       {8, 33, 576, 576, false, true, false, {1, 3}},        // 36 * 16
-      {9, 20, 1536, 1536, false, true, true, {1, 2}},       // 12 * 128, unaligned codes
+      {9, 20, 1536, 1536, false, true, true, {1, 2, 16}},   // 12 * 128, unaligned codes and x
       {7, 11, 1536, 96, false, true, false, {1}},           // 12 * 8
       {12, 45, 4096, 4096, false, true, false, {1, 5}},     // batch 5: the workspace path
       {11, 300, 512, 64, true, false, false, {1, 16}},
@@ -156,12 +159,14 @@ void test_qamw() {
                              c.scaled ? signs.data() : nullptr, c.block, c.m, c.n};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        Activations x(d, batch * c.n), got(d, batch * c.m), want(d, batch * c.m);
-        for (int64_t i = 0; i < batch * c.n; ++i) x.set(i, normal());
+        // `unaligned`: the activation starts one element in too (the scalar staging path).
+        Activations x(d, batch * c.n + off), got(d, batch * c.m), want(d, batch * c.m);
+        for (int64_t i = 0; i < batch * c.n + off; ++i) x.set(i, normal());
+        const void* xp = static_cast<const char*>(x.data()) + off * element_size(d);
         poison(got, batch * c.m);
         std::vector<float> workspace(batch * c.n, NAN);
-        qamw::cuda::qamw_gemv(w, x.data(), d, batch, got.data(), workspace.data(), nullptr);
-        qamw::cpu::qamw_gemv(w, x.data(), d, batch, want.data());
+        qamw::cuda::qamw_gemv(w, xp, d, batch, got.data(), workspace.data(), nullptr);
+        qamw::cpu::qamw_gemv(w, xp, d, batch, want.data());
         const double err = compare(got, want, batch * c.m);
         EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d: error %g",
                c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch, int(d), err);
@@ -216,11 +221,12 @@ void test_aaac() {
                              c.group, c.m, c.n};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        Activations x(d, batch * c.n), got(d, batch * c.m), want(d, batch * c.m);
-        for (int64_t i = 0; i < batch * c.n; ++i) x.set(i, normal());
+        Activations x(d, batch * c.n + off), got(d, batch * c.m), want(d, batch * c.m);
+        for (int64_t i = 0; i < batch * c.n + off; ++i) x.set(i, normal());
+        const void* xp = static_cast<const char*>(x.data()) + off * element_size(d);
         poison(got, batch * c.m);
-        qamw::cuda::aaac_gemv(w, x.data(), d, batch, got.data(), nullptr);
-        qamw::cpu::aaac_gemv(w, x.data(), d, batch, want.data());
+        qamw::cuda::aaac_gemv(w, xp, d, batch, got.data(), nullptr);
+        qamw::cpu::aaac_gemv(w, xp, d, batch, want.data());
         const double err = compare(got, want, batch * c.m);
         EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d: error %g",
                (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d), err);
@@ -244,15 +250,24 @@ int main() {
                                                       {"bit packing", test_pack},
                                                       {"QAM-W", test_qamw},
                                                       {"AAAC", test_aaac}};
-  for (const auto schedule : {qamw_emu::Schedule::Forward, qamw_emu::Schedule::Reverse}) {
-    qamw_emu::set_schedule(schedule);
+  // An H100's shared memory in both schedules, then 99 KiB per block (sm_86 / sm_89 GPUs).
+  struct Pass {
+    const char* name;
+    qamw_emu::Schedule schedule;
+    int shared_per_block;
+  };
+  const Pass passes[] = {{"forward", qamw_emu::Schedule::Forward, 227 * 1024},
+                         {"reverse", qamw_emu::Schedule::Reverse, 227 * 1024},
+                         {"99 KiB shared memory", qamw_emu::Schedule::Forward, 99 * 1024}};
+  for (const Pass& pass : passes) {
+    qamw_emu::set_schedule(pass.schedule);
+    qamw_emu::device().shared_per_block_optin = pass.shared_per_block;
+    qamw_emu::device().shared_per_sm = pass.shared_per_block + 1024;
     for (const auto& [name, test] : tests) {
       const auto start = std::chrono::steady_clock::now();
       const int before = failures;
       test();
-      std::printf("%s, %s schedule: %d failed checks, %.1f s\n", name,
-                  schedule == qamw_emu::Schedule::Forward ? "forward" : "reverse",
-                  failures - before,
+      std::printf("%s, %s: %d failed checks, %.1f s\n", name, pass.name, failures - before,
                   std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       std::fflush(stdout);
     }
