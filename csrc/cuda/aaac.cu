@@ -17,7 +17,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;          // codes in one 16-byte vector
 constexpr int kChunkStride = 36;    // floats per chunk of the staged activation
-constexpr int64_t kSharedActivationBytes = 96 * 1024;
 
 // |s| of an e4m3fn byte without its sign bit: bias 7, subnormals, 0x7F is NaN (no infinities).
 __device__ __forceinline__ float e4m3_magnitude(uint32_t m) {
@@ -207,7 +206,6 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   p.packed_vec = aligned16(w.packed);
   p.x_vec = stage_vectors(x, w.channel_scale, nullptr, w.n);
   const size_t x_bytes = sizeof(float) * batch * p.chunks_per_row * kChunkStride;
-  const bool staged = x_bytes <= static_cast<size_t>(kSharedActivationBytes);
   int dev = 0, sms = 0, optin = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -226,7 +224,9 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
       kernel<<<grid, kThreads, smem, as_stream(stream)>>>(p);
     };
     const size_t cb_bytes = sizeof(float) * 32 * 32;
-    if (staged && cb_bytes + x_bytes <= static_cast<size_t>(optin))
+    // Staged whenever the device's shared memory holds it: even at one CTA per SM, one 16-byte
+    // shared load per 4 weights beats two global loads and a division per weight.
+    if (cb_bytes + x_bytes <= static_cast<size_t>(optin))
       launch(aaac_gemv_kernel<decltype(nb)::value, true>, cb_bytes + x_bytes);
     else
       launch(aaac_gemv_kernel<decltype(nb)::value, false>, cb_bytes);

@@ -194,7 +194,7 @@ void test_aaac() {
       {16, 13, 48, qamw::ScaleType::F8E4M3, false, false, {1, 2}},
       {32, 37, 96, qamw::ScaleType::F16, true, false, {1, 3, 16}},
       {64, 70, 1024, qamw::ScaleType::F16, true, true, {1, 5}},
-      {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4}},  // batch 4: x from global
+      {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}},  // 16: x from global
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
   };
   for (const AaacCase& c : cases) {
