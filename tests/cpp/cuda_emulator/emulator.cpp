@@ -27,11 +27,13 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr int kDefaultDynamicShared = 48 * 1024;
 
+// Exits at once (exit code 3): the failing thread may be on a fiber's stack, so nothing unwinds.
 [[noreturn]] void fail(const char* what) {
   std::fprintf(stderr, "CUDA emulator: %s (block %u,%u,%u thread %u,%u,%u)\n", what, blockIdx.x,
                blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+  std::fflush(stdout);
   std::fflush(stderr);
-  std::abort();
+  std::_Exit(3);
 }
 
 enum class State { Ready, AtBarrier, AtExchange, Done };

@@ -1,0 +1,105 @@
+// The emulator's own checks, each on a small kernel written for it: `self_test ok` must pass,
+// and every other mode must fail with its own message (ctest matches it), so that a check that
+// stopped working shows up.
+//   ok               a block reduction with barriers and shuffles gives the right sum
+//   race             the same reduction without its barrier: forward and reverse schedules differ
+//   divergent        threads of a block wait at two different __syncthreads
+//   exited           some threads return before a __syncthreads the others reach
+//   shuffle-deadlock half a warp shuffles while the other half waits at __syncthreads
+//   shared-limit     60 KiB of dynamic shared memory without cudaFuncSetAttribute
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+namespace {
+
+constexpr int kThreads = 128;
+
+// out[blockIdx.x] = sum of in over the block's 128 values: warp sums by shuffles, then thread 0
+// adds the warps' sums from shared memory.
+__global__ void block_sum(const float* in, float* out, bool with_barrier) {
+  __shared__ float warp_sums[kThreads / 32];
+  float v = in[blockIdx.x * kThreads + threadIdx.x];
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  if (with_barrier) __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0;
+    for (int w = 0; w < kThreads / 32; ++w) s += warp_sums[w];
+    out[blockIdx.x] = s;
+  }
+}
+
+__global__ void divergent(float* out) {
+  if (threadIdx.x < 64) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void exited(float* out) {
+  if (threadIdx.x >= 64) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void shuffle_deadlock(float* out) {
+  float v = 1.0f;
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  __syncthreads();
+  out[threadIdx.x] = v;
+}
+
+__global__ void uses_shared(float* out) {
+  float* s = qamw_emu::dynamic_shared<float>();
+  s[threadIdx.x] = 1.0f;
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+std::vector<float> sums(const std::vector<float>& in, bool with_barrier,
+                        qamw_emu::Schedule schedule) {
+  qamw_emu::set_schedule(schedule);
+  std::vector<float> out(in.size() / kThreads, -1.0f);
+  qamw_emu::launch(block_sum, out.size(), kThreads)(in.data(), out.data(), with_barrier);
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* mode = argc > 1 ? argv[1] : "ok";
+  std::vector<float> in(3 * kThreads), out(kThreads, 0.0f);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(i % 7);
+  if (std::strcmp(mode, "ok") == 0 || std::strcmp(mode, "race") == 0) {
+    const bool barrier = std::strcmp(mode, "ok") == 0;
+    const std::vector<float> forward = sums(in, barrier, qamw_emu::Schedule::Forward);
+    const std::vector<float> reverse = sums(in, barrier, qamw_emu::Schedule::Reverse);
+    for (size_t b = 0; b < forward.size(); ++b) {
+      float want = 0;
+      for (int i = 0; i < kThreads; ++i) want += in[b * kThreads + i];
+      if (forward[b] != want || reverse[b] != want) {
+        std::printf("block %zu: sum %g (forward) and %g (reverse), want %g\n", b, forward[b],
+                    reverse[b], want);
+        return 1;
+      }
+    }
+    std::printf("block sums match in both schedules\n");
+    return 0;
+  }
+  if (std::strcmp(mode, "divergent") == 0) qamw_emu::launch(divergent, 1, kThreads)(out.data());
+  else if (std::strcmp(mode, "exited") == 0) qamw_emu::launch(exited, 1, kThreads)(out.data());
+  else if (std::strcmp(mode, "shuffle-deadlock") == 0)
+    qamw_emu::launch(shuffle_deadlock, 1, kThreads)(out.data());
+  else if (std::strcmp(mode, "shared-limit") == 0)
+    qamw_emu::launch(uses_shared, 1, kThreads, 60 * 1024)(out.data());
+  else {
+    std::printf("unknown mode %s\n", mode);
+    return 2;
+  }
+  std::printf("mode %s ran without an error\n", mode);
+  return 0;
+}
