@@ -392,8 +392,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.n = static_cast<int>(w.n);
   p.pairs = static_cast<int>(w.n / 2);
   p.chunks_per_row = static_cast<int>(ceil_div(p.pairs, kChunk));
+  // At most 16 lanes a row: the two or more rows of a warp then read the same activation pairs,
+  // which shared memory broadcasts (one wavefront for the warp's activation load, not two).
   p.group_lanes = 1;
-  while (p.group_lanes < 32 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
+  while (p.group_lanes < 16 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
   p.x = x;
   p.dtype = dtype;
   p.channel_scale = w.channel_scale;

@@ -136,6 +136,7 @@ void test_qamw() {
       {9, 20, 1536, 1536, false, true, true, {1, 2, 16}},   // 12 * 128, unaligned codes and x
       {7, 11, 1536, 96, false, true, false, {1}},           // 12 * 8
       {12, 45, 4096, 4096, false, true, false, {1, 5}},     // batch 5: the workspace path
+      {8, 40, 8192, 8192, false, true, false, {1, 2}},      // 32 chunks: 2 a lane
       {11, 300, 512, 64, true, false, false, {1, 16}},
       {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
   };
