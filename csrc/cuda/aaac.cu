@@ -197,8 +197,10 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   GemvParams p{};
   p.w = w;
   p.chunks_per_row = static_cast<int>(ceil_div(w.n, kChunk));
+  // At most 16 lanes a row: the two or more rows of a warp then read the same activation
+  // vectors, which shared memory broadcasts (half the wavefronts of 32 lanes on one row).
   p.group_lanes = 1;
-  while (p.group_lanes < 32 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
+  while (p.group_lanes < 16 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
   p.batch = static_cast<int>(batch);
   p.x = x;
   p.dtype = dtype;
