@@ -6,8 +6,6 @@
 // written. The whole run is repeated with each step's threads scheduled in reverse order, so
 // that a result depending on a missing barrier differs between the two runs, and again on a
 // device with 99 KiB of shared memory per block instead of an H100's 227 KiB.
-#include <c10/util/Float8_e4m3fn.h>
-
 #include <chrono>
 #include <cmath>
 #include <utility>
@@ -38,6 +36,30 @@ int64_t element_size(qamw::DType d) { return d == qamw::DType::F32 ? 4 : 2; }
 
 void poison(Activations& a, int64_t size) {
   for (int64_t i = 0; i < size; ++i) a.set(i, NAN);
+}
+
+// A GEMV's CUDA launcher and its CPU kernel on the same random activation of `batch` rows
+// (starting `off` elements into its buffer): the largest relative difference of their outputs.
+template <typename Cuda, typename Cpu>
+double gemv_difference(qamw::DType d, int64_t batch, int64_t m, int64_t n, int64_t off,
+                       Cuda cuda, Cpu cpu) {
+  Activations x(d, batch * n + off), got(d, batch * m), want(d, batch * m);
+  for (int64_t i = 0; i < batch * n + off; ++i) x.set(i, normal());
+  const void* xp = static_cast<const char*>(x.data()) + off * element_size(d);
+  poison(got, batch * m);
+  cuda(xp, got.data());
+  cpu(xp, want.data());
+  return compare(got, want, batch * m);
+}
+
+// The same for a dequantize of `size` values.
+template <typename Cuda, typename Cpu>
+double dequantize_difference(qamw::DType d, int64_t size, Cuda cuda, Cpu cpu) {
+  Activations got(d, size), want(d, size);
+  poison(got, size);
+  cuda(got.data());
+  cpu(want.data());
+  return compare(got, want, size);
 }
 
 std::vector<int8_t> random_signs(int64_t n) {
@@ -161,22 +183,19 @@ void test_qamw() {
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
         // `unaligned`: the activation starts one element in too (the scalar staging path).
-        Activations x(d, batch * c.n + off), got(d, batch * c.m), want(d, batch * c.m);
-        for (int64_t i = 0; i < batch * c.n + off; ++i) x.set(i, normal());
-        const void* xp = static_cast<const char*>(x.data()) + off * element_size(d);
-        poison(got, batch * c.m);
         std::vector<float> workspace(batch * c.n, NAN);
-        qamw::cuda::qamw_gemv(w, xp, d, batch, got.data(), workspace.data(), nullptr);
-        qamw::cpu::qamw_gemv(w, xp, d, batch, want.data());
-        const double err = compare(got, want, batch * c.m);
+        const double err = gemv_difference(
+            d, batch, c.m, c.n, off,
+            [&](const void* x, void* y) {
+              qamw::cuda::qamw_gemv(w, x, d, batch, y, workspace.data(), nullptr);
+            },
+            [&](const void* x, void* y) { qamw::cpu::qamw_gemv(w, x, d, batch, y); });
         EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d: error %g",
                c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch, int(d), err);
       }
-      Activations got(d, c.m * c.n), want(d, c.m * c.n);
-      poison(got, c.m * c.n);
-      qamw::cuda::qamw_dequantize(w, got.data(), d, nullptr);
-      qamw::cpu::qamw_dequantize(w, want.data(), d);
-      const double err = compare(got, want, c.m * c.n);
+      const double err = dequantize_difference(
+          d, c.m * c.n, [&](void* out) { qamw::cuda::qamw_dequantize(w, out, d, nullptr); },
+          [&](void* out) { qamw::cpu::qamw_dequantize(w, out, d); });
       EXPECT(err < tolerance(d), "qamw_dequantize bits=%d n=%lld block=%lld dtype %d: error %g",
              c.bits, (long long)c.n, (long long)c.block, int(d), err);
     }
@@ -208,35 +227,23 @@ void test_aaac() {
     for (auto& v : codebooks) v = normal();
     for (auto& v : channel) v = 0.5f + std::abs(normal());
     const float tensor_scale = 0.3f;
-    std::vector<c10::Half> f16(c.m * groups);
-    std::vector<c10::Float8_e4m3fn> f8(c.m * groups);
-    for (int64_t g = 0; g < c.m * groups; ++g) {
-      const float v = g == 0 ? -0.0f : normal() * (g % 3 == 0 ? 0.01f : 1.0f);
-      f16[g] = c10::Half(v);
-      f8[g] = c10::Float8_e4m3fn(v);
-    }
-    const void* scales = c.scale_type == qamw::ScaleType::F16 ? static_cast<const void*>(f16.data())
-                                                              : static_cast<const void*>(f8.data());
-    const qamw::AaacWeight w{packed.data() + off, words, scales, c.scale_type, codebooks.data(),
+    const AaacScales scales(c.m * groups);
+    const qamw::AaacWeight w{packed.data() + off, words, scales.data(c.scale_type), c.scale_type,
+                             codebooks.data(),
                              c.scaled ? &tensor_scale : nullptr, c.scaled ? channel.data() : nullptr,
                              c.group, c.m, c.n};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        Activations x(d, batch * c.n + off), got(d, batch * c.m), want(d, batch * c.m);
-        for (int64_t i = 0; i < batch * c.n + off; ++i) x.set(i, normal());
-        const void* xp = static_cast<const char*>(x.data()) + off * element_size(d);
-        poison(got, batch * c.m);
-        qamw::cuda::aaac_gemv(w, xp, d, batch, got.data(), nullptr);
-        qamw::cpu::aaac_gemv(w, xp, d, batch, want.data());
-        const double err = compare(got, want, batch * c.m);
+        const double err = gemv_difference(
+            d, batch, c.m, c.n, off,
+            [&](const void* x, void* y) { qamw::cuda::aaac_gemv(w, x, d, batch, y, nullptr); },
+            [&](const void* x, void* y) { qamw::cpu::aaac_gemv(w, x, d, batch, y); });
         EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d: error %g",
                (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d), err);
       }
-      Activations got(d, c.m * c.n), want(d, c.m * c.n);
-      poison(got, c.m * c.n);
-      qamw::cuda::aaac_dequantize(w, got.data(), d, nullptr);
-      qamw::cpu::aaac_dequantize(w, want.data(), d);
-      const double err = compare(got, want, c.m * c.n);
+      const double err = dequantize_difference(
+          d, c.m * c.n, [&](void* out) { qamw::cuda::aaac_dequantize(w, out, d, nullptr); },
+          [&](void* out) { qamw::cpu::aaac_dequantize(w, out, d); });
       EXPECT(err < tolerance(d), "aaac_dequantize group=%lld dtype %d: error %g",
              (long long)c.group, int(d), err);
     }

@@ -5,10 +5,6 @@
 // AAAC dequantize against their definitions and their GEMVs against the dense matrices.
 // Buffers are exactly sized std::vectors, so the sanitizer build (QAMW_SANITIZE) catches
 // any read or write past them.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Half.h>
-
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -309,20 +305,14 @@ static void test_aaac() {
     for (auto& v : codebooks) v = normal();
     for (auto& v : channel) v = 0.5f + std::abs(normal());
     const float tensor_scale = 0.3f;
-    std::vector<c10::Half> f16(c.m * groups);
-    std::vector<c10::Float8_e4m3fn> f8(c.m * groups);
+    const AaacScales scales(c.m * groups);
     for (int64_t g = 0; g < c.m * groups; ++g) {
-      // A zero scale still carries its codebook choice; small ones are FP8 subnormals.
-      const float v = g == 0 ? -0.0f : normal() * (g % 3 == 0 ? 0.01f : 1.0f);
-      f16[g] = c10::Half(v);
-      f8[g] = c10::Float8_e4m3fn(v);
-      const float stored = c.scale_type == qamw::ScaleType::F16 ? float(f16[g]) : float(f8[g]);
+      const float stored = scales.stored(c.scale_type, g);
       magnitude[g] = std::abs(stored);
       choice[g] = std::signbit(stored) ? 1 : 0;
     }
-    const void* scales = c.scale_type == qamw::ScaleType::F16 ? static_cast<const void*>(f16.data())
-                                                              : static_cast<const void*>(f8.data());
-    const qamw::AaacWeight w{packed.data(), words, scales, c.scale_type, codebooks.data(),
+    const qamw::AaacWeight w{packed.data(), words, scales.data(c.scale_type), c.scale_type,
+                             codebooks.data(),
                              c.scaled ? &tensor_scale : nullptr, c.scaled ? channel.data() : nullptr,
                              c.group, c.m, c.n};
     std::vector<double> dense(c.m * c.n);

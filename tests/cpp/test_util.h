@@ -1,7 +1,8 @@
-// What the C++ kernel tests share: the failure counter and EXPECT, a seeded generator, and
-// activations stored in any of the three dtypes.
+// What the C++ kernel tests share: the failure counter and EXPECT, a seeded generator,
+// activations stored in any of the three dtypes, and random AAAC group scales.
 #pragma once
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <cstdio>
@@ -58,3 +59,24 @@ inline double tolerance(qamw::DType d) {
   return d == qamw::DType::F32 ? 1e-4 : d == qamw::DType::F16 ? 2e-3 : 1.6e-2;
 }
 
+
+// `count` random AAAC group scales, stored as fp16 and as FP8 e4m3: the first is -0 (a zero
+// scale still carries its codebook choice), and every third is small (FP8 subnormals).
+struct AaacScales {
+  std::vector<c10::Half> f16;
+  std::vector<c10::Float8_e4m3fn> f8;
+  explicit AaacScales(int64_t count) : f16(count), f8(count) {
+    for (int64_t g = 0; g < count; ++g) {
+      const float v = g == 0 ? -0.0f : normal() * (g % 3 == 0 ? 0.01f : 1.0f);
+      f16[g] = c10::Half(v);
+      f8[g] = c10::Float8_e4m3fn(v);
+    }
+  }
+  const void* data(qamw::ScaleType t) const {
+    return t == qamw::ScaleType::F16 ? static_cast<const void*>(f16.data())
+                                     : static_cast<const void*>(f8.data());
+  }
+  float stored(qamw::ScaleType t, int64_t g) const {
+    return t == qamw::ScaleType::F16 ? float(f16[g]) : float(f8[g]);
+  }
+};
