@@ -1,12 +1,14 @@
 """The GPU benchmarks' logic, run here on the CPU with tiny shapes (their --smoke modes): a GPU
 run of scripts/gpu_check.sh gets one try, so its JSON, byte counts and ratios are checked
-before it. Also the decode benchmark's step against the transformers Llama forward, and that
-the benchmarked model shapes suit every codec without padding."""
+before it. Also the decode benchmark's step against the transformers Llama forward, that
+the benchmarked model shapes suit every codec without padding, and the shared-memory bank
+model behind the GPU predictions."""
 import json
 import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 sys.path.insert(0, BENCHMARKS)
 import bench_decode  # noqa: E402
 import bench_ops  # noqa: E402
+import smem_wavefronts  # noqa: E402
 from random_layers import CODECS  # noqa: E402
 
 from qamw_ext.convert import codec_class  # noqa: E402
@@ -122,3 +125,19 @@ def test_benchmarked_shapes_suit_every_codec(shape):
             layer = codec_class(meta["method"]).from_meta(
                 dict(meta, in_features=n, out_features=1, bias=False))
             assert layer.padded_in == n, (shape, codec, n)
+
+
+def test_bank_model_counts_conflicts_and_broadcasts():
+    rng = np.random.default_rng(1)
+    # 16 copies: each half-warp lane on its own bank pair, whatever the codes.
+    assert smem_wavefronts.codebook_wavefronts(8, 16, 200, rng) == 2.0
+    # 8 copies: lanes l and l + 8 collide on half of the codes; one copy: ~3x the minimum.
+    assert 3.8 < smem_wavefronts.codebook_wavefronts(11, 8, 2000, rng) <= 4.0
+    assert smem_wavefronts.codebook_wavefronts(8, 1, 2000, rng) > 5.0
+    # Every lane on one word: a broadcast, one wavefront per half-warp.
+    assert smem_wavefronts.wavefronts([[0, 1]] * 32, 16) == 2
+    # 16 lanes of a half-warp on one bank, different words: 16 wavefronts each.
+    assert smem_wavefronts.wavefronts([[32 * lane] for lane in range(32)], 16) == 32
+    # The padded activation layouts are conflict-free: the minimum for 8- and 16-byte loads.
+    assert smem_wavefronts.activation_wavefronts(16, 8) == 2
+    assert smem_wavefronts.activation_wavefronts(32, 16) == 4
