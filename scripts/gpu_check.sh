@@ -2,7 +2,8 @@
 # The whole GPU check in one call, on a machine with an NVIDIA GPU, nvcc and the CUDA build of
 # torch (it installs nothing: it builds against the torch it finds). In order: the build, the
 # CUDA op tests against the reference (K * 2^m Hadamard blocks included), compute-sanitizer's
-# memcheck, racecheck and initcheck over small targeted selections of them, the op benchmarks
+# memcheck, racecheck and initcheck over small targeted selections of them, Nsight Compute's
+# shared-memory wavefronts of each GEMV (benchmarks/profile_gemv.py), the op benchmarks
 # (benchmarks/bench_ops.py --device cuda) and the decode benchmark (benchmarks/bench_decode.py).
 # Every step's log, a summary and the benchmarks' JSON and markdown go to OUT (default
 # benchmarks/results/gpu-DATE-GPU).
@@ -74,6 +75,12 @@ step racecheck 25 "$benches" "${sanitizer[@]}" --tool racecheck "${pytest_ops[@]
   "cuda and (k_blocks_match_reference and (576- or 1536-) and dtype2 or qamw_dequantize_and_gemv and (576-576 or 3072-1536 or 1024-1024) and 11-cuda or aaac_dequantize_and_gemv and 192-64)"
 step initcheck 25 "$benches" "${sanitizer[@]}" --tool initcheck "${pytest_ops[@]}" -x -v -k \
   "cuda and (qamw_dequantize_and_gemv and (576-576 or 1536-1536 or 96-32) and 7-cuda or aaac_dequantize_and_gemv and 512-128 or pack_unpack and 11-cuda)"
+# Shared-memory wavefronts and time of each codec's batch-1 GEMV, against the predictions of
+# benchmarks/smem_wavefronts.py (benchmarks/NOTES.md, GPU v1): the second call of each is the
+# one to read.
+step ncu 45 "$benches" ncu --csv -k regex:gemv_kernel --metrics \
+  l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__sass_inst_executed_op_shared_ld.sum,gpu__time_duration.sum,dram__bytes_read.sum \
+  python benchmarks/profile_gemv.py
 step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py --device cuda \
   --out "$out/ops_cuda.json"
 step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda \

@@ -17,6 +17,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 sys.path.insert(0, BENCHMARKS)
 import bench_decode  # noqa: E402
 import bench_ops  # noqa: E402
+import profile_gemv  # noqa: E402
 import smem_wavefronts  # noqa: E402
 from random_layers import CODECS  # noqa: E402
 
@@ -141,3 +142,8 @@ def test_bank_model_counts_conflicts_and_broadcasts():
     # The padded activation layouts are conflict-free: the minimum for 8- and 16-byte loads.
     assert smem_wavefronts.activation_wavefronts(16, 8) == 2
     assert smem_wavefronts.activation_wavefronts(32, 16) == 4
+
+
+def test_profile_gemv_smoke_calls_every_codec(one_thread):
+    calls = profile_gemv.main(["--smoke", "--device", "cpu"])
+    assert calls == [f"{codec} 64x256" for codec in profile_gemv.CODECS]
