@@ -72,7 +72,7 @@ __device__ __forceinline__ void shared_passes(float (&v)[HadamardShape<L>::per_t
 
 template <typename T, int L>
 __global__ void __launch_bounds__(HadamardShape<L>::threads)
-    hadamard_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t nblocks,
+    hadamard_kernel(const T* x, T* out, int64_t nblocks,
                     int64_t blocks_per_row, const int8_t* __restrict__ signs, bool inverse,
                     bool vec) {
   using S = HadamardShape<L>;

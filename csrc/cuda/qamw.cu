@@ -330,14 +330,69 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Global-memory steps for Hadamard blocks whose tile does not fit in shared memory (e.g. a
+// whole-dimension block of 28672 on a GPU with 99 KiB per block): the rotation is then the
+// hadamard op's kernels, in place.
+
+// ws[i] = x[i] / channel_scale[i % n] * signs[i % n], as fp32, for the workspace rotation.
+__global__ void __launch_bounds__(kThreads)
+    prescale_kernel(const void* x, DType dtype, int64_t total, int64_t n,
+                    const float* channel_scale, const int8_t* signs, float* ws) {
+  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kThreads) {
+    const int64_t j = i % n;
+    float v = load_as_float(x, dtype, i);
+    if (channel_scale) v /= channel_scale[j];
+    if (signs) v *= static_cast<float>(signs[j]);
+    ws[i] = v;
+  }
+}
+
+// The rotated rows of the weight (codeword times row scale), not yet rotated back.
+__global__ void __launch_bounds__(kThreads) codewords_kernel(QamwWeight w, void* out, DType dtype) {
+  const int64_t pairs_per_row = w.n / 2, total = w.m * pairs_per_row;
+  const int64_t pairs_per_scale = pairs_per_row / w.scales_per_row;
+  const uint32_t mask = (1u << w.bits) - 1u;
+  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kThreads) {
+    const int64_t row = i / pairs_per_row, k = i - row * pairs_per_row;
+    const uint32_t* rowp = reinterpret_cast<const uint32_t*>(w.packed) + row * w.words_per_row;
+    const int64_t bit = k * w.bits, word = bit >> 5;
+    const int sh = static_cast<int>(bit & 31);
+    const uint32_t hi = sh + w.bits > 32 ? rowp[word + 1] : 0u;
+    const uint32_t code = __funnelshift_r(rowp[word], hi, sh) & mask;
+    const float scale = w.row_scale[row * w.scales_per_row + k / pairs_per_scale];
+    store_from_float(out, dtype, 2 * i, w.codebook[2 * code] * scale);
+    store_from_float(out, dtype, 2 * i + 1, w.codebook[2 * code + 1] * scale);
+  }
+}
+
+// out[i] /= channel_scale[i % n].
+__global__ void __launch_bounds__(kThreads)
+    divide_columns_kernel(void* out, DType dtype, int64_t total, int64_t n,
+                          const float* channel_scale) {
+  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * kThreads)
+    store_from_float(out, dtype, i, load_as_float(out, dtype, i) / channel_scale[i % n]);
+}
+
+unsigned elementwise_grid(int64_t total) {
+  const int64_t ctas = ceil_div(total, kThreads);
+  return static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+}
+
+int shared_per_block_optin() {
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return optin;
+}
+
 // Shared memory a kernel may use, raising the 48 KiB default when needed.
 template <typename K>
 bool allow_smem(K kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return true;
-  int dev = 0, optin = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (bytes > static_cast<size_t>(optin)) return false;
+  if (bytes > static_cast<size_t>(shared_per_block_optin())) return false;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        static_cast<int>(bytes));
   return true;
@@ -410,9 +465,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.packed_vec = aligned16(w.packed);
   p.x_vec = stage_vectors(x, w.channel_scale, w.signs, w.n);
 
-  int dev = 0, optin = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const int optin = shared_per_block_optin();
   const int64_t xr_bytes = int64_t{sizeof(float)} * batch * (p.n + 2 * p.chunks_per_row);
   // The activation in shared memory beside the codebook copies when both fit, else rotated
   // into the workspace by its own kernel.
@@ -425,18 +478,24 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   if (!fused) {
     const int tile = rotate_tile(w.n, w.block);
     const size_t tile_bytes = sizeof(float) * tile;
-    allow_smem(rotate_kernel, tile_bytes);
-    rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
-                    kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
-                                               w.channel_scale, w.signs, p.norm,
-                                               p.x_vec && tile % 8 == 0, workspace);
+    if (allow_smem(rotate_kernel, tile_bytes)) {
+      rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
+                      kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
+                                                 w.channel_scale, w.signs, p.norm,
+                                                 p.x_vec && tile % 8 == 0, workspace);
+    } else {
+      prescale_kernel<<<elementwise_grid(batch * w.n), kThreads, 0, s>>>(
+          x, dtype, batch * w.n, w.n, w.channel_scale, w.signs, workspace);
+      hadamard(workspace, workspace, DType::F32, batch, w.n, w.block, nullptr, false, s);
+    }
     p.workspace = workspace;
   }
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(batch, [&](auto nb) {
       auto kernel = qamw_gemv_kernel<decltype(bits)::value, decltype(nb)::value>;
       allow_smem(kernel, smem);
-      int sms = 0, per_sm = 0;
+      int dev = 0, sms = 0, per_sm = 0;
+      cudaGetDevice(&dev);
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
       const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
@@ -452,11 +511,20 @@ void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream) 
   if (w.m == 0 || w.n == 0) return;
   const int tile = rotate_tile(w.n, w.block);
   const size_t smem = sizeof(float) * tile;
-  allow_smem(dequantize_kernel, smem);
+  const cudaStream_t s = as_stream(stream);
+  if (!allow_smem(dequantize_kernel, smem)) {
+    // The rotated rows, rotated back by the hadamard op's kernels (H^T, then the signs).
+    codewords_kernel<<<elementwise_grid(w.m * w.n / 2), kThreads, 0, s>>>(w, out, dtype);
+    hadamard(out, out, dtype, w.m, w.n, w.block, w.signs, true, s);
+    if (w.channel_scale)
+      divide_columns_kernel<<<elementwise_grid(w.m * w.n), kThreads, 0, s>>>(
+          out, dtype, w.m * w.n, w.n, w.channel_scale);
+    return;
+  }
   const int64_t tiles = w.m * (w.n / tile);
   const unsigned grid = static_cast<unsigned>(tiles < (1 << 20) ? tiles : (1 << 20));
   const HadamardSplit split = split_hadamard_block(w.block);
-  dequantize_kernel<<<grid, kThreads, smem, as_stream(stream)>>>(
+  dequantize_kernel<<<grid, kThreads, smem, s>>>(
       w, static_cast<int>(split.order), static_cast<int>(split.pow2),
       hadamard_mask_offset(split.order, true), tile, inv_sqrt(w.block), out, dtype);
 }

@@ -161,6 +161,10 @@ void test_qamw() {
       {8, 40, 8192, 8192, false, true, false, {1, 2}},      // 32 chunks: 2 a lane
       {11, 300, 512, 64, true, false, false, {1, 16}},
       {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
+      // Blocks whose tile exceeds 99 KiB: the global-memory rotation on the small device.
+      {8, 4, 28672, 28672, false, true, false, {1, 2}},     // 28 * 1024
+      {11, 3, 32768, 32768, false, true, false, {1}},
+      {9, 3, 30720, 30720, false, true, false, {1}},        // 60 * 512: H_60 is not symmetric
   };
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2;
@@ -196,7 +200,11 @@ void test_qamw() {
       const double err = dequantize_difference(
           d, c.m * c.n, [&](void* out) { qamw::cuda::qamw_dequantize(w, out, d, nullptr); },
           [&](void* out) { qamw::cpu::qamw_dequantize(w, out, d); });
-      EXPECT(err < tolerance(d), "qamw_dequantize bits=%d n=%lld block=%lld dtype %d: error %g",
+      // A block whose fp32 tile exceeds the device's shared memory is rotated in global memory,
+      // through the output: fp16/bf16 outputs are rounded after each of its 3 or 4 steps.
+      const bool in_global = 4 * c.block > qamw_emu::device().shared_per_block_optin;
+      EXPECT(err < (in_global ? 2 : 1) * tolerance(d),
+             "qamw_dequantize bits=%d n=%lld block=%lld dtype %d: error %g",
              c.bits, (long long)c.n, (long long)c.block, int(d), err);
     }
   }
