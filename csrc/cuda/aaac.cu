@@ -208,10 +208,10 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   p.packed_vec = aligned16(w.packed);
   p.x_vec = stage_vectors(x, w.channel_scale, nullptr, w.n);
   const size_t x_bytes = sizeof(float) * batch * p.chunks_per_row * kChunkStride;
-  int dev = 0, sms = 0, optin = 0;
+  int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const int optin = shared_per_block_optin();
   dispatch_batch(batch, [&](auto nb) {
     auto launch = [&](auto kernel, size_t smem) {
       if (smem > 48 * 1024)
@@ -237,8 +237,7 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
 
 void aaac_dequantize(const AaacWeight& w, void* out, DType dtype, void* stream) {
   if (w.m == 0 || w.n == 0) return;
-  const int64_t ctas = ceil_div(w.m * (w.n / 8), kThreads);
-  const unsigned grid = static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+  const unsigned grid = capped_grid(ceil_div(w.m * (w.n / 8), kThreads));
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     aaac_dequantize_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(

@@ -35,24 +35,15 @@ __global__ void __launch_bounds__(kThreads)
     unpack_kernel(const int32_t* __restrict__ packed, int64_t rows, int64_t count, int bits,
                   int64_t words, int32_t* __restrict__ codes) {
   const int64_t total = rows * count;
-  const uint32_t mask = (1u << bits) - 1u;
   for (int64_t e = blockIdx.x * int64_t{kThreads} + threadIdx.x; e < total;
        e += int64_t{gridDim.x} * kThreads) {
     const int64_t row = e / count, k = e - row * count;
-    const int64_t bit = k * bits;
-    const int64_t w = bit >> 5;
-    const int sh = static_cast<int>(bit & 31);
     const uint32_t* p = reinterpret_cast<const uint32_t*>(packed) + row * words;
-    // A code straddles two words only when it does not end in the first, so w + 1 < words.
-    const uint32_t hi = sh + bits > 32 ? p[w + 1] : 0u;
-    codes[e] = static_cast<int32_t>(__funnelshift_r(p[w], hi, sh) & mask);
+    codes[e] = static_cast<int32_t>(packed_code(p, k, bits));
   }
 }
 
-unsigned grid_for(int64_t total) {
-  const int64_t ctas = ceil_div(total, kThreads);
-  return static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
-}
+unsigned grid_for(int64_t total) { return capped_grid(ceil_div(total, kThreads)); }
 
 }  // namespace
 

@@ -98,8 +98,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 unsigned grid_for(int64_t count) {
-  const int64_t ctas = ceil_div(count, int64_t{kThreads} * kPointsPerThread);
-  return static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+  return capped_grid(ceil_div(count, int64_t{kThreads} * kPointsPerThread));
 }
 
 }  // namespace

@@ -141,6 +141,28 @@ __device__ __forceinline__ void store_floats(T* p, const float (&v)[N], bool vec
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// CTAs for a grid-stride kernel that wants `ctas`: at most 2^20, the kernel strides over the rest.
+inline unsigned capped_grid(int64_t ctas) {
+  return static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+}
+
+// The device's shared memory per block, once a kernel opts in with cudaFuncSetAttribute.
+inline int shared_per_block_optin() {
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return optin;
+}
+
+// Code k of a packed row of `bits`-bit codes (kernels.h layout). A code straddles two words
+// only when it does not end in the first, so the second word exists whenever it is read.
+__device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, int bits) {
+  const int64_t bit = k * bits, word = bit >> 5;
+  const int sh = static_cast<int>(bit & 31);
+  const uint32_t hi = sh + bits > 32 ? row[word + 1] : 0u;
+  return __funnelshift_r(row[word], hi, sh) & ((1u << bits) - 1u);
+}
+
 // Stages `batch` activation rows of n values into shared memory as floats: value j of row b,
 // divided by channel_scale[j] and times signs[j] and `scale`, goes to
 // dst[b * row_stride + index(j)]; index(j) .. index(j) + 7 must be consecutive and 8-byte

@@ -145,7 +145,7 @@ void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const i
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem));
   const int64_t ngroups = ceil_div(nblocks, S::blocks_per_cta);
-  const unsigned grid = static_cast<unsigned>(ngroups < (1 << 20) ? ngroups : (1 << 20));
+  const unsigned grid = capped_grid(ngroups);
   const bool vec = aligned16(x) && aligned16(out);
   kernel<<<grid, S::threads, smem, stream>>>(x, out, nblocks, blocks_per_row, signs, inverse,
                                              vec);
@@ -180,9 +180,7 @@ void launch_pow2(const T* x, T* out, int64_t rows, int64_t n, int64_t block, con
                  bool inverse, cudaStream_t s) {
   int L = 0;
   while ((int64_t{1} << L) < block) ++L;
-  int dev = 0, optin = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const int optin = shared_per_block_optin();
   int fit = L;
   while (hadamard_smem_bytes(fit) > static_cast<size_t>(optin)) --fit;
   const int joins = L - fit;
@@ -200,8 +198,7 @@ void launch_pow2(const T* x, T* out, int64_t rows, int64_t n, int64_t block, con
 #undef QAMW_POW2_CASE
   }
   const int64_t columns = rows * n / 2;
-  const int64_t ctas = ceil_div(columns, kMixThreads);
-  const unsigned grid = static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+  const unsigned grid = capped_grid(ceil_div(columns, kMixThreads));
   for (int j = 0; j < joins; ++j) {
     join_halves_kernel<T><<<grid, kMixThreads, 0, s>>>(
         out, columns, int64_t{1} << (fit + j), n, j == joins - 1 && inverse ? signs : nullptr);
@@ -286,8 +283,7 @@ void hadamard(const void* x, void* out, DType dtype, int64_t rows, int64_t n, in
     const int8_t* signs_in = P > 1 || inverse ? nullptr : signs;
     const int8_t* signs_out = inverse ? signs : nullptr;
     const int64_t columns = rows * (n / split.order);
-    const int64_t ctas = ceil_div(columns, kMixThreads);
-    const unsigned grid = static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
+    const unsigned grid = capped_grid(ceil_div(columns, kMixThreads));
     const int table = hadamard_mask_offset(split.order, inverse);
     const float scale = static_cast<float>(1.0 / __builtin_sqrt(double(split.order)));
     dispatch_order(split.order, [&](auto k) {

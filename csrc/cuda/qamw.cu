@@ -302,17 +302,13 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float tile_s[];
   const int64_t tiles_per_row = w.n / tile, tiles = w.m * tiles_per_row;
   const int64_t pairs_per_scale = w.n / 2 / w.scales_per_row;
-  const uint32_t mask = (1u << w.bits) - 1u;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t row = t / tiles_per_row, j0 = (t - row * tiles_per_row) * tile;
     const uint32_t* rowp = reinterpret_cast<const uint32_t*>(w.packed) + row * w.words_per_row;
     __syncthreads();  // the previous tile's reads are done
     for (int i = threadIdx.x; i < tile / 2; i += kThreads) {
       const int64_t k = j0 / 2 + i;
-      const int64_t bit = k * w.bits, word = bit >> 5;
-      const int sh = static_cast<int>(bit & 31);
-      const uint32_t hi = sh + w.bits > 32 ? rowp[word + 1] : 0u;
-      const uint32_t code = __funnelshift_r(rowp[word], hi, sh) & mask;
+      const uint32_t code = packed_code(rowp, k, w.bits);
       const float scale = w.row_scale[row * w.scales_per_row + k / pairs_per_scale] * norm;
       tile_s[2 * i] = w.codebook[2 * code] * scale;
       tile_s[2 * i + 1] = w.codebook[2 * code + 1] * scale;
@@ -352,15 +348,11 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads) codewords_kernel(QamwWeight w, void* out, DType dtype) {
   const int64_t pairs_per_row = w.n / 2, total = w.m * pairs_per_row;
   const int64_t pairs_per_scale = pairs_per_row / w.scales_per_row;
-  const uint32_t mask = (1u << w.bits) - 1u;
   for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * kThreads) {
     const int64_t row = i / pairs_per_row, k = i - row * pairs_per_row;
     const uint32_t* rowp = reinterpret_cast<const uint32_t*>(w.packed) + row * w.words_per_row;
-    const int64_t bit = k * w.bits, word = bit >> 5;
-    const int sh = static_cast<int>(bit & 31);
-    const uint32_t hi = sh + w.bits > 32 ? rowp[word + 1] : 0u;
-    const uint32_t code = __funnelshift_r(rowp[word], hi, sh) & mask;
+    const uint32_t code = packed_code(rowp, k, w.bits);
     const float scale = w.row_scale[row * w.scales_per_row + k / pairs_per_scale];
     store_from_float(out, dtype, 2 * i, w.codebook[2 * code] * scale);
     store_from_float(out, dtype, 2 * i + 1, w.codebook[2 * code + 1] * scale);
@@ -376,17 +368,7 @@ __global__ void __launch_bounds__(kThreads)
     store_from_float(out, dtype, i, load_as_float(out, dtype, i) / channel_scale[i % n]);
 }
 
-unsigned elementwise_grid(int64_t total) {
-  const int64_t ctas = ceil_div(total, kThreads);
-  return static_cast<unsigned>(ctas < (1 << 20) ? ctas : (1 << 20));
-}
-
-int shared_per_block_optin() {
-  int dev = 0, optin = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return optin;
-}
+unsigned elementwise_grid(int64_t total) { return capped_grid(ceil_div(total, kThreads)); }
 
 // Shared memory a kernel may use, raising the 48 KiB default when needed.
 template <typename K>
@@ -522,7 +504,7 @@ void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream) 
     return;
   }
   const int64_t tiles = w.m * (w.n / tile);
-  const unsigned grid = static_cast<unsigned>(tiles < (1 << 20) ? tiles : (1 << 20));
+  const unsigned grid = capped_grid(tiles);
   const HadamardSplit split = split_hadamard_block(w.block);
   dequantize_kernel<<<grid, kThreads, smem, s>>>(
       w, static_cast<int>(split.order), static_cast<int>(split.pow2),
