@@ -9,6 +9,8 @@
 // and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
 // padded by one word every 32 so that both the strided writes of pass 0 and the reads are
 // free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads.
+#include <utility>
+
 #include "../hadamard_tables.h"
 #include "common.cuh"
 
@@ -126,20 +128,23 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
   }
 }
 
-// Dynamic shared memory of hadamard_kernel<T, L>, for any L at run time.
+// Dynamic shared memory of hadamard_kernel<T, L>: HadamardShape's figure, for L = 1 ... 15 at
+// run time.
+template <int... Ls>
+size_t smem_bytes_of(int L, std::integer_sequence<int, Ls...>) {
+  constexpr size_t bytes[] = {sizeof(float) * HadamardShape<Ls + 1>::smem_per_block *
+                              HadamardShape<Ls + 1>::blocks_per_cta...};
+  return bytes[L - 1];
+}
 size_t hadamard_smem_bytes(int L) {
-  const int64_t block = int64_t{1} << L;
-  const int64_t threads_per_block = block >> (L < kPassBits ? L : kPassBits);
-  const int64_t blocks_per_cta = threads_per_block >= 128 ? 1 : 128 / threads_per_block;
-  const bool shared = (L + kPassBits - 1) / kPassBits > 1;
-  return shared ? sizeof(float) * (block + block / 32) * blocks_per_cta : 0;
+  return smem_bytes_of(L, std::make_integer_sequence<int, 15>{});
 }
 
 template <typename T, int L>
 void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const int8_t* signs,
             bool inverse, cudaStream_t stream) {
   using S = HadamardShape<L>;
-  const size_t smem = hadamard_smem_bytes(L);
+  const size_t smem = sizeof(float) * S::smem_per_block * S::blocks_per_cta;
   auto kernel = hadamard_kernel<T, L>;
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
