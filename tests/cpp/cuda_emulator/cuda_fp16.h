@@ -17,4 +17,3 @@ inline __half __float2half_rn(float v) {
   return h;
 }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
-inline unsigned short __half_as_ushort(__half h) { return h.bits; }
