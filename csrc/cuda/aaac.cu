@@ -66,6 +66,25 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int n = static_cast<int>(w.n);
   const int x_row = p.chunks_per_row * kChunkStride;
 
+  const int G = p.group_lanes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane & (G - 1);
+  const int rows_per_warp = 32 / G;
+  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
+  const int row_in_cta = warp * rows_per_warp + lane / G;
+  const int64_t row_stride = gridDim.x * rows_per_cta;
+  // Vector c of `row`; a lane keeps the next one in flight while it decodes the current one.
+  const auto load_vector = [&](int64_t row, int c) {
+    const uint4* rowp = reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row);
+    if (p.packed_vec) return __ldg(rowp + c);
+    const uint32_t* r32 = reinterpret_cast<const uint32_t*>(rowp + c);
+    return make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
+  };
+  // The first vector travels from DRAM while the CTA stages the codebooks and the activation.
+  const int64_t first_row = blockIdx.x * rows_per_cta + row_in_cta;
+  uint4 q = first_row < w.m && sub < p.chunks_per_row ? load_vector(first_row, sub)
+                                                       : make_uint4(0, 0, 0, 0);
+
   for (int i = threadIdx.x; i < 32 * 32; i += kThreads) cb_s[i] = w.codebooks[i / 32];
   if constexpr (XS) {
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
@@ -75,31 +94,23 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   }
   __syncthreads();
 
-  const int G = p.group_lanes;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane & (G - 1);
-  const int rows_per_warp = 32 / G;
-  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
   const int64_t groups = w.n / w.group;
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   const float* my_cb = cb_s + lane;
 
-  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < w.m; row0 += gridDim.x * rows_per_cta) {
-    const int64_t row = row0 + warp * rows_per_warp + lane / G;
+  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < w.m; row0 += row_stride) {
+    const int64_t row = row0 + row_in_cta;
     float acc[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
     if (row < w.m) {
-      const uint4* rowp = reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row);
       for (int c = sub; c < p.chunks_per_row; c += G) {
-        uint4 q;
-        if (p.packed_vec) {
-          q = __ldg(rowp + c);
-        } else {
-          const uint32_t* r32 = reinterpret_cast<const uint32_t*>(rowp + c);
-          q = make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
-        }
+        // q holds vector c; load the lane's next one: c + G, or the first of its next row.
+        const bool same_row = c + G < p.chunks_per_row;
+        const int64_t next_row = same_row ? row : row + row_stride;
+        const uint4 q_next = next_row < w.m ? load_vector(next_row, same_row ? c + G : sub)
+                                            : make_uint4(0, 0, 0, 0);
         // Two halves of 16 codes: a group has at least 16 codes, so a half has one scale.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -149,6 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
 #pragma unroll
           for (int b = 0; b < NB; ++b) acc[b] = fmaf(magnitude, part[b], acc[b]);
         }
+        q = q_next;
       }
     }
     // Every lane reaches the shuffles: the loop over row0 is uniform across the CTA.

@@ -161,6 +161,7 @@ void test_qamw() {
       {8, 40, 8192, 8192, false, true, false, {1, 2}},      // 32 chunks: 2 a lane
       {11, 300, 512, 64, true, false, false, {1, 16}},
       {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
+      {7, 260, 2048, 256, true, true, false, {1, 3}},       // 9 CTAs on 6 slots: grids stride
       // Blocks whose tile exceeds 99 KiB: the global-memory rotation on the small device.
       {8, 4, 28672, 28672, false, true, false, {1, 2}},     // 28 * 1024
       {11, 3, 32768, 32768, false, true, false, {1}},
