@@ -135,6 +135,10 @@ def test_bank_model_counts_conflicts_and_broadcasts():
     # 8 copies: lanes l and l + 8 collide on half of the codes; one copy: ~3x the minimum.
     assert 3.8 < smem_wavefronts.codebook_wavefronts(11, 8, 2000, rng) <= 4.0
     assert smem_wavefronts.codebook_wavefronts(8, 1, 2000, rng) > 5.0
+    # half2 codewords: a warp is served at once, so 32 copies take one wavefront; with 16,
+    # lanes l and l + 16 share a copy and its banks.
+    assert smem_wavefronts.codebook_wavefronts(8, 32, 200, rng, entry_bytes=4) == 1.0
+    assert smem_wavefronts.codebook_wavefronts(11, 16, 200, rng, entry_bytes=4) == 2.0
     # Every lane on one word: a broadcast, one wavefront per half-warp.
     assert smem_wavefronts.wavefronts([[0, 1]] * 32, 16) == 2
     # 16 lanes of a half-warp on one bank, different words: 16 wavefronts each.

@@ -154,6 +154,17 @@ inline int shared_per_block_optin() {
   return optin;
 }
 
+// Asks L2 for the 128-byte line holding p ahead of the load that needs it: the DRAM latency then
+// overlaps other work without a register held. (Off the GPU it reads the byte, so that the
+// emulated tests' address checks see the address.)
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef __CUDA_ARCH__
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)*static_cast<const volatile char*>(p);
+#endif
+}
+
 // Code k of a packed row of `bits`-bit codes (kernels.h layout). A code straddles two words
 // only when it does not end in the first, so the second word exists whenever it is read.
 __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, int bits) {

@@ -3,8 +3,9 @@
 // GEMV: y[b, i] = sum_k scale(i, k) <codebook[code(i, k)], xr[b, 2k:2k+2]>, xr the rotated
 // activation H_block(signs * x / channel_scale). Each CTA first rotates the whole activation
 // into shared memory (fused; when it is small enough) or the launcher rotates it into the
-// caller's workspace with a small kernel; the codebook is staged in shared memory, in up to 16
-// copies that spread the lookups over the banks (codebook_copies).
+// caller's workspace with a small kernel; the codebook is staged in shared memory (half2 for
+// fp16 / bf16 activations), in up to 32 copies that spread the lookups over the banks
+// (codebook_copies).
 // A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
 // of 2^m values, then its K runs mixed by H_K (mix_shared).
 // Then a thread owns 128 consecutive codes of a row at a time (a "chunk": exactly `bits` aligned
@@ -45,18 +46,32 @@ struct Identity {
 };
 
 // Copies of the codebook in shared memory: entry e of copy r at e * copies + r, and lane l reads
-// copy l % copies. A warp's 8-byte loads are served a half-warp at a time; with 16 copies the 16
-// lanes of a half-warp each read their own pair of banks, so the data-dependent lookups are free
-// of bank conflicts (one copy: ~3 times the wavefronts). The copies take at most 128 KiB and
-// what the device's shared memory leaves: on an H100, 16 copies up to 10 bits per pair, 8 at 11
-// bits, 4 at 12, where lanes l and l + copies may share banks. Returns 0 when not even one copy
-// fits in `budget` bytes.
-int codebook_copies(int bits, int64_t budget) {
+// copy l % copies, so the data-dependent lookups spread over the banks (one copy: ~3 times the
+// wavefronts). Shared memory serves a wavefront of 128 bytes: 32 lanes of 4-byte codewords, 16
+// of 8-byte ones, so 128 / entry_bytes copies give every lane of a wavefront its own banks. The
+// copies take at most 128 KiB and what the device's shared memory leaves: on an H100, half2
+// codewords get 32 copies up to 10 bits per pair, 16 at 11 and 8 at 12 (float2: 16, 8 and 4),
+// where lanes l and l + copies may share banks. Returns 0 when not even one copy fits in
+// `budget` bytes.
+int codebook_copies(int bits, int entry_bytes, int64_t budget) {
   const int64_t limit = budget < kCodebookCopiesBytes ? budget : kCodebookCopiesBytes;
-  int copies = 16;
-  while (copies > 0 && (int64_t{8} * copies << bits) > limit) copies /= 2;
+  int copies = 128 / entry_bytes;
+  while (copies > 0 && (int64_t{entry_bytes} * copies << bits) > limit) copies /= 2;
   return copies;
 }
+
+// Codewords as the GEMV holds them: float2 for fp32 activations, half2 for fp16 / bf16 ones. A
+// half2 load is 4 bytes, so a warp's lookups take one wavefront instead of two and twice the
+// copies fit. Rounding a codeword (|c| < 5 for the shipped codebooks) to fp16 changes it by at
+// most 2^-11 relative, the size of the fp16 output's own rounding and 1/8 of bf16's.
+__device__ __forceinline__ void to_codeword(float a, float b, float2* c) {
+  *c = make_float2(a, b);
+}
+__device__ __forceinline__ void to_codeword(float a, float b, __half2* c) {
+  *c = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ float2 codeword_value(float2 c) { return c; }
+__device__ __forceinline__ float2 codeword_value(__half2 c) { return __half22float2(c); }
 
 // Unnormalised Walsh-Hadamard transform, in place in shared memory, of `rows` rows of n values
 // (row b at s + b * row_stride, value j at padded_index(j) when `padded`), in blocks of `block`.
@@ -161,17 +176,39 @@ __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[4 * BITS], in
   return v & ((1u << BITS) - 1u);
 }
 
+// Prefetches chunk c of `row` into L2 (its `BITS` 16-byte vectors: one or two lines), when
+// both exist: the loads of the chunk then wait for L2, not DRAM.
+template <int BITS>
+__device__ __forceinline__ void prefetch_chunk(const GemvParams& p, int64_t row, int c) {
+  if (row >= p.m || c >= p.chunks_per_row) return;
+  const int64_t first = int64_t{c} * BITS, vecs = p.words_per_row / 4;
+  const int64_t last = first + BITS - 1 < vecs ? first + BITS - 1 : vecs - 1;
+  const int32_t* rowp = p.packed + row * p.words_per_row;
+  prefetch_l2(rowp + 4 * first);
+  prefetch_l2(rowp + 4 * last + 3);
+}
+
 // (kThreads, 1): without a minimum, ptxas capped some variants at 64 registers and spilled.
-template <int BITS, int NB>
+template <int BITS, int NB, typename Codeword>
 __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int G = p.group_lanes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane & (G - 1);
+  const int rows_per_warp = 32 / G;
+  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
+  const int row_in_cta = warp * rows_per_warp + lane / G;
+  const int64_t row_stride = gridDim.x * rows_per_cta;
+  // The first codes travel from DRAM while the CTA stages the codebook and the activation.
+  prefetch_chunk<BITS>(p, blockIdx.x * rows_per_cta + row_in_cta, sub);
+
   const int copies_log2 = p.copies_log2;
-  float2* cb_s = reinterpret_cast<float2*>(smem_raw);
-  float* xr_s = reinterpret_cast<float*>(smem_raw + (8 << (BITS + copies_log2)));
+  Codeword* cb_s = reinterpret_cast<Codeword*>(smem_raw);
+  float* xr_s = reinterpret_cast<float*>(smem_raw + (sizeof(Codeword) << (BITS + copies_log2)));
 
   for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
     const int e = i >> copies_log2;
-    cb_s[i] = make_float2(p.codebook[2 * e], p.codebook[2 * e + 1]);
+    to_codeword(p.codebook[2 * e], p.codebook[2 * e + 1], cb_s + i);
   }
   // Rotated activation: pair k of batch row b at xr2[b * xr_row + chunk * xr_chunk + k % 128].
   const float2* xr2;
@@ -194,17 +231,12 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
     xr_chunk = kChunk;
   }
 
-  const int G = p.group_lanes;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane & (G - 1);
-  const float2* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
-  const int rows_per_warp = 32 / G;
-  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
+  const Codeword* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
   const int64_t vecs_per_row = p.words_per_row / 4;
   const int seg_mask = (p.seg_log2 < 7 ? (1 << p.seg_log2) : kChunk) - 1;
 
-  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < p.m; row0 += gridDim.x * rows_per_cta) {
-    const int64_t row = row0 + warp * rows_per_warp + lane / G;
+  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < p.m; row0 += row_stride) {
+    const int64_t row = row0 + row_in_cta;
     float acc[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
@@ -212,6 +244,9 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
       const int32_t* rowp = p.packed + row * p.words_per_row;
       const float* rs = p.row_scale + row * p.scales_per_row;
       for (int c = sub; c < p.chunks_per_row; c += G) {
+        // One chunk ahead: the next of this row, or the first of the next row.
+        if (c + G < p.chunks_per_row) prefetch_chunk<BITS>(p, row, c + G);
+        else prefetch_chunk<BITS>(p, row + row_stride, sub);
         // The chunk's `bits` vectors; those past the row's end (last chunk) read as zeros.
         uint32_t w[4 * BITS];
 #pragma unroll
@@ -241,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
         for (int j = 0; j < kChunk; ++j) {
           if (j < valid) {
             const uint32_t code = chunk_code<BITS>(w, j);
-            const float2 cw = my_cb[code << copies_log2];
+            const float2 cw = codeword_value(my_cb[code << copies_log2]);
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
               if (b < p.batch) {
@@ -451,11 +486,14 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   const int64_t xr_bytes = int64_t{sizeof(float)} * batch * (p.n + 2 * p.chunks_per_row);
   // The activation in shared memory beside the codebook copies when both fit, else rotated
   // into the workspace by its own kernel.
-  int copies = xr_bytes <= kFusedActivationBytes ? codebook_copies(w.bits, optin - xr_bytes) : 0;
+  const int entry_bytes = dtype == DType::F32 ? sizeof(float2) : sizeof(__half2);
+  int copies = xr_bytes <= kFusedActivationBytes
+                   ? codebook_copies(w.bits, entry_bytes, optin - xr_bytes)
+                   : 0;
   const bool fused = copies > 0;
-  if (!fused) copies = codebook_copies(w.bits, optin);
+  if (!fused) copies = codebook_copies(w.bits, entry_bytes, optin);
   p.copies_log2 = log2_of(copies);
-  const size_t cb_bytes = size_t{8} * copies << w.bits;
+  const size_t cb_bytes = size_t(entry_bytes) * copies << w.bits;
   const size_t smem = cb_bytes + (fused ? xr_bytes : 0);
   if (!fused) {
     const int tile = rotate_tile(w.n, w.block);
@@ -472,19 +510,23 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     }
     p.workspace = workspace;
   }
+  const auto launch = [&](auto kernel) {
+    allow_smem(kernel, smem);
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
+    const int64_t wanted = ceil_div(w.m, rows_per_cta);
+    const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
+    const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);
+    kernel<<<grid, kThreads, smem, s>>>(p);
+  };
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(batch, [&](auto nb) {
-      auto kernel = qamw_gemv_kernel<decltype(bits)::value, decltype(nb)::value>;
-      allow_smem(kernel, smem);
-      int dev = 0, sms = 0, per_sm = 0;
-      cudaGetDevice(&dev);
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
-      const int64_t wanted = ceil_div(w.m, rows_per_cta);
-      const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
-      const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);
-      kernel<<<grid, kThreads, smem, s>>>(p);
+      constexpr int kBits = decltype(bits)::value, kRows = decltype(nb)::value;
+      if (dtype == DType::F32) launch(qamw_gemv_kernel<kBits, kRows, float2>);
+      else launch(qamw_gemv_kernel<kBits, kRows, __half2>);
     });
   });
 }

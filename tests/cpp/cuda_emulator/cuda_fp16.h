@@ -2,6 +2,8 @@
 #pragma once
 #include <cstring>
 
+#include "cuda_runtime.h"
+
 struct __half {
   unsigned short bits;
 };
@@ -17,3 +19,11 @@ inline __half __float2half_rn(float v) {
   return h;
 }
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
+
+struct __half2 {
+  __half x, y;
+};
+inline __half2 __floats2half2_rn(float a, float b) {
+  return __half2{__float2half_rn(a), __float2half_rn(b)};
+}
+inline float2 __half22float2(__half2 v) { return {__half2float(v.x), __half2float(v.y)}; }
