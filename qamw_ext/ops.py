@@ -41,7 +41,9 @@ def unpack_bits(packed, bits, count):
 
 def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
     """y = x W^T for a QAM-W weight (see qamw_dequantize), x of shape (batch, n): the
-    activation is rotated once (H of `hadamard`), never the weight."""
+    activation is rotated once (H of `hadamard`), never the weight. On CUDA with fp16 / bf16
+    activations the kernel holds the codewords in fp16 (at most 2^-11 relative change, the
+    output's own rounding), so codebook entries must lie within fp16's range."""
     return _ops.qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size)
 
 
