@@ -8,6 +8,7 @@ bandwidth they imply and its fraction of the device-to-device copy bandwidth mea
 same run; JSON to --out and a markdown table beside it.
 
     python benchmarks/bench_decode.py --device cuda --out DIR/decode_cuda.json
+    python benchmarks/bench_decode.py --device cuda --compile --out DIR/decode_compiled.json
     python benchmarks/bench_decode.py --smoke --out F.json    # a tiny model on the CPU, eagerly
 
 The step runs the model's own modules (embedding, RMSNorms, projections, MLPs, lm_head, the
@@ -93,9 +94,14 @@ class StaticDecoder:
     positions. The token and position live in device tensors that step() advances, and no
     step synchronises with the host or changes shape, so a step can be captured in a CUDA
     graph and replayed. Each kernel of the step costs a launch even in a graph, so the glue
-    between the linears is kept to few kernels (fused RMSNorm, RoPE as a matmul, SDPA)."""
+    between the linears is kept to few kernels (fused RMSNorm, RoPE as a matmul, SDPA).
 
-    def __init__(self, model, max_len):
+    compile=True compiles one decoder layer's step with torch.compile (Inductor fuses the glue
+    around the linears; the qamw_ext ops stay opaque, traced through their fake kernels). Every
+    layer has the same structure, so the one compiled layer serves all of them, and the
+    compile time does not grow with depth."""
+
+    def __init__(self, model, max_len, compile=False):
         cfg, inner = model.config, model.model
         self.model, self.max_len = model, max_len
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -110,6 +116,8 @@ class StaticDecoder:
         self.positions = torch.arange(max_len, device=dev)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.layer_step = (torch.compile(self._layer_step, fullgraph=True) if compile
+                           else self._layer_step)
 
     def reset(self, token=1):
         """Back to position 0 (later cache entries are masked, so they need no clearing)."""
@@ -124,13 +132,16 @@ class StaticDecoder:
         rot = self.rotations.index_select(0, self.pos)[0]
         visible = (self.positions <= self.pos).view(1, 1, 1, -1)
         for layer, kc, vc in zip(inner.layers, self.k_cache, self.v_cache):
-            x = rms_norm(layer.input_layernorm, h)
-            h = h + self._attention(layer.self_attn, x, rot, visible, kc, vc)
-            h = h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+            h = self.layer_step(layer, h, rot, visible, kc, vc)
         logits = self.model.lm_head(rms_norm(inner.norm, h))
         self.token.copy_(logits.argmax(-1))
         self.pos.add_(1)
         return logits
+
+    def _layer_step(self, layer, h, rot, visible, kc, vc):
+        x = rms_norm(layer.input_layernorm, h)
+        h = h + self._attention(layer.self_attn, x, rot, visible, kc, vc)
+        return h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
 
     def _attention(self, attn, x, rot, visible, kc, vc):
         d = self.head_dim
@@ -194,6 +205,21 @@ def layer_summary(model):
     return dict(quantized_linears=len(layers), bits_per_weight=bits / weights,
                 blocks_or_groups=blocks,
                 padded_linears=sum(m.padded_in != m.in_features for m in layers))
+
+
+def compiled_vs_eager(model, decoder, steps=3):
+    """(max |logit difference| between `decoder`, compiled, and an eager twin over `steps`
+    steps fed the same tokens, seconds the compiled decoder's first step took: its compile)."""
+    eager = StaticDecoder(model, decoder.max_len)
+    eager.reset()
+    decoder.reset()
+    start = time.perf_counter()
+    diff = (decoder.step().float() - eager.step().float()).abs().max().item()
+    compile_s = time.perf_counter() - start
+    for _ in range(steps - 1):
+        decoder.token.copy_(eager.token)
+        diff = max(diff, (decoder.step().float() - eager.step().float()).abs().max().item())
+    return diff, compile_s
 
 
 def time_decode(decoder, device, warmup, tokens, repeats):
@@ -268,8 +294,16 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
     replaced = (quantize_randomly(model, linear_names, name, args.device, generator)
                 if name != "bf16" else {})
     try:
-        decoder = StaticDecoder(model, args.max_len)
+        decoder = StaticDecoder(model, args.max_len, compile=args.compile)
+        compiled = {}
         with torch.no_grad():
+            if args.compile:
+                try:
+                    diff, compile_s = compiled_vs_eager(model, decoder)
+                    compiled = dict(compiled_vs_eager_max_abs_diff=diff, compile_s=compile_s)
+                except Exception as e:  # the uncompiled figure is still worth having
+                    compiled = dict(compile_error=f"{type(e).__name__}: {e}"[:300])
+                    decoder = StaticDecoder(model, args.max_len)
             sec, timing, check = time_decode(decoder, args.device, args.warmup, args.tokens,
                                              args.repeats)
             lin_sec, lin_timing = time_linears(model, linear_names, args.device,
@@ -282,7 +316,8 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
                    decoder_linears_ms_per_token=lin_sec * 1e3,
                    decoder_linears_gbps=parts["linears"] / lin_sec / 1e9,
                    decoder_linears_frac_of_copy=parts["linears"] / lin_sec / 1e9 / copy_gbps,
-                   decoder_linears_timing=lin_timing)
+                   decoder_linears_timing=lin_timing,
+                   compiled=args.compile and "compile_error" not in compiled, **compiled)
     finally:
         for layer_name, dense in replaced.items():
             set_submodule(model, layer_name, dense)
@@ -306,7 +341,8 @@ def markdown(record):
                       f"{r['decoder_linears_ms_per_token']:.2f}",
                       f"{100 * r['decoder_linears_frac_of_copy']:.0f}%",
                       f"{r['decoder_linears_speedup_vs_bf16']:.2f}x"
-                      if "decoder_linears_speedup_vs_bf16" in r else "-", r["timing"]])
+                      if "decoder_linears_speedup_vs_bf16" in r else "-",
+                      r["timing"] + (", torch.compile" if r.get("compiled") else "")])
     shape = record["model"]
     lines = [f"# Decode speed on {record['device']}", "",
              f"{record['date']}, torch {record['torch']}, transformers {record['transformers']}; "
@@ -339,6 +375,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")
     parser.add_argument("--max-len", type=int, default=256, help="static KV cache positions")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each decoder layer's step with torch.compile (one "
+                             "compiled layer serves all: same structure)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model on the CPU, few tokens: checks the logic")
     parser.add_argument("--out")

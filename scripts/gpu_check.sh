@@ -83,7 +83,9 @@ step ncu 45 "$benches" ncu --csv -k regex:gemv_kernel --metrics \
   python benchmarks/profile_gemv.py
 step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py --device cuda \
   --out "$out/ops_cuda.json"
-step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda \
+# Each config's decoder layer compiled once with torch.compile (Inductor fuses the glue between
+# the linears), then the whole step in a CUDA graph.
+step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compile \
   --out "$out/decode_cuda.json"
 
 { echo "device: $gpu"; echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "command: bash scripts/gpu_check.sh $*";
