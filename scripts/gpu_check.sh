@@ -75,11 +75,12 @@ step racecheck 25 "$benches" "${sanitizer[@]}" --tool racecheck "${pytest_ops[@]
   "cuda and (k_blocks_match_reference and (576- or 1536-) and dtype2 or qamw_dequantize_and_gemv and (576-576 or 3072-1536 or 1024-1024) and 11-cuda or aaac_dequantize_and_gemv and 192-64)"
 step initcheck 25 "$benches" "${sanitizer[@]}" --tool initcheck "${pytest_ops[@]}" -x -v -k \
   "cuda and (qamw_dequantize_and_gemv and (576-576 or 1536-1536 or 96-32) and 7-cuda or aaac_dequantize_and_gemv and 512-128 or pack_unpack and 11-cuda)"
-# Shared-memory wavefronts and time of each codec's batch-1 GEMV, against the predictions of
-# benchmarks/smem_wavefronts.py (benchmarks/NOTES.md, GPU v1): the second call of each is the
-# one to read.
+# Shared-memory wavefronts, time, DRAM throughput and occupancy of each codec's batch-1 GEMV,
+# against the predictions of benchmarks/smem_wavefronts.py (benchmarks/NOTES.md, GPU v1 and
+# v2: two CTAs of 8 warps an SM, 25 % of warps active; 12.5 % at 11-12 bits, one CTA): the
+# second call of each is the one to read.
 step ncu 45 "$benches" ncu --csv -k regex:gemv_kernel --metrics \
-  l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__sass_inst_executed_op_shared_ld.sum,gpu__time_duration.sum,dram__bytes_read.sum \
+  l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__sass_inst_executed_op_shared_ld.sum,gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
   python benchmarks/profile_gemv.py
 step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py --device cuda \
   --out "$out/ops_cuda.json"
