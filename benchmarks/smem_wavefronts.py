@@ -6,6 +6,9 @@ half-warp (16 lanes) at a time and a 16-byte load a quarter-warp at a time; with
 word share it (broadcast) and each bank serves one distinct word per wavefront, so the group
 costs max over banks of the distinct words it must deliver.
 
+Staging and rotation (rotation_wavefronts): the stores of stage_activation and the passes of
+fwht_shared over one padded activation row, per CTA; every CTA of a QAM-W GEMV does this.
+
 QAM-W codeword loads: lane l reads entry code_l (uniformly random) of copy l % copies, at index
 code * copies + l % copies: a float2 for fp32 activations, a half2 for fp16 / bf16 ones. AAAC activation loads: lanes of a row read consecutive
 16-byte vectors (36 floats apart per chunk), and the 32 / G rows of a warp read the same ones.
@@ -58,6 +61,55 @@ def activation_wavefronts(group_lanes, pair_bytes):
     return wavefronts(words, 16 if pair_bytes == 8 else 8)
 
 
+def padded_index(j):
+    """The QAM-W kernel's rotated-activation layout: two padding floats after every 256."""
+    return j + 2 * (j >> 8)
+
+
+def staging_wavefronts(n, swizzled):
+    """Stores of stage_activation for one row of n values into the padded layout: lane t of a
+    warp stores piece t (8 values) as 4 float2, in order or rotated by lane / 4."""
+    total = 0
+    for p0 in range(0, n // 8, 32):
+        for i in range(4):
+            words = []
+            for lane in range(32):
+                k = (i + lane // 4) % 4 if swizzled else i
+                a = padded_index(8 * (p0 + lane)) + 2 * k
+                words.append([a, a + 1])
+            total += wavefronts(words, 16)
+    return total
+
+
+def fwht_wavefronts(n, block, first_bit):
+    """Loads and stores of fwht_shared over one padded row of n values, blocks of `block`,
+    index bits first_bit.. of each block: 8 values a thread, 3 bits a pass."""
+    lb = block.bit_length() - 1
+    total, lh = 0, first_bit
+    while lh < lb:
+        r = min(3, lb - lh)
+        for g0 in range(0, n >> r, 32):
+            for i in range(1 << r):
+                words = []
+                for q in range(g0, g0 + 32):
+                    base = ((q >> lh) << (lh + r)) | (q & ((1 << lh) - 1))
+                    words.append([padded_index(base + (i << lh))])
+                total += 2 * wavefronts(words, 32)
+        lh += r
+    return total
+
+
+def rotation_wavefronts(n, block, version):
+    """Shared-memory wavefronts a QAM-W GEMV CTA spends staging and rotating one activation row
+    of n values: "v2" stages in order and transforms every bit in shared memory; "v3" does bits
+    0-2 in registers and 3-4 with shuffles (not counted here: 16 per warp and 256 values) while
+    staging, with rotated stores."""
+    if version == "v2":
+        return staging_wavefronts(n, False) + fwht_wavefronts(n, block, 0)
+    staged = min(5, block.bit_length() - 1)
+    return staging_wavefronts(n, True) + fwht_wavefronts(n, block, staged)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +123,10 @@ def main(argv=None):
         for bits in (7, 8, 11, 12):
             row = [codebook_wavefronts(bits, c, args.trials, rng, entry_bytes) for c in copies]
             print(f"{bits:>4}  " + "  ".join(f"{v:9.2f}" for v in row))
+    print("staging and rotating one activation row (block 1024), wavefronts per CTA:")
+    for n in (4096, 8192, 14336):
+        print(f"  n = {n:>5}: v2 {rotation_wavefronts(n, 1024, 'v2'):>6}, "
+              f"v3 {rotation_wavefronts(n, 1024, 'v3'):>5}")
     print("activation load, wavefronts per warp:")
     for g in (8, 16, 32):
         print(f"  G = {g:>2}: QAM-W {activation_wavefronts(g, 8)}, AAAC {activation_wavefronts(g, 16)}")

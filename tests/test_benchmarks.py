@@ -174,6 +174,13 @@ def test_bank_model_counts_conflicts_and_broadcasts():
     assert smem_wavefronts.wavefronts([[0, 1]] * 32, 16) == 2
     # 16 lanes of a half-warp on one bank, different words: 16 wavefronts each.
     assert smem_wavefronts.wavefronts([[32 * lane] for lane in range(32)], 16) == 32
+    # Staging and rotating a 4096-value row, blocks of 1024. v2: every pass of 8 values 1 or 8
+    # apart conflicts (8 and 4 ways). v3: those bits are done in registers and shuffles, the
+    # rotated stores and the passes from bit 5 up take the minimum (4096 * 4 bytes / 128 each).
+    assert smem_wavefronts.rotation_wavefronts(4096, 1024, "v2") == 4096
+    assert smem_wavefronts.staging_wavefronts(4096, swizzled=True) == 128
+    assert smem_wavefronts.fwht_wavefronts(4096, 1024, first_bit=5) == 2 * 2 * 128
+    assert smem_wavefronts.rotation_wavefronts(4096, 1024, "v3") == 640
     # The padded activation layouts are conflict-free: the minimum for 8- and 16-byte loads.
     assert smem_wavefronts.activation_wavefronts(16, 8) == 2
     assert smem_wavefronts.activation_wavefronts(32, 16) == 4

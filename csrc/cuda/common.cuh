@@ -181,23 +181,32 @@ __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, 
 // aligned, signs 8-byte aligned, n a multiple of 8) a thread loads several pieces of 8 values
 // with 16-byte loads before it stores any: their loads are in flight together. Otherwise, and
 // for the last n % 8 values, one value at a time.
+//
+// On the vector path the staged rows also get the unnormalised Walsh-Hadamard butterflies over
+// their low `transform_bits` (<= 5) index bits: bits 0-2 inside a thread's piece, bits 3-4
+// between the lanes that hold neighbouring pieces (shuffles; needs n a multiple of 32). Done
+// here they cost no shared-memory traffic, and they are the passes that would conflict on the
+// banks there (a thread's values 1-8 apart). Returns the bits transformed: transform_bits on
+// the vector path, else 0.
 template <typename T, typename Index>
-__device__ __forceinline__ void stage_activation(const T* __restrict__ x, int n, int batch,
-                                                 const float* __restrict__ channel_scale,
-                                                 const int8_t* __restrict__ signs, float scale,
-                                                 bool vec, float* dst, int row_stride,
-                                                 Index index) {
+__device__ __forceinline__ int stage_activation(const T* __restrict__ x, int n, int batch,
+                                                const float* __restrict__ channel_scale,
+                                                const int8_t* __restrict__ signs, float scale,
+                                                bool vec, float* dst, int row_stride,
+                                                Index index, int transform_bits = 0) {
   // Four pieces of fp16/bf16 or two of fp32 (both 64 bytes of x): more would raise the
   // GEMV kernels' register count above what their main loops need.
   constexpr int kVecs = sizeof(T) / 2, kUnroll = 4 / kVecs;  // kVecs: 16-byte vectors a piece
   const int pieces = vec ? n / 8 : 0, total = batch * pieces;
-  for (int t0 = threadIdx.x; t0 < total; t0 += kUnroll * blockDim.x) {
+  const int lane = threadIdx.x % 32;
+  // Warp-uniform bounds (blockDim.x is a multiple of 32): every lane reaches the shuffles.
+  for (int w0 = threadIdx.x - lane; w0 < total; w0 += kUnroll * blockDim.x) {
     uint4 raw[kUnroll][kVecs];
     float4 cs[kUnroll][2];
     uint2 sg[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + u * blockDim.x;
+      const int t = w0 + lane + u * blockDim.x;
       if (t < total) {
         const int b = t / pieces, j = 8 * (t - b * pieces);
         const uint4* xv = reinterpret_cast<const uint4*>(x + int64_t{b} * n + j);
@@ -212,13 +221,13 @@ __device__ __forceinline__ void stage_activation(const T* __restrict__ x, int n,
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + u * blockDim.x;
+      const int t = w0 + lane + u * blockDim.x;
+      if (w0 + u * blockDim.x >= total) break;  // warp-uniform
+      float v[8];
       if (t < total) {
-        const int b = t / pieces, j = 8 * (t - b * pieces);
         const T* e = reinterpret_cast<const T*>(raw[u]);
         const float* c = reinterpret_cast<const float*>(cs[u]);
         const int8_t* s = reinterpret_cast<const int8_t*>(&sg[u]);
-        float v[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           v[i] = to_float(e[i]);
@@ -226,9 +235,50 @@ __device__ __forceinline__ void stage_activation(const T* __restrict__ x, int n,
           if (signs) v[i] *= static_cast<float>(s[i]);
           v[i] *= scale;
         }
-        float2* out = reinterpret_cast<float2*>(dst + b * row_stride + index(j));
+      } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) out[i] = make_float2(v[2 * i], v[2 * i + 1]);
+        for (int i = 0; i < 8; ++i) v[i] = 0.0f;  // partners of idle lanes are idle too
+      }
+#pragma unroll
+      for (int bit = 0; bit < 3; ++bit) {
+        if (bit < transform_bits) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if ((i >> bit & 1) == 0) {
+              const float a = v[i], b = v[i + (1 << bit)];
+              v[i] = a + b;
+              v[i + (1 << bit)] = a - b;
+            }
+          }
+        }
+      }
+      // Piece t holds index bits 3-4 in its lane's bits 0-1 (warps start at multiples of 32
+      // pieces, rows at multiples of 4 when n % 32 == 0).
+#pragma unroll
+      for (int bit = 3; bit < 5; ++bit) {
+        if (bit < transform_bits) {
+          const int m = 1 << (bit - 3);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float other = __shfl_xor_sync(0xffffffffu, v[i], m);
+            v[i] = (lane & m) ? other - v[i] : v[i] + other;
+          }
+        }
+      }
+      if (t < total) {
+        const int b = t / pieces, j = 8 * (t - b * pieces);
+        float2* out = reinterpret_cast<float2*>(dst + b * row_stride + index(j));
+        // Lanes 8 floats apart: store the 4 pairs in an order rotated by lane / 4, so that the
+        // 16 lanes of a half-warp write 16 different bank pairs.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int k = (i + (lane >> 2)) & 3;
+          const float2 pair = k == 0   ? make_float2(v[0], v[1])
+                              : k == 1 ? make_float2(v[2], v[3])
+                              : k == 2 ? make_float2(v[4], v[5])
+                                       : make_float2(v[6], v[7]);
+          out[k] = pair;
+        }
       }
     }
   }
@@ -240,6 +290,7 @@ __device__ __forceinline__ void stage_activation(const T* __restrict__ x, int n,
     if (signs) v *= static_cast<float>(signs[j]);
     dst[b * row_stride + index(j)] = v * scale;
   }
+  return vec ? transform_bits : 0;
 }
 
 // Whether stage_activation may use vector loads.

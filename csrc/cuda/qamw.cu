@@ -74,11 +74,14 @@ __device__ __forceinline__ float2 codeword_value(float2 c) { return c; }
 __device__ __forceinline__ float2 codeword_value(__half2 c) { return __half22float2(c); }
 
 // Unnormalised Walsh-Hadamard transform, in place in shared memory, of `rows` rows of n values
-// (row b at s + b * row_stride, value j at padded_index(j) when `padded`), in blocks of `block`.
-// Up to three stages are fused per barrier: each thread transforms 8 values in registers.
-__device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride, bool padded) {
+// (row b at s + b * row_stride, value j at padded_index(j) when `padded`), in blocks of `block`,
+// over the index bits from `first_bit` up (stage_activation does the lower ones). Up to three
+// stages are fused per barrier: each thread transforms 8 values in registers. From bit 5 up the
+// 32 lanes of a warp read 32 consecutive values: no bank conflicts.
+__device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride, bool padded,
+                            int first_bit) {
   const int lb = __ffs(block) - 1;
-  for (int lh = 0; lh < lb;) {
+  for (int lh = first_bit; lh < lb;) {
     const int r = lb - lh < 3 ? lb - lh : 3;
     const int h = 1 << lh;
     const int groups_per_row = n >> r;
@@ -105,6 +108,13 @@ __device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride
     __syncthreads();
     lh += r;
   }
+}
+
+// The low index bits stage_activation may transform for blocks of `pow2` (runs of K * 2^m
+// blocks) in rows of n values: up to 5, the lanes' bits 3-4 needing n % 32 == 0.
+__device__ __forceinline__ int staging_bits(int pow2, int n) {
+  const int lb = __ffs(pow2) - 1, limit = n % 32 == 0 ? 5 : 3;
+  return lb < limit ? lb : limit;
 }
 
 // Mixes, in place in shared memory, the K runs of P values of every block of K * P in `rows`
@@ -215,12 +225,13 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
   int xr_row, xr_chunk;
   if (p.workspace == nullptr) {
     xr_row = p.pairs + p.chunks_per_row;  // in pairs: one padding pair per chunk
+    int staged_bits = 0;
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
-      stage_activation(x, p.n, p.batch, p.channel_scale, p.signs, p.norm, p.x_vec, xr_s,
-                       2 * xr_row, PaddedIndex{});
+      staged_bits = stage_activation(x, p.n, p.batch, p.channel_scale, p.signs, p.norm, p.x_vec,
+                                     xr_s, 2 * xr_row, PaddedIndex{}, staging_bits(p.pow2, p.n));
     });
     __syncthreads();
-    fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, true);
+    fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, true, staged_bits);
     if (p.order > 1) mix_shared(xr_s, p.batch, p.n, p.order, p.pow2, p.table, 2 * xr_row, true);
     xr2 = reinterpret_cast<const float2*>(xr_s);
     xr_chunk = kChunk + 1;
@@ -319,12 +330,15 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float tile_s[];
   const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
   const int j0 = blockIdx.x * tile;
+  int staged_bits = 0;
   with_typed_activation(x, dtype, [&](auto* xt) {
-    stage_activation(xt + first, tile, 1, channel_scale ? channel_scale + j0 : nullptr,
-                     signs ? signs + j0 : nullptr, norm, vec, tile_s, tile, Identity{});
+    staged_bits = stage_activation(xt + first, tile, 1,
+                                   channel_scale ? channel_scale + j0 : nullptr,
+                                   signs ? signs + j0 : nullptr, norm, vec, tile_s, tile,
+                                   Identity{}, staging_bits(pow2, tile));
   });
   __syncthreads();
-  fwht_shared(tile_s, 1, tile, pow2, tile, false);
+  fwht_shared(tile_s, 1, tile, pow2, tile, false, staged_bits);
   if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
   for (int i = threadIdx.x; i < tile; i += kThreads) xr[first + i] = tile_s[i];
 }
@@ -349,7 +363,7 @@ __global__ void __launch_bounds__(kThreads)
       tile_s[2 * i + 1] = w.codebook[2 * code + 1] * scale;
     }
     __syncthreads();
-    fwht_shared(tile_s, 1, tile, pow2, tile, false);
+    fwht_shared(tile_s, 1, tile, pow2, tile, false, 0);
     if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
     for (int i = threadIdx.x; i < tile; i += kThreads) {
       const int64_t j = j0 + i;
