@@ -66,24 +66,31 @@ def padded_index(j):
     return j + 2 * (j >> 8)
 
 
-def staging_wavefronts(n, swizzled):
-    """Stores of stage_activation for one row of n values into the padded layout: lane t of a
-    warp stores piece t (8 values) as 4 float2, in order or rotated by lane / 4."""
+def plain_index(j):
+    """The dequantize and rotate kernels' tiles: no padding."""
+    return j
+
+
+def staging_wavefronts(n, swizzled, index=padded_index):
+    """Stores of stage_activation for one row of n values (the padded layout unless `index`
+    says otherwise): lane t of a warp stores piece t (8 values) as 4 float2, in order or
+    rotated by lane / 4."""
     total = 0
     for p0 in range(0, n // 8, 32):
         for i in range(4):
             words = []
             for lane in range(32):
                 k = (i + lane // 4) % 4 if swizzled else i
-                a = padded_index(8 * (p0 + lane)) + 2 * k
+                a = index(8 * (p0 + lane)) + 2 * k
                 words.append([a, a + 1])
             total += wavefronts(words, 16)
     return total
 
 
-def fwht_wavefronts(n, block, first_bit):
-    """Loads and stores of fwht_shared over one padded row of n values, blocks of `block`,
-    index bits first_bit.. of each block: 8 values a thread, 3 bits a pass."""
+def fwht_wavefronts(n, block, first_bit, index=padded_index):
+    """Loads and stores of fwht_shared over one row of n values (padded unless `index` says
+    otherwise), blocks of `block`, index bits first_bit.. of each block: 8 values a thread,
+    3 bits a pass."""
     lb = block.bit_length() - 1
     total, lh = 0, first_bit
     while lh < lb:
@@ -93,7 +100,7 @@ def fwht_wavefronts(n, block, first_bit):
                 words = []
                 for q in range(g0, g0 + 32):
                     base = ((q >> lh) << (lh + r)) | (q & ((1 << lh) - 1))
-                    words.append([padded_index(base + (i << lh))])
+                    words.append([index(base + (i << lh))])
                 total += 2 * wavefronts(words, 32)
         lh += r
     return total

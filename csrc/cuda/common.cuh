@@ -174,6 +174,53 @@ __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, 
   return __funnelshift_r(row[word], hi, sh) & ((1u << bits) - 1u);
 }
 
+// Applies the unnormalised Walsh-Hadamard butterflies of index bits 0 .. transform_bits - 1
+// (<= 5) to the pieces of 8 consecutive values that the lanes of a warp hold, lane l piece l
+// of 32 consecutive ones (bits 3-4 through shuffles: every lane of the warp calls this, and the
+// pieces of an idle lane, dst == nullptr, are idle too), then stores each piece at its dst
+// (8-byte aligned). The 4 pairs go in an order rotated by lane / 4: lanes 8 floats apart then
+// write 16 different bank pairs per half-warp, where the plain order conflicts 4 ways. Done
+// here, those bits cost no shared-memory passes, and they are the passes that would conflict
+// (a thread's values 1-16 apart).
+__device__ __forceinline__ void transform_and_store_piece(float (&v)[8], int transform_bits,
+                                                          float* dst) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int bit = 0; bit < 3; ++bit) {
+    if (bit < transform_bits) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if ((i >> bit & 1) == 0) {
+          const float a = v[i], b = v[i + (1 << bit)];
+          v[i] = a + b;
+          v[i + (1 << bit)] = a - b;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int bit = 3; bit < 5; ++bit) {
+    if (bit < transform_bits) {
+      const int m = 1 << (bit - 3);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[i], m);
+        v[i] = (lane & m) ? other - v[i] : v[i] + other;
+      }
+    }
+  }
+  if (dst == nullptr) return;
+  float2* out = reinterpret_cast<float2*>(dst);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int k = (i + (lane >> 2)) & 3;
+    out[k] = k == 0   ? make_float2(v[0], v[1])
+             : k == 1 ? make_float2(v[2], v[3])
+             : k == 2 ? make_float2(v[4], v[5])
+                      : make_float2(v[6], v[7]);
+  }
+}
+
 // Stages `batch` activation rows of n values into shared memory as floats: value j of row b,
 // divided by channel_scale[j] and times signs[j] and `scale`, goes to
 // dst[b * row_stride + index(j)]; index(j) .. index(j) + 7 must be consecutive and 8-byte
@@ -182,12 +229,9 @@ __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, 
 // with 16-byte loads before it stores any: their loads are in flight together. Otherwise, and
 // for the last n % 8 values, one value at a time.
 //
-// On the vector path the staged rows also get the unnormalised Walsh-Hadamard butterflies over
-// their low `transform_bits` (<= 5) index bits: bits 0-2 inside a thread's piece, bits 3-4
-// between the lanes that hold neighbouring pieces (shuffles; needs n a multiple of 32). Done
-// here they cost no shared-memory traffic, and they are the passes that would conflict on the
-// banks there (a thread's values 1-8 apart). Returns the bits transformed: transform_bits on
-// the vector path, else 0.
+// On the vector path the staged rows also get the Walsh-Hadamard butterflies of their low
+// `transform_bits` index bits (transform_and_store_piece; more than 3 needs n a multiple of
+// 32). Returns the bits transformed: transform_bits on the vector path, else 0.
 template <typename T, typename Index>
 __device__ __forceinline__ int stage_activation(const T* __restrict__ x, int n, int batch,
                                                 const float* __restrict__ channel_scale,
@@ -223,8 +267,10 @@ __device__ __forceinline__ int stage_activation(const T* __restrict__ x, int n, 
     for (int u = 0; u < kUnroll; ++u) {
       const int t = w0 + lane + u * blockDim.x;
       if (w0 + u * blockDim.x >= total) break;  // warp-uniform
-      float v[8];
+      float v[8] = {};
+      float* piece_dst = nullptr;  // an idle lane
       if (t < total) {
+        const int b = t / pieces, j = 8 * (t - b * pieces);
         const T* e = reinterpret_cast<const T*>(raw[u]);
         const float* c = reinterpret_cast<const float*>(cs[u]);
         const int8_t* s = reinterpret_cast<const int8_t*>(&sg[u]);
@@ -235,51 +281,9 @@ __device__ __forceinline__ int stage_activation(const T* __restrict__ x, int n, 
           if (signs) v[i] *= static_cast<float>(s[i]);
           v[i] *= scale;
         }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = 0.0f;  // partners of idle lanes are idle too
+        piece_dst = dst + b * row_stride + index(j);
       }
-#pragma unroll
-      for (int bit = 0; bit < 3; ++bit) {
-        if (bit < transform_bits) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if ((i >> bit & 1) == 0) {
-              const float a = v[i], b = v[i + (1 << bit)];
-              v[i] = a + b;
-              v[i + (1 << bit)] = a - b;
-            }
-          }
-        }
-      }
-      // Piece t holds index bits 3-4 in its lane's bits 0-1 (warps start at multiples of 32
-      // pieces, rows at multiples of 4 when n % 32 == 0).
-#pragma unroll
-      for (int bit = 3; bit < 5; ++bit) {
-        if (bit < transform_bits) {
-          const int m = 1 << (bit - 3);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float other = __shfl_xor_sync(0xffffffffu, v[i], m);
-            v[i] = (lane & m) ? other - v[i] : v[i] + other;
-          }
-        }
-      }
-      if (t < total) {
-        const int b = t / pieces, j = 8 * (t - b * pieces);
-        float2* out = reinterpret_cast<float2*>(dst + b * row_stride + index(j));
-        // Lanes 8 floats apart: store the 4 pairs in an order rotated by lane / 4, so that the
-        // 16 lanes of a half-warp write 16 different bank pairs.
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int k = (i + (lane >> 2)) & 3;
-          const float2 pair = k == 0   ? make_float2(v[0], v[1])
-                              : k == 1 ? make_float2(v[2], v[3])
-                              : k == 2 ? make_float2(v[4], v[5])
-                                       : make_float2(v[6], v[7]);
-          out[k] = pair;
-        }
-      }
+      transform_and_store_piece(v, transform_bits, piece_dst);
     }
   }
   const int rest = n - 8 * pieces;

@@ -351,11 +351,33 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float tile_s[];
   const int64_t tiles_per_row = w.n / tile, tiles = w.m * tiles_per_row;
   const int64_t pairs_per_scale = w.n / 2 / w.scales_per_row;
+  const int pieces = tile % 8 == 0 ? tile / 8 : 0;
+  const int piece_bits = pieces ? staging_bits(pow2, tile) : 0;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const int64_t row = t / tiles_per_row, j0 = (t - row * tiles_per_row) * tile;
     const uint32_t* rowp = reinterpret_cast<const uint32_t*>(w.packed) + row * w.words_per_row;
     __syncthreads();  // the previous tile's reads are done
-    for (int i = threadIdx.x; i < tile / 2; i += kThreads) {
+    // Pieces of 4 codewords (8 values) a lane, their low index bits transformed on the way in
+    // (transform_and_store_piece); a tile that is not a whole number of pieces, pair by pair.
+    const int lane = threadIdx.x % 32;
+    for (int w0 = threadIdx.x - lane; w0 < pieces; w0 += kThreads) {
+      const int piece = w0 + lane;
+      float v[8] = {};
+      float* piece_dst = nullptr;  // an idle lane
+      if (piece < pieces) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int64_t k = j0 / 2 + 4 * piece + c;
+          const uint32_t code = packed_code(rowp, k, w.bits);
+          const float scale = w.row_scale[row * w.scales_per_row + k / pairs_per_scale] * norm;
+          v[2 * c] = w.codebook[2 * code] * scale;
+          v[2 * c + 1] = w.codebook[2 * code + 1] * scale;
+        }
+        piece_dst = tile_s + 8 * piece;
+      }
+      transform_and_store_piece(v, piece_bits, piece_dst);
+    }
+    for (int i = 4 * pieces + threadIdx.x; i < tile / 2; i += kThreads) {
       const int64_t k = j0 / 2 + i;
       const uint32_t code = packed_code(rowp, k, w.bits);
       const float scale = w.row_scale[row * w.scales_per_row + k / pairs_per_scale] * norm;
@@ -363,7 +385,7 @@ __global__ void __launch_bounds__(kThreads)
       tile_s[2 * i + 1] = w.codebook[2 * code + 1] * scale;
     }
     __syncthreads();
-    fwht_shared(tile_s, 1, tile, pow2, tile, false, 0);
+    fwht_shared(tile_s, 1, tile, pow2, tile, false, piece_bits);
     if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
     for (int i = threadIdx.x; i < tile; i += kThreads) {
       const int64_t j = j0 + i;
