@@ -55,10 +55,16 @@ struct GemvParams {
   bool x_vec;       // stage_activation may use vector loads
 };
 
+// Rows a lane decodes side by side: two at batch 1, so that each activation vector read from
+// shared memory serves 8 weights, not 4 (the shared loads a weight bound the kernel). Larger
+// batches have the registers for one.
+constexpr int rows_per_lane(int nb) { return nb == 1 ? 2 : 1; }
+
 // XS: the activation is staged in shared memory (else read from global, divided on the fly).
 // (kThreads, 1): without a minimum, ptxas was seen to cap some variants at 64 registers and spill.
 template <int NB, bool XS>
 __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
+  constexpr int R = rows_per_lane(NB);
   extern __shared__ __align__(16) float smem[];
   float* cb_s = smem;               // [32 entries][32 lanes]
   float* x_s = smem + 32 * 32;      // [batch][chunks_per_row * kChunkStride]
@@ -69,21 +75,29 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int G = p.group_lanes;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane & (G - 1);
-  const int rows_per_warp = 32 / G;
+  const int rows_per_warp = R * (32 / G);
   const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
-  const int row_in_cta = warp * rows_per_warp + lane / G;
+  const int row_in_cta = warp * rows_per_warp + R * (lane / G);  // the first of the lane's R
   const int64_t row_stride = gridDim.x * rows_per_cta;
-  // Vector c of `row`; a lane keeps the next one in flight while it decodes the current one.
-  const auto load_vector = [&](int64_t row, int c) {
-    const uint4* rowp = reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row);
-    if (p.packed_vec) return __ldg(rowp + c);
-    const uint32_t* r32 = reinterpret_cast<const uint32_t*>(rowp + c);
-    return make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
+  // Vector c of each of the R rows from `row` (zeros past the last row); a lane keeps the next
+  // ones in flight while it decodes the current ones.
+  const auto load_vectors = [&](int64_t row, int c, uint4 (&q)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      q[r] = make_uint4(0, 0, 0, 0);
+      if (row + r >= w.m) continue;
+      const uint4* rowp = reinterpret_cast<const uint4*>(w.packed + (row + r) * w.words_per_row);
+      if (p.packed_vec) {
+        q[r] = __ldg(rowp + c);
+      } else {
+        const uint32_t* r32 = reinterpret_cast<const uint32_t*>(rowp + c);
+        q[r] = make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
+      }
+    }
   };
-  // The first vector travels from DRAM while the CTA stages the codebooks and the activation.
-  const int64_t first_row = blockIdx.x * rows_per_cta + row_in_cta;
-  uint4 q = first_row < w.m && sub < p.chunks_per_row ? load_vector(first_row, sub)
-                                                       : make_uint4(0, 0, 0, 0);
+  // The first vectors travel from DRAM while the CTA stages the codebooks and the activation.
+  uint4 q[R];
+  load_vectors(sub < p.chunks_per_row ? blockIdx.x * rows_per_cta + row_in_cta : w.m, sub, q);
 
   for (int i = threadIdx.x; i < 32 * 32; i += kThreads) cb_s[i] = w.codebooks[i / 32];
   if constexpr (XS) {
@@ -101,37 +115,52 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
 
   for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < w.m; row0 += row_stride) {
     const int64_t row = row0 + row_in_cta;
-    float acc[NB];
+    float acc[R][NB];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
     if (row < w.m) {
       for (int c = sub; c < p.chunks_per_row; c += G) {
-        // q holds vector c; load the lane's next one: c + G, or the first of its next row.
+        // q holds vector c; load the lane's next ones: c + G, or the first of its next rows.
         const bool same_row = c + G < p.chunks_per_row;
-        const int64_t next_row = same_row ? row : row + row_stride;
-        const uint4 q_next = next_row < w.m ? load_vector(next_row, same_row ? c + G : sub)
-                                            : make_uint4(0, 0, 0, 0);
+        uint4 q_next[R];
+        load_vectors(same_row ? row : row + row_stride, same_row ? c + G : sub, q_next);
         // Two halves of 16 codes: a group has at least 16 codes, so a half has one scale.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int j0 = c * kChunk + 16 * h;
           if (j0 >= n) continue;  // n is a multiple of 16: the last vector may hold one half
-          int choice;
-          float magnitude;
-          decode_scale(w.scales, w.scale_type, row * groups + (j0 >> group_log2), choice,
-                       magnitude);
-          const float* cb = my_cb + choice * 16 * 32;
-          float part[NB];
+          float magnitude[R];
+          const float* cb[R];
 #pragma unroll
-          for (int b = 0; b < NB; ++b) part[b] = 0.0f;
+          for (int r = 0; r < R; ++r) {
+            int choice = 0;
+            magnitude[r] = 0.0f;  // a row past the last: zero codes, zero scale
+            if (row + r < w.m)
+              decode_scale(w.scales, w.scale_type, (row + r) * groups + (j0 >> group_log2),
+                           choice, magnitude[r]);
+            cb[r] = my_cb + choice * 16 * 32;
+          }
+          float part[R][NB];
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
 #pragma unroll
           for (int quad = 0; quad < 4; ++quad) {
-            float wv[4];
+            float wv[R][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int jj = 16 * h + 4 * quad + e;
-              const uint32_t word = jj < 8 ? q.x : jj < 16 ? q.y : jj < 24 ? q.z : q.w;
-              wv[e] = cb[((word >> (4 * (jj % 8))) & 15u) * 32];
+            for (int r = 0; r < R; ++r) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int jj = 16 * h + 4 * quad + e;
+                const uint32_t word = jj < 8    ? q[r].x
+                                      : jj < 16 ? q[r].y
+                                      : jj < 24 ? q[r].z
+                                                : q[r].w;
+                wv[r][e] = cb[r][((word >> (4 * (jj % 8))) & 15u) * 32];
+              }
             }
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
@@ -150,28 +179,40 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
                   }
                   xv = make_float4(t[0], t[1], t[2], t[3]);
                 }
-                part[b] = fmaf(wv[0], xv.x, part[b]);
-                part[b] = fmaf(wv[1], xv.y, part[b]);
-                part[b] = fmaf(wv[2], xv.z, part[b]);
-                part[b] = fmaf(wv[3], xv.w, part[b]);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                  part[r][b] = fmaf(wv[r][0], xv.x, part[r][b]);
+                  part[r][b] = fmaf(wv[r][1], xv.y, part[r][b]);
+                  part[r][b] = fmaf(wv[r][2], xv.z, part[r][b]);
+                  part[r][b] = fmaf(wv[r][3], xv.w, part[r][b]);
+                }
               }
             }
           }
 #pragma unroll
-          for (int b = 0; b < NB; ++b) acc[b] = fmaf(magnitude, part[b], acc[b]);
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(magnitude[r], part[r][b], acc[r][b]);
         }
-        q = q_next;
+#pragma unroll
+        for (int r = 0; r < R; ++r) q[r] = q_next[r];
       }
     }
     // Every lane reaches the shuffles: the loop over row0 is uniform across the CTA.
     for (int off = G / 2; off > 0; off /= 2) {
 #pragma unroll
-      for (int b = 0; b < NB; ++b) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], off);
-    }
-    if (sub == 0 && row < w.m) {
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int b = 0; b < NB; ++b)
-        if (b < p.batch) store_from_float(p.out, p.dtype, b * w.m + row, acc[b] * tensor_scale);
+        for (int b = 0; b < NB; ++b) acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], off);
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (row + r < w.m)
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+            if (b < p.batch)
+              store_from_float(p.out, p.dtype, b * w.m + row + r, acc[r][b] * tensor_scale);
     }
   }
 }
@@ -231,7 +272,8 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
                              static_cast<int>(smem));
       int per_sm = 0;
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
+      const int64_t rows_per_cta =
+          int64_t{kWarps} * (32 / p.group_lanes) * rows_per_lane(decltype(nb)::value);
       const int64_t wanted = ceil_div(w.m, rows_per_cta);
       const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
       const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);

@@ -225,6 +225,7 @@ void test_aaac() {
       {64, 70, 1024, qamw::ScaleType::F16, true, true, {1, 5}},
       {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}},  // 16: x from global
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
+      {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 6 slots: strides
   };
   for (const AaacCase& c : cases) {
     const int64_t groups = c.n / c.group, words = qamw::packed_words_per_row(c.n, 4);
