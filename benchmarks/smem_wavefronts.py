@@ -46,14 +46,15 @@ def codebook_wavefronts(bits, copies, trials, rng, entry_bytes=8):
     return float(np.mean(counts))
 
 
-def activation_wavefronts(group_lanes, pair_bytes):
-    """QAM-W (8-byte pairs, chunks of 128 pairs + 1 padding pair) or AAAC (16-byte vectors,
-    chunks of 36 floats): lane `sub` of each row reads chunk `sub`, same offset j = 0."""
+def activation_wavefronts(group_lanes, pair_bytes, unit=128):
+    """QAM-W (8-byte pairs, units of `unit` pairs + 1 padding pair: 128 for batches > 1, 64 at
+    batch 1, where a lane decodes two rows) or AAAC (16-byte vectors, chunks of 36 floats):
+    lane `sub` of each row (pair of rows) reads unit `sub`, same offset j = 0."""
     words = []
     for lane in range(32):
         sub = lane % group_lanes
         if pair_bytes == 8:
-            base = 2 * (sub * 129)                       # float index of pair 0 of chunk sub
+            base = 2 * (sub * (unit + 1))                # float index of pair 0 of unit sub
             words.append([base, base + 1])
         else:
             base = sub * 36
@@ -61,9 +62,14 @@ def activation_wavefronts(group_lanes, pair_bytes):
     return wavefronts(words, 16 if pair_bytes == 8 else 8)
 
 
-def padded_index(j):
-    """The QAM-W kernel's rotated-activation layout: two padding floats after every 256."""
-    return j + 2 * (j >> 8)
+def padded_index(j, shift=7):
+    """The QAM-W kernel's rotated-activation layout: two padding floats after every 2^shift,
+    a unit of pairs: 64 pairs at batch 1 (v3), 128 for larger batches and in v2."""
+    return j + 2 * (j >> shift)
+
+
+def padded_index_v2(j):
+    return padded_index(j, 8)
 
 
 def plain_index(j):
@@ -112,7 +118,8 @@ def rotation_wavefronts(n, block, version):
     0-2 in registers and 3-4 with shuffles (not counted here: 16 per warp and 256 values) while
     staging, with rotated stores."""
     if version == "v2":
-        return staging_wavefronts(n, False) + fwht_wavefronts(n, block, 0)
+        return (staging_wavefronts(n, False, padded_index_v2)
+                + fwht_wavefronts(n, block, 0, padded_index_v2))
     staged = min(5, block.bit_length() - 1)
     return staging_wavefronts(n, True) + fwht_wavefronts(n, block, staged)
 
@@ -136,7 +143,9 @@ def main(argv=None):
               f"v3 {rotation_wavefronts(n, 1024, 'v3'):>5}")
     print("activation load, wavefronts per warp:")
     for g in (8, 16, 32):
-        print(f"  G = {g:>2}: QAM-W {activation_wavefronts(g, 8)}, AAAC {activation_wavefronts(g, 16)}")
+        print(f"  G = {g:>2}: QAM-W {activation_wavefronts(g, 8)} (batch 1: "
+              f"{activation_wavefronts(g, 8, unit=64)}, for two codes), "
+              f"AAAC {activation_wavefronts(g, 16)} (batch 1: for two rows)")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ def test_bank_model_counts_conflicts_and_broadcasts():
     assert smem_wavefronts.rotation_wavefronts(4096, 1024, "v3") == 640
     # The padded activation layouts are conflict-free: the minimum for 8- and 16-byte loads.
     assert smem_wavefronts.activation_wavefronts(16, 8) == 2
+    assert smem_wavefronts.activation_wavefronts(16, 8, unit=64) == 2
     assert smem_wavefronts.activation_wavefronts(32, 16) == 4
 
 

@@ -36,10 +36,15 @@ int log2_of(int64_t v) {
 
 float inv_sqrt(int64_t block) { return static_cast<float>(1.0 / __builtin_sqrt(double(block))); }
 
-// Index in shared memory of value j of a row of the padded rotated activation.
-__device__ __forceinline__ int padded_index(int j) { return j + 2 * (j >> 8); }
+// Index in shared memory of value j of a row of the rotated activation, with two padding
+// floats after every 2^pad_shift values (kNoPadding: none).
+constexpr int kNoPadding = 30;
+__device__ __forceinline__ int padded_index(int j, int pad_shift) {
+  return j + 2 * (j >> pad_shift);
+}
 struct PaddedIndex {
-  __device__ int operator()(int j) const { return padded_index(j); }
+  int pad_shift;
+  __device__ int operator()(int j) const { return padded_index(j, pad_shift); }
 };
 struct Identity {
   __device__ int operator()(int j) const { return j; }
@@ -74,11 +79,11 @@ __device__ __forceinline__ float2 codeword_value(float2 c) { return c; }
 __device__ __forceinline__ float2 codeword_value(__half2 c) { return __half22float2(c); }
 
 // Unnormalised Walsh-Hadamard transform, in place in shared memory, of `rows` rows of n values
-// (row b at s + b * row_stride, value j at padded_index(j) when `padded`), in blocks of `block`,
+// (row b at s + b * row_stride, value j at padded_index(j, pad_shift)), in blocks of `block`,
 // over the index bits from `first_bit` up (stage_activation does the lower ones). Up to three
 // stages are fused per barrier: each thread transforms 8 values in registers. From bit 5 up the
 // 32 lanes of a warp read 32 consecutive values: no bank conflicts.
-__device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride, bool padded,
+__device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride, int pad_shift,
                             int first_bit) {
   const int lb = __ffs(block) - 1;
   for (int lh = first_bit; lh < lb;) {
@@ -94,8 +99,7 @@ __device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride
       float v[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        idx[i] = base + i * h;
-        if (padded) idx[i] = padded_index(idx[i]);
+        idx[i] = padded_index(base + i * h, pad_shift);
         v[i] = i < (1 << r) ? row[idx[i]] : 0.0f;
       }
       if (r == 3) butterflies<3>(v);
@@ -118,13 +122,13 @@ __device__ __forceinline__ int staging_bits(int pow2, int n) {
 }
 
 // Mixes, in place in shared memory, the K runs of P values of every block of K * P in `rows`
-// rows of n values (row r at s + r * row_stride, value j at padded_index(j) when `padded`):
+// rows of n values (row r at s + r * row_stride, value j at padded_index(j, pad_shift)):
 // value (a, b) of a block becomes sum_c H[a][c] value (c, b), unnormalised, H the K mask rows of
 // kHadamardMasks from `table`. Thread t computes output a = t % K of one column per round; a
 // round covers whole columns and reads all their values before a barrier, then writes. K is a
 // runtime loop bound: the GEMV's registers stay those of its main loop.
 __device__ void mix_shared(float* s, int rows, int n, int K, int P, int table, int row_stride,
-                           bool padded) {
+                           int pad_shift) {
   const int per_round = blockDim.x / K;   // the CTA has at least K threads
   const int a = threadIdx.x % K, slot = threadIdx.x / K;
   const bool active = slot < per_round;
@@ -142,11 +146,11 @@ __device__ void mix_shared(float* s, int rows, int n, int K, int P, int table, i
 #pragma unroll 4
       for (int c = 0; c < K; ++c) {   // K is a multiple of 4
         const int j = j0 + c * P;
-        const float v = row[padded ? padded_index(j) : j];
+        const float v = row[padded_index(j, pad_shift)];
         y += (mask >> c & 1) ? -v : v;
       }
       const int j = j0 + a * P;
-      dst = row + (padded ? padded_index(j) : j);
+      dst = row + padded_index(j, pad_shift);
     }
     __syncthreads();  // every value of the round's columns is read
     if (valid) *dst = y;
@@ -162,7 +166,7 @@ struct GemvParams {
   int64_t scales_per_row;
   int seg_log2;       // log2 of the pairs sharing one row scale (n / scales_per_row / 2)
   int64_t m;
-  int n, pairs, chunks_per_row, group_lanes;
+  int n, pairs, units_per_row, group_lanes;
   const void* x;
   DType dtype;
   const float* channel_scale;
@@ -177,40 +181,88 @@ struct GemvParams {
   int copies_log2;         // log2 of the codebook's copies in shared memory
 };
 
-// Code j (0..127) of a chunk held as 4 * BITS little-endian words.
-template <int BITS>
-__device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[4 * BITS], int j) {
+// Rows a lane decodes side by side: two at batch 1, half a chunk (64 codes) of each, so that
+// each activation pair read from shared memory serves two codes (shared loads per code bound
+// the kernel); larger batches have the registers for one row, whole chunks.
+constexpr int rows_per_lane(int64_t batch) { return batch == 1 ? 2 : 1; }
+
+// Code j of a unit held as N little-endian words.
+template <int BITS, int N>
+__device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
   const int bit = j * BITS, word = bit >> 5, sh = bit & 31;
   uint32_t v = w[word] >> sh;
   if (sh + BITS > 32) v = __funnelshift_r(w[word], w[word + 1], sh);
   return v & ((1u << BITS) - 1u);
 }
 
-// Prefetches chunk c of `row` into L2 (its `BITS` 16-byte vectors: one or two lines), when
-// both exist: the loads of the chunk then wait for L2, not DRAM.
-template <int BITS>
-__device__ __forceinline__ void prefetch_chunk(const GemvParams& p, int64_t row, int c) {
-  if (row >= p.m || c >= p.chunks_per_row) return;
-  const int64_t first = int64_t{c} * BITS, vecs = p.words_per_row / 4;
-  const int64_t last = first + BITS - 1 < vecs ? first + BITS - 1 : vecs - 1;
-  const int32_t* rowp = p.packed + row * p.words_per_row;
-  prefetch_l2(rowp + 4 * first);
-  prefetch_l2(rowp + 4 * last + 3);
+// Unit u of `row`: the R-th part of a chunk, 128 / R codes in 4 * BITS / R words, read as BITS
+// 16-byte (R = 1) or 8-byte (R = 2) loads. Words past the row's end, and rows past the last,
+// read as zeros.
+template <int BITS, int R>
+__device__ __forceinline__ void load_unit(const GemvParams& p, int64_t row, int u,
+                                          uint32_t (&w)[4 * BITS / R]) {
+  constexpr int kVec = 4 / R;  // words a load
+  const uint32_t* rowp = reinterpret_cast<const uint32_t*>(p.packed) + row * p.words_per_row;
+#pragma unroll
+  for (int v = 0; v < BITS; ++v) {
+    const int64_t word = (int64_t{u} * BITS + v) * kVec;
+    uint32_t* q = w + kVec * v;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) q[k] = 0;
+    if (row < p.m && word < p.words_per_row) {
+      if (!p.packed_vec) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) q[k] = __ldg(rowp + word + k);
+      } else if constexpr (R == 1) {
+        const uint4 t = __ldg(reinterpret_cast<const uint4*>(rowp + word));
+        q[0] = t.x;
+        q[1] = t.y;
+        q[2] = t.z;
+        q[3] = t.w;
+      } else {
+        const uint2 t = __ldg(reinterpret_cast<const uint2*>(rowp + word));
+        q[0] = t.x;
+        q[1] = t.y;
+      }
+    }
+  }
 }
 
-// (kThreads, 1): without a minimum, ptxas capped some variants at 64 registers and spilled.
+// Prefetches unit u of rows row .. row + R - 1 into L2 (BITS * 16 / R bytes each: one or two
+// lines), those that exist: the loads of the unit then wait for L2, not DRAM.
+template <int BITS, int R>
+__device__ __forceinline__ void prefetch_unit(const GemvParams& p, int64_t row, int u) {
+  if (u >= p.units_per_row) return;
+  constexpr int kWords = 4 * BITS / R;
+  const int64_t first = int64_t{u} * kWords;
+  const int64_t last = first + kWords - 1 < p.words_per_row ? first + kWords - 1
+                                                             : p.words_per_row - 1;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (row + r >= p.m) return;
+    const int32_t* rowp = p.packed + (row + r) * p.words_per_row;
+    prefetch_l2(rowp + first);
+    prefetch_l2(rowp + last);
+  }
+}
+
+// Batch 1 asks for two CTAs an SM: ptxas then fits two rows a lane in 128 registers without
+// spilling (left free it took up to 168, one CTA an SM). Larger batches ask for one: without a
+// minimum, ptxas capped some variants at 64 registers and spilled.
 template <int BITS, int NB, typename Codeword>
-__global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
+__global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(GemvParams p) {
+  constexpr int R = rows_per_lane(NB);           // NB is 1 exactly when the batch is 1
+  constexpr int kUnit = kChunk / R, kUnitLog2 = R == 1 ? 7 : 6;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int G = p.group_lanes;
+  const int G = p.group_lanes, units = p.units_per_row;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane & (G - 1);
-  const int rows_per_warp = 32 / G;
+  const int rows_per_warp = R * (32 / G);
   const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
-  const int row_in_cta = warp * rows_per_warp + lane / G;
+  const int row_in_cta = warp * rows_per_warp + R * (lane / G);  // the first of the lane's R
   const int64_t row_stride = gridDim.x * rows_per_cta;
   // The first codes travel from DRAM while the CTA stages the codebook and the activation.
-  prefetch_chunk<BITS>(p, blockIdx.x * rows_per_cta + row_in_cta, sub);
+  prefetch_unit<BITS, R>(p, blockIdx.x * rows_per_cta + row_in_cta, sub);
 
   const int copies_log2 = p.copies_log2;
   Codeword* cb_s = reinterpret_cast<Codeword*>(smem_raw);
@@ -220,88 +272,84 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
     const int e = i >> copies_log2;
     to_codeword(p.codebook[2 * e], p.codebook[2 * e + 1], cb_s + i);
   }
-  // Rotated activation: pair k of batch row b at xr2[b * xr_row + chunk * xr_chunk + k % 128].
+  // Rotated activation: pair k of batch row b at xr2[b * xr_row + unit * xr_unit + k % kUnit].
+  // In shared memory each unit is followed by one padding pair: the lanes of a row read pairs
+  // a unit apart, which would otherwise all hit the same banks.
   const float2* xr2;
-  int xr_row, xr_chunk;
+  int xr_row, xr_unit;
   if (p.workspace == nullptr) {
-    xr_row = p.pairs + p.chunks_per_row;  // in pairs: one padding pair per chunk
+    const int pad_shift = kUnitLog2 + 1;  // in floats
+    xr_row = p.pairs + units;
     int staged_bits = 0;
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
       staged_bits = stage_activation(x, p.n, p.batch, p.channel_scale, p.signs, p.norm, p.x_vec,
-                                     xr_s, 2 * xr_row, PaddedIndex{}, staging_bits(p.pow2, p.n));
+                                     xr_s, 2 * xr_row, PaddedIndex{pad_shift},
+                                     staging_bits(p.pow2, p.n));
     });
     __syncthreads();
-    fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, true, staged_bits);
-    if (p.order > 1) mix_shared(xr_s, p.batch, p.n, p.order, p.pow2, p.table, 2 * xr_row, true);
+    fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, pad_shift, staged_bits);
+    if (p.order > 1)
+      mix_shared(xr_s, p.batch, p.n, p.order, p.pow2, p.table, 2 * xr_row, pad_shift);
     xr2 = reinterpret_cast<const float2*>(xr_s);
-    xr_chunk = kChunk + 1;
+    xr_unit = kUnit + 1;
   } else {
     __syncthreads();  // the codebook is staged
     xr2 = reinterpret_cast<const float2*>(p.workspace);
     xr_row = p.pairs;
-    xr_chunk = kChunk;
+    xr_unit = kUnit;
   }
 
   const Codeword* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
-  const int64_t vecs_per_row = p.words_per_row / 4;
-  const int seg_mask = (p.seg_log2 < 7 ? (1 << p.seg_log2) : kChunk) - 1;
+  const int seg_mask = (p.seg_log2 < kUnitLog2 ? (1 << p.seg_log2) : kUnit) - 1;
 
   for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < p.m; row0 += row_stride) {
     const int64_t row = row0 + row_in_cta;
-    float acc[NB];
+    float acc[R][NB];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
     if (row < p.m) {
-      const int32_t* rowp = p.packed + row * p.words_per_row;
-      const float* rs = p.row_scale + row * p.scales_per_row;
-      for (int c = sub; c < p.chunks_per_row; c += G) {
-        // One chunk ahead: the next of this row, or the first of the next row.
-        if (c + G < p.chunks_per_row) prefetch_chunk<BITS>(p, row, c + G);
-        else prefetch_chunk<BITS>(p, row + row_stride, sub);
-        // The chunk's `bits` vectors; those past the row's end (last chunk) read as zeros.
-        uint32_t w[4 * BITS];
+      for (int u = sub; u < units; u += G) {
+        // One unit ahead: the next of these rows, or the first of the next ones.
+        if (u + G < units) prefetch_unit<BITS, R>(p, row, u + G);
+        else prefetch_unit<BITS, R>(p, row + row_stride, sub);
+        uint32_t w[R][4 * BITS / R];
 #pragma unroll
-        for (int v = 0; v < BITS; ++v) {
-          const int64_t vi = int64_t{c} * BITS + v;
-          uint4 q = make_uint4(0, 0, 0, 0);
-          if (vi < vecs_per_row) {
-            if (p.packed_vec) {
-              q = __ldg(reinterpret_cast<const uint4*>(rowp) + vi);
-            } else {
-              q.x = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi);
-              q.y = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi + 1);
-              q.z = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi + 2);
-              q.w = __ldg(reinterpret_cast<const uint32_t*>(rowp) + 4 * vi + 3);
-            }
-          }
-          w[4 * v] = q.x;
-          w[4 * v + 1] = q.y;
-          w[4 * v + 2] = q.z;
-          w[4 * v + 3] = q.w;
-        }
-        const int valid = p.pairs - c * kChunk < kChunk ? p.pairs - c * kChunk : kChunk;
-        float part[NB];
+        for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
+        const int valid = p.pairs - u * kUnit < kUnit ? p.pairs - u * kUnit : kUnit;
+        float part[R][NB];
 #pragma unroll
-        for (int b = 0; b < NB; ++b) part[b] = 0.0f;
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int j = 0; j < kChunk; ++j) {
+          for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) {
           if (j < valid) {
-            const uint32_t code = chunk_code<BITS>(w, j);
-            const float2 cw = codeword_value(my_cb[code << copies_log2]);
+            float2 cw[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+              cw[r] = codeword_value(my_cb[chunk_code<BITS>(w[r], j) << copies_log2]);
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
               if (b < p.batch) {
-                const float2 xv = xr2[b * xr_row + c * xr_chunk + j];
-                part[b] = fmaf(cw.x, xv.x, fmaf(cw.y, xv.y, part[b]));
+                const float2 xv = xr2[b * xr_row + u * xr_unit + j];
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                  part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
               }
             }
-            // Apply the row scale at the end of each scale segment and of the chunk.
+            // Apply the row scales at the end of each scale segment and of the unit.
             if (((j + 1) & seg_mask) == 0 || j == valid - 1) {
-              const float scale = rs[(c * kChunk + j) >> p.seg_log2];
 #pragma unroll
-              for (int b = 0; b < NB; ++b) {
-                acc[b] = fmaf(scale, part[b], acc[b]);
-                part[b] = 0.0f;
+              for (int r = 0; r < R; ++r) {
+                const int64_t k = (row + r) * p.scales_per_row + ((u * kUnit + j) >> p.seg_log2);
+                const float scale = row + r < p.m ? p.row_scale[k] : 0.0f;
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                  acc[r][b] = fmaf(scale, part[r][b], acc[r][b]);
+                  part[r][b] = 0.0f;
+                }
               }
             }
           }
@@ -311,12 +359,17 @@ __global__ void __launch_bounds__(kThreads, 1) qamw_gemv_kernel(GemvParams p) {
     // Every lane reaches the shuffles: the loop over row0 is uniform across the CTA.
     for (int off = G / 2; off > 0; off /= 2) {
 #pragma unroll
-      for (int b = 0; b < NB; ++b) acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], off);
-    }
-    if (sub == 0 && row < p.m) {
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int b = 0; b < NB; ++b)
-        if (b < p.batch) store_from_float(p.out, p.dtype, b * p.m + row, acc[b]);
+        for (int b = 0; b < NB; ++b) acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], off);
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        if (row + r < p.m)
+#pragma unroll
+          for (int b = 0; b < NB; ++b)
+            if (b < p.batch) store_from_float(p.out, p.dtype, b * p.m + row + r, acc[r][b]);
     }
   }
 }
@@ -338,8 +391,8 @@ __global__ void __launch_bounds__(kThreads)
                                    Identity{}, staging_bits(pow2, tile));
   });
   __syncthreads();
-  fwht_shared(tile_s, 1, tile, pow2, tile, false, staged_bits);
-  if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
+  fwht_shared(tile_s, 1, tile, pow2, tile, kNoPadding, staged_bits);
+  if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, kNoPadding);
   for (int i = threadIdx.x; i < tile; i += kThreads) xr[first + i] = tile_s[i];
 }
 
@@ -385,8 +438,8 @@ __global__ void __launch_bounds__(kThreads)
       tile_s[2 * i + 1] = w.codebook[2 * code + 1] * scale;
     }
     __syncthreads();
-    fwht_shared(tile_s, 1, tile, pow2, tile, false, piece_bits);
-    if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, false);
+    fwht_shared(tile_s, 1, tile, pow2, tile, kNoPadding, piece_bits);
+    if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, kNoPadding);
     for (int i = threadIdx.x; i < tile; i += kThreads) {
       const int64_t j = j0 + i;
       float v = tile_s[i];
@@ -499,11 +552,11 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.m = w.m;
   p.n = static_cast<int>(w.n);
   p.pairs = static_cast<int>(w.n / 2);
-  p.chunks_per_row = static_cast<int>(ceil_div(p.pairs, kChunk));
+  p.units_per_row = static_cast<int>(ceil_div(p.pairs, kChunk / rows_per_lane(batch)));
   // At most 16 lanes a row: the two or more rows of a warp then read the same activation pairs,
   // which shared memory broadcasts (one wavefront for the warp's activation load, not two).
   p.group_lanes = 1;
-  while (p.group_lanes < 16 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
+  while (p.group_lanes < 16 && p.group_lanes < p.units_per_row) p.group_lanes *= 2;
   p.x = x;
   p.dtype = dtype;
   p.channel_scale = w.channel_scale;
@@ -519,7 +572,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.x_vec = stage_vectors(x, w.channel_scale, w.signs, w.n);
 
   const int optin = shared_per_block_optin();
-  const int64_t xr_bytes = int64_t{sizeof(float)} * batch * (p.n + 2 * p.chunks_per_row);
+  const int64_t xr_bytes = int64_t{sizeof(float)} * batch * (p.n + 2 * p.units_per_row);
   // The activation in shared memory beside the codebook copies when both fit, else rotated
   // into the workspace by its own kernel.
   const int entry_bytes = dtype == DType::F32 ? sizeof(float2) : sizeof(__half2);
@@ -552,7 +605,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-    const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes);
+    const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes) * rows_per_lane(batch);
     const int64_t wanted = ceil_div(w.m, rows_per_cta);
     const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
     const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);
