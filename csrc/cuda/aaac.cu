@@ -72,13 +72,10 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int n = static_cast<int>(w.n);
   const int x_row = p.chunks_per_row * kChunkStride;
 
-  const int G = p.group_lanes;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane & (G - 1);
-  const int rows_per_warp = R * (32 / G);
-  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
-  const int row_in_cta = warp * rows_per_warp + R * (lane / G);  // the first of the lane's R
-  const int64_t row_stride = gridDim.x * rows_per_cta;
+  const int G = p.group_lanes, lane = threadIdx.x % 32;
+  const LaneRows lr(G, R);
+  const int sub = lr.sub, row_in_cta = lr.row_in_cta;
+  const int64_t rows_per_cta = lr.rows_per_cta, row_stride = lr.row_stride;
   // Vector c of each of the R rows from `row` (zeros past the last row); a lane keeps the next
   // ones in flight while it decodes the current ones.
   const auto load_vectors = [&](int64_t row, int c, uint4 (&q)[R]) {
@@ -198,22 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
         for (int r = 0; r < R; ++r) q[r] = q_next[r];
       }
     }
-    // Every lane reaches the shuffles: the loop over row0 is uniform across the CTA.
-    for (int off = G / 2; off > 0; off /= 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int b = 0; b < NB; ++b) acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], off);
-    }
-    if (sub == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (row + r < w.m)
-#pragma unroll
-          for (int b = 0; b < NB; ++b)
-            if (b < p.batch)
-              store_from_float(p.out, p.dtype, b * w.m + row + r, acc[r][b] * tensor_scale);
-    }
+    // Every lane gets here: the loop over row0 is uniform across the CTA.
+    reduce_and_store(acc, G, sub, row, w.m, p.batch, tensor_scale, p.out, p.dtype);
   }
 }
 

@@ -297,6 +297,47 @@ __device__ __forceinline__ int stage_activation(const T* __restrict__ x, int n, 
   return vec ? transform_bits : 0;
 }
 
+// The rows of a lane in a persistent GEMV grid: groups of G lanes (a power of two) share R
+// consecutive rows, so a CTA covers R * (32 / G) rows a warp per step and the grid strides by
+// all its CTAs' rows.
+struct LaneRows {
+  int sub;               // the lane's place in its group
+  int row_in_cta;        // the first of its R rows in the CTA's step
+  int64_t rows_per_cta;  // rows of one step of the CTA
+  int64_t row_stride;    // rows of one step of the grid
+  __device__ LaneRows(int G, int R) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int rows_per_warp = R * (32 / G);
+    sub = lane & (G - 1);
+    row_in_cta = warp * rows_per_warp + R * (lane / G);
+    rows_per_cta = int64_t{blockDim.x / 32} * rows_per_warp;
+    row_stride = gridDim.x * rows_per_cta;
+  }
+};
+
+// Ends a GEMV row step: sums acc over the G lanes (a power of two, aligned) that share rows
+// row .. row + R - 1, then the group's first lane (sub == 0) stores acc[r][b] * scale at
+// out[b * m + row + r] for the rows below m and the batch rows below `batch`. Every lane of
+// the warp calls it (shuffles).
+template <int R, int NB>
+__device__ __forceinline__ void reduce_and_store(float (&acc)[R][NB], int G, int sub,
+                                                 int64_t row, int64_t m, int batch, float scale,
+                                                 void* out, DType dtype) {
+  for (int off = G / 2; off > 0; off /= 2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], off);
+  }
+  if (sub != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (row + r < m)
+#pragma unroll
+      for (int b = 0; b < NB; ++b)
+        if (b < batch) store_from_float(out, dtype, b * m + row + r, acc[r][b] * scale);
+}
+
 // Whether stage_activation may use vector loads.
 inline bool stage_vectors(const void* x, const float* channel_scale, const int8_t* signs,
                           int64_t n) {

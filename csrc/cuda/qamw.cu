@@ -254,13 +254,10 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   constexpr int R = rows_per_lane(NB);           // NB is 1 exactly when the batch is 1
   constexpr int kUnit = kChunk / R, kUnitLog2 = R == 1 ? 7 : 6;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int G = p.group_lanes, units = p.units_per_row;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane & (G - 1);
-  const int rows_per_warp = R * (32 / G);
-  const int64_t rows_per_cta = int64_t{kWarps} * rows_per_warp;
-  const int row_in_cta = warp * rows_per_warp + R * (lane / G);  // the first of the lane's R
-  const int64_t row_stride = gridDim.x * rows_per_cta;
+  const int G = p.group_lanes, units = p.units_per_row, lane = threadIdx.x % 32;
+  const LaneRows lr(G, R);
+  const int sub = lr.sub, row_in_cta = lr.row_in_cta;
+  const int64_t rows_per_cta = lr.rows_per_cta, row_stride = lr.row_stride;
   // The first codes travel from DRAM while the CTA stages the codebook and the activation.
   prefetch_unit<BITS, R>(p, blockIdx.x * rows_per_cta + row_in_cta, sub);
 
@@ -356,21 +353,8 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
         }
       }
     }
-    // Every lane reaches the shuffles: the loop over row0 is uniform across the CTA.
-    for (int off = G / 2; off > 0; off /= 2) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int b = 0; b < NB; ++b) acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], off);
-    }
-    if (sub == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (row + r < p.m)
-#pragma unroll
-          for (int b = 0; b < NB; ++b)
-            if (b < p.batch) store_from_float(p.out, p.dtype, b * p.m + row + r, acc[r][b]);
-    }
+    // Every lane gets here: the loop over row0 is uniform across the CTA.
+    reduce_and_store(acc, G, sub, row, p.m, p.batch, 1.0f, p.out, p.dtype);
   }
 }
 
