@@ -166,7 +166,8 @@ inline float lut_sum(const float* table, int64_t stride, const Index* index, int
     s2 += table[(p + 2) * stride + index[p + 2]];
     s3 += table[(p + 3) * stride + index[p + 3]];
   }
-  for (; p < len; ++p) s0 += table[p * stride + index[p]];
+  // At most 3 left; the explicit bound also keeps GCC from assuming p * stride overflows.
+  for (int i = 0; i < 3 && p + i < len; ++i) s0 += table[(p + i) * stride + index[p + i]];
   return (s0 + s1) + (s2 + s3);
 }
 
