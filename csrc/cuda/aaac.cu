@@ -2,8 +2,9 @@
 // group, chosen by the sign bit of the group's scale (fp16, or fp8 e4m3 with a tensor scale).
 //
 // GEMV: a thread owns one 16-byte vector of a row at a time (32 codes, consecutive lanes on
-// consecutive vectors: coalesced), a power-of-two group of lanes shares a row and reduces with
-// shuffles; CTAs are persistent and stride over rows. Both codebooks are copied once per lane
+// consecutive vectors: coalesced), at batch 1 the same vector of two rows (rows_per_lane), and
+// keeps the next one in flight; a power-of-two group of lanes shares the row(s) and reduces
+// with shuffles; CTAs are persistent and stride over rows. Both codebooks are copied once per lane
 // into shared memory (entry e of lane l at e * 32 + l): each lane always reads its own bank, so
 // the data-dependent lookups are free of bank conflicts. The activation, divided by the channel
 // scale, is staged in shared memory as fp32 with 4 padding floats per 32 values (lanes read

@@ -8,13 +8,14 @@
 // (codebook_copies).
 // A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
 // of 2^m values, then its K runs mixed by H_K (mix_shared).
-// Then a thread owns 128 consecutive codes of a row at a time (a "chunk": exactly `bits` aligned
-// 16-byte vectors, decoded with compile-time shifts), a power-of-two group of lanes shares a
-// row, and the group reduces with shuffles. CTAs are persistent (one wave) and stride over rows,
-// so each rotates the activation once for many rows.
+// Then a thread decodes a "unit" of codes at a time, with compile-time shifts: 128 consecutive
+// codes of one row (a chunk, exactly `bits` aligned 16-byte vectors), or at batch 1 the same 64
+// codes of two rows, so that each activation pair read serves two codes (rows_per_lane). A
+// power-of-two group of lanes shares the row(s) and reduces with shuffles. CTAs are persistent
+// (one wave) and stride over rows, so each rotates the activation once for many rows.
 //
-// The rotated activation is stored with two padding floats after every 128 pairs: lanes of a
-// group read pairs 128 apart, which would otherwise all hit the same shared-memory bank.
+// The rotated activation is stored with two padding floats after every unit: lanes of a group
+// read pairs a unit apart, which would otherwise all hit the same shared-memory bank.
 #include "../hadamard_tables.h"
 #include "common.cuh"
 
