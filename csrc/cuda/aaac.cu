@@ -15,7 +15,6 @@ namespace qamw::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 32;          // codes in one 16-byte vector
 constexpr int kChunkStride = 36;    // floats per chunk of the staged activation
 
@@ -56,16 +55,11 @@ struct GemvParams {
   bool x_vec;       // stage_activation may use vector loads
 };
 
-// Rows a lane decodes side by side: two at batch 1, so that each activation vector read from
-// shared memory serves 8 weights, not 4 (the shared loads a weight bound the kernel). Larger
-// batches have the registers for one.
-constexpr int rows_per_lane(int nb) { return nb == 1 ? 2 : 1; }
-
 // XS: the activation is staged in shared memory (else read from global, divided on the fly).
 // (kThreads, 1): without a minimum, ptxas was seen to cap some variants at 64 registers and spill.
 template <int NB, bool XS>
 __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
-  constexpr int R = rows_per_lane(NB);
+  constexpr int R = rows_per_lane(NB);  // at batch 1 an activation vector serves 8 weights
   extern __shared__ __align__(16) float smem[];
   float* cb_s = smem;               // [32 entries][32 lanes]
   float* x_s = smem + 32 * 32;      // [batch][chunks_per_row * kChunkStride]
@@ -245,22 +239,12 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   p.packed_vec = aligned16(w.packed);
   p.x_vec = stage_vectors(x, w.channel_scale, nullptr, w.n);
   const size_t x_bytes = sizeof(float) * batch * p.chunks_per_row * kChunkStride;
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int optin = shared_per_block_optin();
+  const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
   dispatch_batch(batch, [&](auto nb) {
     auto launch = [&](auto kernel, size_t smem) {
-      if (smem > 48 * 1024)
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem));
-      int per_sm = 0;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-      const int64_t rows_per_cta =
-          int64_t{kWarps} * (32 / p.group_lanes) * rows_per_lane(decltype(nb)::value);
-      const int64_t wanted = ceil_div(w.m, rows_per_cta);
-      const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
-      const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);
+      allow_smem(kernel, smem);
+      const unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
       kernel<<<grid, kThreads, smem, as_stream(stream)>>>(p);
     };
     const size_t cb_bytes = sizeof(float) * 32 * 32;

@@ -154,6 +154,41 @@ inline int shared_per_block_optin() {
   return optin;
 }
 
+// Shared memory a kernel may use, raising the 48 KiB default when needed; false when the
+// device has less.
+template <typename K>
+bool allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return true;
+  if (bytes > static_cast<size_t>(shared_per_block_optin())) return false;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       static_cast<int>(bytes));
+  return true;
+}
+
+// Rows a GEMV lane decodes side by side: two at batch 1, so that each activation value read
+// from shared memory serves two rows' codes (shared loads per code bound both GEMVs); larger
+// batches have the registers for one row.
+constexpr int rows_per_lane(int64_t batch) { return batch == 1 ? 2 : 1; }
+
+// Rows one step of a GEMV CTA of `threads` covers, when groups of G lanes share R rows.
+constexpr int64_t gemv_rows_per_cta(int threads, int G, int R) {
+  return int64_t{threads / 32} * R * (32 / G);
+}
+
+// CTAs for a persistent GEMV grid over `rows` rows: one per rows_per_cta, but no more than the
+// device holds at once (one wave; the CTAs stride over the rest).
+template <typename K>
+unsigned persistent_grid(K kernel, int threads, size_t smem, int64_t rows,
+                         int64_t rows_per_cta) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  const int64_t wanted = ceil_div(rows, rows_per_cta);
+  const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
+  return static_cast<unsigned>(wanted < resident ? wanted : resident);
+}
+
 // Asks L2 for the 128-byte line holding p ahead of the load that needs it: the DRAM latency then
 // overlaps other work without a register held. (Off the GPU it reads the byte, so that the
 // emulated tests' address checks see the address.)
@@ -307,10 +342,9 @@ struct LaneRows {
   int64_t row_stride;    // rows of one step of the grid
   __device__ LaneRows(int G, int R) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int rows_per_warp = R * (32 / G);
     sub = lane & (G - 1);
-    row_in_cta = warp * rows_per_warp + R * (lane / G);
-    rows_per_cta = int64_t{blockDim.x / 32} * rows_per_warp;
+    row_in_cta = warp * R * (32 / G) + R * (lane / G);
+    rows_per_cta = gemv_rows_per_cta(blockDim.x, G, R);
     row_stride = gridDim.x * rows_per_cta;
   }
 };

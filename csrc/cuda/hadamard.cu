@@ -146,9 +146,7 @@ void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const i
   using S = HadamardShape<L>;
   const size_t smem = sizeof(float) * S::smem_per_block * S::blocks_per_cta;
   auto kernel = hadamard_kernel<T, L>;
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem));
+  allow_smem(kernel, smem);
   const int64_t ngroups = ceil_div(nblocks, S::blocks_per_cta);
   const unsigned grid = capped_grid(ngroups);
   const bool vec = aligned16(x) && aligned16(out);

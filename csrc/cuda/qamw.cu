@@ -23,7 +23,6 @@ namespace qamw::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 128;                     // codes a thread decodes at once
 constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
 constexpr int64_t kFusedActivationBytes = 64 * 1024;
@@ -182,11 +181,6 @@ struct GemvParams {
   int copies_log2;         // log2 of the codebook's copies in shared memory
 };
 
-// Rows a lane decodes side by side: two at batch 1, half a chunk (64 codes) of each, so that
-// each activation pair read from shared memory serves two codes (shared loads per code bound
-// the kernel); larger batches have the registers for one row, whole chunks.
-constexpr int rows_per_lane(int64_t batch) { return batch == 1 ? 2 : 1; }
-
 // Code j of a unit held as N little-endian words.
 template <int BITS, int N>
 __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
@@ -252,7 +246,8 @@ __device__ __forceinline__ void prefetch_unit(const GemvParams& p, int64_t row, 
 // minimum, ptxas capped some variants at 64 registers and spilled.
 template <int BITS, int NB, typename Codeword>
 __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(GemvParams p) {
-  constexpr int R = rows_per_lane(NB);           // NB is 1 exactly when the batch is 1
+  constexpr int R = rows_per_lane(NB);  // NB is 1 exactly when the batch is 1: half a chunk
+                                        // (64 codes) of each of two rows
   constexpr int kUnit = kChunk / R, kUnitLog2 = R == 1 ? 7 : 6;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int G = p.group_lanes, units = p.units_per_row, lane = threadIdx.x % 32;
@@ -479,16 +474,6 @@ __global__ void __launch_bounds__(kThreads)
 
 unsigned elementwise_grid(int64_t total) { return capped_grid(ceil_div(total, kThreads)); }
 
-// Shared memory a kernel may use, raising the 48 KiB default when needed.
-template <typename K>
-bool allow_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return true;
-  if (bytes > static_cast<size_t>(shared_per_block_optin())) return false;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       static_cast<int>(bytes));
-  return true;
-}
-
 // A tile of block * 2^t values dividing n: the largest up to kRotateTile, or one block.
 int rotate_tile(int64_t n, int64_t block) {
   int64_t t = block;
@@ -584,17 +569,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     }
     p.workspace = workspace;
   }
+  const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
   const auto launch = [&](auto kernel) {
     allow_smem(kernel, smem);
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-    const int64_t rows_per_cta = int64_t{kWarps} * (32 / p.group_lanes) * rows_per_lane(batch);
-    const int64_t wanted = ceil_div(w.m, rows_per_cta);
-    const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
-    const unsigned grid = static_cast<unsigned>(wanted < resident ? wanted : resident);
-    kernel<<<grid, kThreads, smem, s>>>(p);
+    kernel<<<persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta), kThreads, smem, s>>>(p);
   };
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(batch, [&](auto nb) {
