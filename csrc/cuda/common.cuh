@@ -209,6 +209,27 @@ __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, 
   return __funnelshift_r(row[word], hi, sh) & ((1u << bits) - 1u);
 }
 
+// In-register Walsh-Hadamard butterflies over R index bits of each of the E / 2^R columns of v
+// (slot = column * 2^R + i), unnormalised; only over the lowest `bits` of them when fewer.
+template <int R, int E>
+__device__ __forceinline__ void butterflies(float (&v)[E], int bits = R) {
+  constexpr int S = 1 << R;
+#pragma unroll
+  for (int c = 0; c < E / S; ++c) {
+#pragma unroll
+    for (int h = 1; h < S; h *= 2) {
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        if ((i & h) == 0 && h < (1 << bits)) {
+          const float a = v[c * S + i], b = v[c * S + i + h];
+          v[c * S + i] = a + b;
+          v[c * S + i + h] = a - b;
+        }
+      }
+    }
+  }
+}
+
 // Applies the unnormalised Walsh-Hadamard butterflies of index bits 0 .. transform_bits - 1
 // (<= 5) to the pieces of 8 consecutive values that the lanes of a warp hold, lane l piece l
 // of 32 consecutive ones (bits 3-4 through shuffles: every lane of the warp calls this, and the
@@ -220,19 +241,7 @@ __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, 
 __device__ __forceinline__ void transform_and_store_piece(float (&v)[8], int transform_bits,
                                                           float* dst) {
   const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int bit = 0; bit < 3; ++bit) {
-    if (bit < transform_bits) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if ((i >> bit & 1) == 0) {
-          const float a = v[i], b = v[i + (1 << bit)];
-          v[i] = a + b;
-          v[i + (1 << bit)] = a - b;
-        }
-      }
-    }
-  }
+  butterflies<3>(v, transform_bits < 3 ? transform_bits : 3);
 #pragma unroll
   for (int bit = 3; bit < 5; ++bit) {
     if (bit < transform_bits) {
@@ -386,27 +395,6 @@ __device__ __forceinline__ void with_typed_activation(const void* x, DType dtype
     case DType::F16: f(static_cast<const __half*>(x)); break;
     case DType::BF16: f(static_cast<const __nv_bfloat16*>(x)); break;
     default: f(static_cast<const float*>(x)); break;
-  }
-}
-
-// In-register Walsh-Hadamard butterflies over R index bits of each of the E / 2^R columns of v
-// (slot = column * 2^R + i), unnormalised.
-template <int R, int E>
-__device__ __forceinline__ void butterflies(float (&v)[E]) {
-  constexpr int S = 1 << R;
-#pragma unroll
-  for (int c = 0; c < E / S; ++c) {
-#pragma unroll
-    for (int h = 1; h < S; h *= 2) {
-#pragma unroll
-      for (int i = 0; i < S; ++i) {
-        if ((i & h) == 0) {
-          const float a = v[c * S + i], b = v[c * S + i + h];
-          v[c * S + i] = a + b;
-          v[c * S + i + h] = a - b;
-        }
-      }
-    }
   }
 }
 
