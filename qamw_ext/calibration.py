@@ -10,7 +10,9 @@ memory holds one decoder layer's inputs and outputs at a time.
 Within a layer, linears that read the same tensor (q/k/v; gate/up) form a group, and with
 `sequential=True` each group is calibrated after the groups before it are quantized (the
 forward pass stops as soon as the group's input has been seen). `sequential=False` is the
-ablation: every layer's statistics come from the full-precision model."""
+ablation: every layer's statistics come from the full-precision model. With `fuse=True` the
+linears of a group (children of one module) are quantized as one layer of their rows
+(qamw_ext.fusion): one GEMV for them at decode time."""
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -208,13 +210,35 @@ def set_submodule(root, name, new):
     setattr(parent, child, new)
 
 
+def _replace_group(layer, lp, group, stats, quantize_fn, fuse):
+    """Replace the linears of one group (names relative to `layer`, sharing one input):
+    each by quantize_fn's module, or with fuse, all by one module of their rows when they
+    are children of one module. Returns their full names."""
+    from .fusion import concatenated_linear, fuse_siblings, fused_name
+
+    parents = {n.rpartition(".")[0] for n in group}
+    if fuse and len(group) > 1 and len(parents) == 1:
+        parent_name = parents.pop()
+        parent = layer.get_submodule(parent_name) if parent_name else layer
+        children = [n.rpartition(".")[2] for n in group]
+        name = ".".join(filter(None, (lp, parent_name, fused_name(children))))
+        merged = concatenated_linear([getattr(parent, c) for c in children])
+        fuse_siblings(parent, children, quantize_fn(
+            name, merged, stats[group[0]], members=[f"{lp}.{n}" for n in group]))
+    else:
+        for n in group:
+            set_submodule(layer, n, quantize_fn(f"{lp}.{n}", layer.get_submodule(n), stats[n]))
+    return {f"{lp}.{n}" for n in group}
+
+
 def calibrate_and_replace(model, batches, quantize_fn: Callable, targets, *, sequential=True,
                           sample_rows=256, hessian=False, seed=0, progress=True,
-                          log: Optional[Callable] = None):
+                          fuse=False, log: Optional[Callable] = None):
     """Layer-by-layer calibration and replacement.
 
     batches: list of (b, t) token-id tensors on the model's device.
-    quantize_fn(full_name, linear, stats) -> new module.
+    quantize_fn(full_name, linear, stats) -> new module; for a fused group,
+    quantize_fn(fused full name, linear of their rows, stats, members=[sibling full names]).
     targets: set of full module names (linears) to quantize; linears of a decoder layer that
     are not targets are left alone. A target outside the decoder layers (e.g. lm_head) is
     calibrated afterwards with one forward pass of the quantized model."""
@@ -246,19 +270,15 @@ def calibrate_and_replace(model, batches, quantize_fn: Callable, targets, *, seq
                 for group in groups:
                     stats, _ = collect_layer_stats(layer, group, inputs, kwargs_list, rows_idx,
                                                    hessian, stop_after=set(group))
-                    for n in group:
-                        set_submodule(layer, n, quantize_fn(f"{lp}.{n}", layer.get_submodule(n),
-                                                            stats[n]))
-                        done.add(f"{lp}.{n}")
+                    done |= _replace_group(layer, lp, group, stats, quantize_fn, fuse)
             else:
                 # Every statistic from the full-precision model: the next layer's inputs
                 # are this layer's outputs before it is quantized.
-                stats, _ = collect_layer_stats(layer, names, inputs, kwargs_list, rows_idx, hessian)
+                stats, groups = collect_layer_stats(layer, names, inputs, kwargs_list, rows_idx,
+                                                    hessian)
                 next_inputs = run_layer(layer, inputs, kwargs_list)
-                for n in names:
-                    set_submodule(layer, n, quantize_fn(f"{lp}.{n}", layer.get_submodule(n),
-                                                        stats[n]))
-                    done.add(f"{lp}.{n}")
+                for group in groups:
+                    done |= _replace_group(layer, lp, group, stats, quantize_fn, fuse)
         if next_inputs is None:
             from .evaluate import materialized
 

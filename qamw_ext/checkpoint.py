@@ -1,9 +1,11 @@
 """Save and load quantized models: safetensors plus a `quantization_config` in config.json.
 
-Layout of a saved directory (format version 2; version 1 had no per-tensor checksums):
+Layout of a saved directory (format version 3; version 2 had no fused layers and is still
+read; version 1 had no per-tensor checksums):
   config.json        the model's transformers config with
-                     quantization_config = {"quant_method": "qamw_ext", "format_version": 2,
-                     "config": QuantConfig, "modules": {name: codec meta}, "tensors":
+                     quantization_config = {"quant_method": "qamw_ext", "format_version": 3,
+                     "config": QuantConfig, "modules": {name: codec meta}, "fused":
+                     {fused layer name: [sibling names in row order]}, "tensors":
                      {name: [dtype, shape, sha256 of its bytes]}, "tied": {name: name},
                      "weights_sha256": sha256 of model.safetensors}
   model.safetensors  every tensor of the state dict (tied tensors once), no pickle
@@ -15,7 +17,8 @@ is swapped with it in one step where the OS can (Linux renameat2), so a save int
 any point leaves either the old model or the new one at the target, never a partial one.
 
 Loading rebuilds the model's structure from config.json (transformers `from_config`, then
-each listed linear replaced by `CODECS[method].from_meta(meta)`), and refuses a checkpoint
+each listed linear replaced by `CODECS[method].from_meta(meta)`, fused siblings by views of
+their fused layer), and refuses a checkpoint
 unless the format version is known, the weights file's SHA-256 matches, and the file holds
 exactly the tensors that structure expects, each with the expected shape, dtype and SHA-256
 (a damaged file is reported by the names of the tensors that no longer match).
@@ -36,9 +39,11 @@ import tempfile
 
 import torch
 
+from .fusion import FusedSlice, fuse_siblings, fused_groups, fused_name
 from .quantized_linear import QuantizedLinear
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
 QUANT_METHOD = "qamw_ext"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -110,7 +115,7 @@ def quantization_config_dict(model, tensors=None, tied=None, sha=None):
     d = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
          "qamw_ext_version": __version__,
          "config": qcfg.to_dict() if qcfg is not None else None,
-         "modules": modules}
+         "modules": modules, "fused": fused_groups(model)}
     if tensors is not None:
         d["tensors"] = {n: [_dtype_name(t.dtype), list(t.shape), _tensor_sha256(t)]
                         for n, t in tensors.items()}
@@ -165,7 +170,9 @@ def save_quantized(model, out_dir, tokenizer=None, overwrite=False, extra=None):
         modules = {n: m.meta() for n, m in quantized_modules(model).items()}
         save_file(tensors, wpath, metadata={"format": "pt", "quant_method": QUANT_METHOD,
                                             "format_version": str(FORMAT_VERSION),
-                                            "qamw_modules": json.dumps(modules, sort_keys=True)})
+                                            "qamw_modules": json.dumps(modules, sort_keys=True),
+                                            "qamw_fused": json.dumps(fused_groups(model),
+                                                                     sort_keys=True)})
         qdict = quantization_config_dict(model, tensors, tied, _sha256(wpath))
         if extra:
             qdict["extra"] = extra
@@ -214,9 +221,9 @@ def read_quantization_config(path):
         raise CheckpointError(f"{path} is not a qamw_ext checkpoint (config.json has no "
                               f"quantization_config with quant_method {QUANT_METHOD!r})")
     version = q.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is not supported "
-                              f"(this qamw_ext reads version {FORMAT_VERSION})")
+                              f"(this qamw_ext reads versions {READ_VERSIONS})")
     for key in ("modules", "tensors", "weights_sha256"):
         if key not in q:
             raise CheckpointError(f"{path}: quantization_config lacks {key!r}")
@@ -225,6 +232,12 @@ def read_quantization_config(path):
     if not isinstance(q["weights_sha256"], str) or not re.fullmatch("[0-9a-f]{64}",
                                                                     q["weights_sha256"]):
         raise CheckpointError(f"{path}: quantization_config.weights_sha256 is not a SHA-256")
+    fused = q.setdefault("fused", {})
+    if not isinstance(fused, dict) or not all(
+            name in q["modules"] and isinstance(sib, list) and len(sib) > 1 and
+            all(isinstance(n, str) for n in sib) for name, sib in fused.items()):
+        raise CheckpointError(f"{path}: quantization_config.fused is malformed (expected "
+                              "{fused layer listed in modules: [two or more sibling names]})")
     tensors = q["tensors"]
     if not isinstance(tensors, dict) or not all(
             isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and
@@ -234,20 +247,46 @@ def read_quantization_config(path):
     return q, raw
 
 
-def _replace_modules(model, modules, device=None):
+def _linear_at(model, name):
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"checkpoint lists module {name!r}, which this model "
+                              "architecture does not have") from None
+    if not isinstance(old, (torch.nn.Linear, QuantizedLinear, FusedSlice)):
+        raise CheckpointError(f"{name} is a {type(old).__name__}, not a linear layer")
+    return old
+
+
+def _fused_shape(model, name, siblings):
+    """(in_features, out_features) that the fused layer `name` of `siblings` must have."""
+    parent, _, attr = name.rpartition(".")
+    if any(s.rpartition(".")[0] != parent for s in siblings):
+        raise CheckpointError(f"fused layer {name}: its siblings {siblings} are not all "
+                              f"children of {parent or 'the model'}")
+    if attr != fused_name([s.rpartition(".")[2] for s in siblings]):
+        raise CheckpointError(f"fused layer {name}: the name does not follow from its "
+                              f"siblings {siblings}")
+    olds = [_linear_at(model, s) for s in siblings]
+    if len({m.in_features for m in olds}) != 1:
+        raise CheckpointError(f"fused layer {name}: its siblings {siblings} read inputs of "
+                              f"different sizes {[m.in_features for m in olds]}")
+    return olds[0].in_features, sum(m.out_features for m in olds)
+
+
+def _replace_modules(model, modules, fused=None, device=None):
     from .calibration import set_submodule
     from .convert import codec_class
 
+    fused = fused or {}
     for name, meta in modules.items():
         if not isinstance(meta, dict) or "method" not in meta:
             raise CheckpointError(f"malformed meta for module {name!r}")
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"checkpoint lists module {name!r}, which this model "
-                                  "architecture does not have") from None
-        if not isinstance(old, (torch.nn.Linear, QuantizedLinear)):
-            raise CheckpointError(f"{name} is a {type(old).__name__}, not a linear layer")
+        if name in fused:
+            want = _fused_shape(model, name, fused[name])
+        else:
+            old = _linear_at(model, name)
+            want = old.in_features, old.out_features
         try:
             cls = codec_class(meta["method"])
         except ValueError as e:
@@ -256,13 +295,18 @@ def _replace_modules(model, modules, device=None):
             new = cls.from_meta(meta)
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{name}: invalid codec meta {meta}: {e}") from None
-        if (new.in_features, new.out_features) != (old.in_features, old.out_features):
+        if (new.in_features, new.out_features) != want:
             raise CheckpointError(
                 f"{name}: meta says {new.in_features}->{new.out_features}, the model has "
-                f"{old.in_features}->{old.out_features}")
+                f"{want[0]}->{want[1]}")
         if device is not None:
             new = new.to(device)
-        set_submodule(model, name, new)
+        if name in fused:
+            parent = name.rpartition(".")[0]
+            fuse_siblings(model.get_submodule(parent), [s.rpartition(".")[2] for s in fused[name]],
+                          new)
+        else:
+            set_submodule(model, name, new)
 
 
 def _read_weights(path, q):
@@ -281,14 +325,18 @@ def _read_weights(path, q):
         with safe_open(wpath, framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("quant_method") != QUANT_METHOD or \
-                    meta.get("format_version") != str(FORMAT_VERSION):
-                raise CheckpointError(f"{wpath}: not a qamw_ext format-{FORMAT_VERSION} file "
-                                      f"(metadata {meta})")
+                    meta.get("format_version") != str(q["format_version"]):
+                raise CheckpointError(f"{wpath}: not a qamw_ext format-{q['format_version']} "
+                                      f"file (metadata {meta})")
             try:
                 file_modules = json.loads(meta.get("qamw_modules", "null"))
             except json.JSONDecodeError:
                 file_modules = None
-            if file_modules != q["modules"]:
+            try:
+                file_fused = json.loads(meta.get("qamw_fused", "{}"))
+            except json.JSONDecodeError:
+                file_fused = None
+            if file_modules != q["modules"] or file_fused != q["fused"]:
                 raise CheckpointError(f"{path}: the layer descriptions in config.json do not "
                                       f"match those stored with the weights (edited config?)")
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -383,7 +431,7 @@ def load_quantized(path, device="cpu"):
     q, raw = read_quantization_config(path)
     tensors = _read_weights(path, q)
     model = _build_skeleton(raw)
-    _replace_modules(model, q["modules"])
+    _replace_modules(model, q["modules"], q["fused"])
     tied = validate_tensors(model, tensors, q)
     _load_tensors_into(model, tensors, tied)
     _attach_config(model, q)
@@ -430,11 +478,11 @@ def _register_with_transformers():
         requires_calibration = True
 
         def validate_environment(self, *args, **kwargs):
-            if self.quantization_config.to_dict().get("format_version") != FORMAT_VERSION:
+            if self.quantization_config.to_dict().get("format_version") not in READ_VERSIONS:
                 raise CheckpointError(
                     f"qamw_ext checkpoint format version "
                     f"{self.quantization_config.to_dict().get('format_version')!r} is not "
-                    f"supported (this qamw_ext reads version {FORMAT_VERSION})")
+                    f"supported (this qamw_ext reads versions {READ_VERSIONS})")
 
         def update_dtype(self, dtype):
             return dtype
@@ -442,8 +490,9 @@ def _register_with_transformers():
         def _process_model_before_weight_loading(self, model, **kwargs):
             # The skeleton is on the meta device here: swap in codec modules so that the
             # parameter names and shapes match the checkpoint.
+            q = self.quantization_config.to_dict()
             with torch.device("meta"):
-                _replace_modules(model, self.quantization_config.to_dict()["modules"])
+                _replace_modules(model, q["modules"], q.get("fused"))
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -460,7 +509,7 @@ def _register_with_transformers():
                 device = next(model.parameters()).device
             except StopIteration:
                 pass
-            _replace_modules(model, q["modules"], device="cpu")
+            _replace_modules(model, q["modules"], q["fused"], device="cpu")
             tied = validate_tensors(model, tensors, q)
             _load_tensors_into(model, tensors, tied)
             model.to(device)

@@ -95,7 +95,10 @@ class QuantConfig:
     on the outputs of the quantized layers before it (False: every statistic comes from
     the full-precision model). bit_allocation: choose each linear's "bits" from its
     measured sensitivity, at the storage of options["bits"] everywhere (qamw_ext.allocation).
-    layer_options: {full linear name: {option: value}} overriding options for that linear."""
+    layer_options: {full linear name: {option: value}} overriding options for that linear.
+    fuse_siblings: quantize the linears that read one input (q/k/v, gate/up) as one layer of
+    their rows, so that decoding runs one GEMV for them (qamw_ext.fusion); they then share
+    the codec's per-layer choices (channel scale, rotation signs, AAAC's codebooks)."""
     method: str
     options: dict = dataclasses.field(default_factory=dict)
     name: Optional[str] = None
@@ -110,6 +113,7 @@ class QuantConfig:
     hessian: Optional[bool] = None   # None: ask the codec (QuantizedLinear.uses_hessian)
     seed: int = 0
     bit_allocation: bool = False
+    fuse_siblings: bool = False
     layer_options: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self):
@@ -267,6 +271,12 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
     names = target_linears(model, cfg)
     if not names:
         raise ConfigError("no linear layer matches the config (check `exclude`)")
+    if cfg.fuse_siblings and not cfg.calibrate:
+        raise ConfigError(f"fuse_siblings needs a calibrating config ({cfg.label} is data-free): "
+                          "the siblings are found by the input they share")
+    if cfg.fuse_siblings and cfg.bit_allocation:
+        raise ConfigError("fuse_siblings and bit_allocation cannot be combined: the allocation "
+                          "chooses bits per linear, and fused siblings share theirs")
     device = next(model.parameters()).device
     model.eval()
     _untie_head(model, names)
@@ -290,9 +300,13 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
         for n, b in choice.items():
             layer_options.setdefault(n, {}).setdefault("bits", b)
 
-    def quantize_fn(name, linear, stats):
+    def quantize_fn(name, linear, stats, members=None):
         t = time.time()
-        options = {**cfg.options, **layer_options.get(name, {})}
+        own = [layer_options.get(n, {}) for n in (members or [name])]
+        if any(o != own[0] for o in own):
+            raise ConfigError(f"layer_options differ between the fused siblings {members}; "
+                              "give them the same options or set fuse_siblings=false")
+        options = {**cfg.options, **own[0]}
         try:
             q = cls.from_linear(linear, stats, **options)
         except TypeError as e:
@@ -308,7 +322,7 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
 
         calibrate_and_replace(model, batches, quantize_fn, set(names), sequential=cfg.sequential,
                               sample_rows=cfg.sample_rows, hessian=hessian, seed=cfg.seed,
-                              progress=progress)
+                              progress=progress, fuse=cfg.fuse_siblings)
     else:
         from tqdm.auto import tqdm
 

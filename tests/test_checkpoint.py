@@ -50,6 +50,63 @@ def test_roundtrip_reproduces_logits_exactly(tmp_path, config):
     assert len(q["modules"]) == 14
 
 
+@pytest.mark.parametrize("config", ["qamw-4", "aaac-int4"])
+def test_fused_siblings_roundtrip(tmp_path, config):
+    model = _quantized(f"{config}@fuse_siblings=true")
+    ref, small = _logits(model), _logits(model, IDS[:1, :8])
+    save_quantized(model, str(tmp_path / "q"))
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert q["format_version"] == 3
+    assert q["fused"]["model.layers.1.mlp.gate_up_proj"] == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    assert len(q["fused"]) == 4 and len(q["modules"]) == 8
+    back = load_quantized(str(tmp_path / "q"))
+    assert type(back.model.layers[0].self_attn.k_proj).__name__ == "FusedSlice"
+    assert torch.equal(_logits(back), ref)
+    assert torch.equal(_logits(back, IDS[:1, :8]), small)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    assert torch.equal(_logits(hf), ref)
+
+
+def test_fused_map_is_checked(tmp_path):
+    model = _quantized("qamw-4@fuse_siblings=true")
+    path = pathlib.Path(save_quantized(model, str(tmp_path / "q")))
+    good = json.loads((path / "config.json").read_text())["quantization_config"]
+    tensors = load_file(str(path / "model.safetensors"))
+    qkv = "model.layers.0.self_attn.q_k_v_proj"
+
+    def refused(match, **fused_changes):
+        _rewrite(path, tensors, good["modules"], {**good["fused"], **fused_changes})
+        with pytest.raises(CheckpointError, match=match):
+            load_quantized(str(path))
+
+    sib = good["fused"][qkv]
+    refused("name does not follow", **{qkv: sib[:2]})            # a sibling left out
+    refused("name does not follow", **{qkv: [sib[1], sib[0], sib[2]]})
+    refused("not all children", **{qkv: [sib[0], "model.layers.0.mlp.up_proj", sib[2]]})
+    refused("fused is malformed", **{qkv: "q_proj"})
+    refused("fused is malformed", **{"model.layers.0.self_attn.o_k_proj": sib})
+    # config.json's map edited without the weights file's copy
+    _rewrite(path, tensors, good["modules"], good["fused"])
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["fused"].pop(qkv)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match those stored with the weights"):
+        load_quantized(str(path))
+
+
+def test_format_2_is_still_read(tmp_path, monkeypatch):
+    model = _quantized("qamw-4")
+    monkeypatch.setattr(CK, "FORMAT_VERSION", 2)
+    save_quantized(model, str(tmp_path / "q"))
+    monkeypatch.undo()
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["format_version"] == 2
+    assert torch.equal(_logits(load_quantized(str(tmp_path / "q"))), _logits(model))
+
+
 def test_from_pretrained_after_import(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -119,16 +176,19 @@ def _saved(tmp_path):
     return model, path
 
 
-def _rewrite(path, tensors, modules=None):
+def _rewrite(path, tensors, modules=None, fused=None):
     """Re-save the weights (and layer descriptions) with a matching hash, as a careful
     forger would."""
     w = path / "model.safetensors"
     cfg = json.loads((path / "config.json").read_text())
     if modules is not None:
         cfg["quantization_config"]["modules"] = modules
+    if fused is not None:
+        cfg["quantization_config"]["fused"] = fused
     save_file(tensors, str(w), metadata={
         "format": "pt", "quant_method": "qamw_ext", "format_version": str(CK.FORMAT_VERSION),
-        "qamw_modules": json.dumps(cfg["quantization_config"]["modules"], sort_keys=True)})
+        "qamw_modules": json.dumps(cfg["quantization_config"]["modules"], sort_keys=True),
+        "qamw_fused": json.dumps(cfg["quantization_config"].get("fused", {}), sort_keys=True)})
     cfg["quantization_config"]["weights_sha256"] = CK._sha256(str(w))
     (path / "config.json").write_text(json.dumps(cfg))
 

@@ -1,0 +1,134 @@
+"""Sibling fusion: linears that read the same input (q/k/v; gate/up) become one layer whose
+rows are theirs, in order, so that a decode step runs one GEMV where it ran two or three: one
+launch, one staging and rotation of the input, one pass over the weights.
+
+`fuse_siblings(parent, names, layer)` registers `layer` on `parent` as `fused_name(names)` and
+replaces each sibling by a FusedSlice, a view of its rows of the layer's output. The model's
+own forward is unchanged: it still calls q_proj(x), k_proj(x) and v_proj(x). The first of
+these runs the fused layer; the others, called with the same input tensor, take their slice of
+that output. `sibling_outputs(parent, names, x)` is the functional form, for code that is
+compiled (the step of benchmarks/bench_decode.py)."""
+import weakref
+
+import torch
+
+
+def fused_name(names):
+    """The attribute name of the fused layer of sibling linears: q_proj, k_proj, v_proj ->
+    q_k_v_proj; gate_proj, up_proj -> gate_up_proj."""
+    stems = [n.removesuffix("_proj") for n in names]
+    return "_".join(stems) + ("_proj" if any(n.endswith("_proj") for n in names) else "")
+
+
+class _Group:
+    """The fused layer and its last output, held until every sibling has taken its slice.
+    Not a Module, so that the layer is registered once (on the parent), not once per
+    sibling."""
+
+    def __init__(self, layer, sizes):
+        self.layer = layer
+        self.sizes = list(sizes)
+        self._clear()
+
+    def _clear(self):
+        self.input, self.version, self.outputs, self.taken = None, None, None, set()
+
+    def output(self, index, x):
+        # Recompute when the input is another tensor (or was changed in place), or when this
+        # sibling has already taken its slice of the pending output.
+        version = _version(x)
+        if (self.input is None or self.input() is not x or version != self.version
+                or index in self.taken):
+            self.outputs = list(self.layer(x).split(self.sizes, dim=-1))
+            self.input, self.version, self.taken = weakref.ref(x), version, set()
+        out = self.outputs[index]
+        self.outputs[index] = None
+        self.taken.add(index)
+        if len(self.taken) == len(self.sizes):
+            self._clear()
+        return out
+
+
+def _version(x):
+    try:
+        return x._version
+    except RuntimeError:   # inference-mode tensors keep no version counter
+        return None
+
+
+class FusedSlice(torch.nn.Module):
+    """Sibling `index` of a fused layer: its out_features rows of the fused output."""
+
+    def __init__(self, group, index):
+        super().__init__()
+        self.group = group
+        self.index = index
+        self.in_features = group.layer.in_features
+        self.out_features = group.sizes[index]
+
+    @property
+    def layer(self):
+        return self.group.layer
+
+    @torch.compiler.disable   # the shared output is Python state; compiled code uses
+    def forward(self, x):     # sibling_outputs
+        return self.group.output(self.index, x)
+
+    def extra_repr(self):
+        offset = sum(self.group.sizes[:self.index])
+        return (f"rows {offset}:{offset + self.out_features} of a fused layer of "
+                f"{len(self.group.sizes)}")
+
+
+def fuse_siblings(parent, names, layer):
+    """Register `layer` (in_features -> the sum of the siblings' out_features) on `parent`
+    as fused_name(names) and replace the children `names` by FusedSlice views of it.
+    Returns the fused layer's attribute name."""
+    olds = [getattr(parent, n) for n in names]
+    sizes = [m.out_features for m in olds]
+    if any(m.in_features != layer.in_features for m in olds) or sum(sizes) != layer.out_features:
+        raise ValueError(f"cannot fuse {names} ({[(m.in_features, m.out_features) for m in olds]})"
+                         f" into a layer of {layer.in_features} -> {layer.out_features}")
+    attr = fused_name(names)
+    parent.add_module(attr, layer)
+    group = _Group(layer, sizes)
+    for i, n in enumerate(names):
+        setattr(parent, n, FusedSlice(group, i))
+    return attr
+
+
+def concatenated_linear(linears):
+    """One nn.Linear whose rows (and bias) are those of `linears`, in order."""
+    first = linears[0]
+    has_bias = [m.bias is not None for m in linears]
+    out = torch.nn.Linear(first.in_features, sum(m.out_features for m in linears),
+                          bias=any(has_bias), device=first.weight.device,
+                          dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in linears]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([m.bias if m.bias is not None else
+                                      torch.zeros_like(m.weight[:, 0]) for m in linears]))
+    return out
+
+
+def fused_groups(model):
+    """{full name of a fused layer: [full names of its siblings, in row order]}."""
+    names = {id(m): n for n, m in model.named_modules()}
+    groups = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, FusedSlice):
+            siblings = groups.setdefault(names[id(mod.layer)], [None] * len(mod.group.sizes))
+            siblings[mod.index] = name
+    return groups
+
+
+def sibling_outputs(parent, names, x):
+    """The outputs of the children `names` of `parent` on input x: one call of their fused
+    layer when they are its siblings in row order, else one call each."""
+    mods = [getattr(parent, n) for n in names]
+    if (all(isinstance(m, FusedSlice) for m in mods) and
+            all(m.group is mods[0].group and m.index == i for i, m in enumerate(mods)) and
+            len(mods) == len(mods[0].group.sizes)):
+        return tuple(mods[0].layer(x).split(mods[0].group.sizes, dim=-1))
+    return tuple(m(x) for m in mods)
