@@ -2,8 +2,10 @@
 a static KV cache, one decode step captured in a CUDA graph and replayed. Configs: the bf16
 model, and the same model with every decoder linear replaced by a quantized layer with random
 codes and scales of the right shapes and dtypes (speed does not depend on the values; see
-random_layers.py): QAM-W 4 and 5.5 bpw and AAAC int4 by default. The embeddings and lm_head
-stay bf16, as qamw_ext.convert leaves them. Reports tokens/s, the bytes read per token, the
+random_layers.py): QAM-W 4 and 5.5 bpw and AAAC int4 by default. A config ending in
+"-fused" (bf16-fused, qamw-4-fused, ...) runs q/k/v and gate/up as one layer each, as
+`fuse_siblings=True` converts them (qamw_ext.fusion); bf16-fused is the dense baseline with
+the same fusion. The embeddings and lm_head stay bf16, as qamw_ext.convert leaves them. Reports tokens/s, the bytes read per token, the
 bandwidth they imply and its fraction of the device-to-device copy bandwidth measured in the
 same run; JSON to --out and a markdown table beside it.
 
@@ -35,6 +37,7 @@ from random_layers import CODECS, buffer_bytes, random_layer  # noqa: E402
 from qamw_ext.calibration import set_submodule  # noqa: E402
 from qamw_ext.convert import get_config, target_linears  # noqa: E402
 from qamw_ext.evaluate import machine_info  # noqa: E402
+from qamw_ext.fusion import concatenated_linear, fuse_siblings, sibling_outputs  # noqa: E402
 from qamw_ext.quantized_linear import QuantizedLinear  # noqa: E402
 
 # Every in_features here (4096, 11008, 14336) suits every codec's block and group rules
@@ -47,7 +50,11 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
 }
-DEFAULT_CONFIGS = "bf16,qamw-4,qamw-5.5,aaac-int4"
+DEFAULT_CONFIGS = ("bf16,bf16-fused,qamw-4,qamw-4-fused,qamw-5.5,qamw-5.5-fused,aaac-int4,"
+                   "aaac-int4-fused")
+FUSED = "-fused"
+# The sibling linears of a Llama decoder layer, fused in the "-fused" configs.
+SIBLINGS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 MiB = 1 << 20
 
 
@@ -141,13 +148,17 @@ class StaticDecoder:
     def _layer_step(self, layer, h, rot, visible, kc, vc):
         x = rms_norm(layer.input_layernorm, h)
         h = h + self._attention(layer.self_attn, x, rot, visible, kc, vc)
-        return h + layer.mlp(rms_norm(layer.post_attention_layernorm, h))
+        mlp = layer.mlp
+        gate, up = sibling_outputs(mlp, ("gate_proj", "up_proj"),
+                                   rms_norm(layer.post_attention_layernorm, h))
+        return h + mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _attention(self, attn, x, rot, visible, kc, vc):
         d = self.head_dim
-        q = (attn.q_proj(x).view(self.heads, d) @ rot).view(1, self.heads, 1, d)
-        k = (attn.k_proj(x).view(self.kv_heads, d) @ rot).view(1, self.kv_heads, 1, d)
-        v = attn.v_proj(x).view(1, self.kv_heads, 1, d)
+        q, k, v = sibling_outputs(attn, ("q_proj", "k_proj", "v_proj"), x)
+        q = (q.reshape(self.heads, d) @ rot).view(1, self.heads, 1, d)
+        k = (k.reshape(self.kv_heads, d) @ rot).view(1, self.kv_heads, 1, d)
+        v = v.reshape(1, self.kv_heads, 1, d)
         kc.index_copy_(2, self.pos, k)
         vc.index_copy_(2, self.pos, v)
         o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=visible,
@@ -181,16 +192,51 @@ def decoder_linear_names(model):
     return target_linears(model, get_config("qamw-4"))
 
 
+def step_linear_names(model):
+    """The linear layers a decode step runs (fused layers once, not their slices)."""
+    prefix = "model.layers."
+    return [n for n, m in model.named_modules() if n.startswith(prefix)
+            and isinstance(m, (torch.nn.Linear, QuantizedLinear))]
+
+
 def quantize_randomly(model, names, codec, device, generator):
-    """Replace the linears `names` with random layers of `codec`; returns {name: the dense
-    linear it replaced} to restore them."""
+    """Replace the linears `names` with random layers of `codec` ("bf16" keeps the dense
+    ones); with the suffix "-fused", each decoder layer's siblings (SIBLINGS) by one layer of
+    their rows. Returns {name: the module it replaced} to restore them (a fused layer's name
+    maps to None: it is removed)."""
+    fuse = codec.endswith(FUSED)
+    codec = codec.removesuffix(FUSED)
     replaced = {}
+    if fuse:
+        for i, layer in enumerate(model.model.layers):
+            for parent_name, children in SIBLINGS:
+                parent = getattr(layer, parent_name)
+                olds = [getattr(parent, c) for c in children]
+                fused = (concatenated_linear(olds) if codec == "bf16" else
+                         random_layer(codec, olds[0].in_features,
+                                      sum(m.out_features for m in olds), device, generator))
+                attr = fuse_siblings(parent, children, fused)
+                base = f"model.layers.{i}.{parent_name}"
+                replaced.update({f"{base}.{c}": m for c, m in zip(children, olds)})
+                replaced[f"{base}.{attr}"] = None
     for name in names:
+        if name in replaced or codec == "bf16":
+            continue
         dense = model.get_submodule(name)
         set_submodule(model, name, random_layer(codec, dense.in_features, dense.out_features,
                                                 device, generator))
         replaced[name] = dense
     return replaced
+
+
+def restore(model, replaced):
+    """Undo quantize_randomly."""
+    for name, module in replaced.items():
+        if module is None:
+            parent, _, attr = name.rpartition(".")
+            delattr(model.get_submodule(parent), attr)
+        else:
+            set_submodule(model, name, module)
 
 
 def layer_summary(model):
@@ -293,6 +339,7 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
     codec)."""
     replaced = (quantize_randomly(model, linear_names, name, args.device, generator)
                 if name != "bf16" else {})
+    linear_names = step_linear_names(model)
     try:
         decoder = StaticDecoder(model, args.max_len, compile=args.compile)
         compiled = {}
@@ -309,7 +356,8 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
             lin_sec, lin_timing = time_linears(model, linear_names, args.device,
                                                max(5, args.repeats))
         total, parts = bytes_per_token(model, decoder)
-        row = dict(config=name, codec=CODECS.get(name), **layer_summary(model),
+        row = dict(config=name, codec=CODECS.get(name.removesuffix(FUSED)),
+                   fused=name.endswith(FUSED), **layer_summary(model),
                    tokens_per_s=1.0 / sec, ms_per_token=sec * 1e3, timing=timing,
                    graph_vs_eager_max_abs_diff=check, bytes_per_token=total, bytes=parts,
                    implied_gbps=total / sec / 1e9, frac_of_copy=total / sec / 1e9 / copy_gbps,
@@ -319,8 +367,7 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
                    decoder_linears_timing=lin_timing,
                    compiled=args.compile and "compile_error" not in compiled, **compiled)
     finally:
-        for layer_name, dense in replaced.items():
-            set_submodule(model, layer_name, dense)
+        restore(model, replaced)
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return row
@@ -370,7 +417,8 @@ def main(argv=None):
     parser.add_argument("--device", help="default: cuda, or cpu with --smoke")
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)})")
+                        help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
+                             f" each optionally with the suffix {FUSED}")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")
@@ -389,9 +437,10 @@ def main(argv=None):
     if args.warmup + args.tokens > args.max_len or args.max_len < 3:
         parser.error("--warmup + --tokens must fit in --max-len")
     configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c != "bf16" and c not in CODECS]
+    unknown = [c for c in configs if c.removesuffix(FUSED) not in ("bf16", *CODECS)]
     if unknown:
-        parser.error(f"unknown configs {unknown}; choose from bf16, {', '.join(CODECS)}")
+        parser.error(f"unknown configs {unknown}; choose from bf16, {', '.join(CODECS)}, "
+                     f"each with or without the suffix {FUSED}")
 
     import transformers
     copy = bench_copy(args.device, dict(copy_bytes=(4 if args.smoke else 512) * MiB, calls=8,

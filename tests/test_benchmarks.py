@@ -88,14 +88,19 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
             assert positive(r[key]), (key, r)
         assert r["bytes_per_token"] == sum(r["bytes"].values())
         assert r["bytes"]["lm_head"] == shape["vocab_size"] * hidden * 2
-        if name == "bf16":
+        fused = name.endswith("-fused")
+        assert r["fused"] is fused
+        if name.startswith("bf16"):
             assert r["bytes"]["linears"] == 2 * linear_weights
         else:
-            assert r["quantized_linears"] == 7 * layers and r["padded_linears"] == 0
+            # fused: q/k/v as one layer, gate/up as one
+            per_layer, hidden_inputs = (4, 3) if fused else (7, 6)
+            assert r["quantized_linears"] == per_layer * layers and r["padded_linears"] == 0
             # Read but not stored: QAM-W's shared codebook and seed-derived signs, per linear.
             unstored = 0
             if name.startswith("qamw"):
-                unstored = layers * (7 * 8 * 2 ** CODECS[name]["bits"] + 6 * hidden + inter)
+                bits = CODECS[name.removesuffix("-fused")]["bits"]
+                unstored = layers * (per_layer * 8 * 2 ** bits + hidden_inputs * hidden + inter)
             assert r["bytes"]["linears"] == pytest.approx(
                 r["bits_per_weight"] * linear_weights / 8 + unstored, rel=1e-3)
     assert rows["qamw-4"]["bits_per_weight"] < rows["qamw-5.5"]["bits_per_weight"]
@@ -118,13 +123,35 @@ def test_decode_step_matches_the_llama_forward(one_thread):
     assert int(decoder.pos) == ids.shape[1]
 
 
-def test_compiled_layer_step_matches_eager_and_compiles_once(one_thread):
+def test_fused_step_matches_the_unfused(one_thread):
+    """A "-fused" config runs the same weights: q/k/v and gate/up as one layer each."""
+    torch.manual_seed(0)
+    model = bench_decode.build_model("tiny", "cpu", torch.float32)
+    names = bench_decode.decoder_linear_names(model)
+    dense_qkv = model.model.layers[1].self_attn.k_proj
+    with torch.no_grad():
+        decoder = bench_decode.StaticDecoder(model, max_len=8)
+        decoder.reset()
+        want = [decoder.step() for _ in range(3)]
+        replaced = bench_decode.quantize_randomly(model, names, "bf16-fused", "cpu", None)
+        assert len(bench_decode.step_linear_names(model)) == 4 * 2
+        decoder.reset()
+        got = [decoder.step() for _ in range(3)]
+    bench_decode.restore(model, replaced)
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-5, atol=1e-5)
+    assert model.model.layers[1].self_attn.k_proj is dense_qkv
+    assert not hasattr(model.model.layers[1].self_attn, "q_k_v_proj")
+    assert bench_decode.step_linear_names(model) == names
+
+
+@pytest.mark.parametrize("config", ["qamw-4", "qamw-4-fused"])
+def test_compiled_layer_step_matches_eager_and_compiles_once(one_thread, config):
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     model = bench_decode.build_model("tiny", "cpu", torch.float32)
     names = bench_decode.decoder_linear_names(model)
-    bench_decode.quantize_randomly(model, names, "qamw-4", "cpu", torch.Generator().manual_seed(1))
+    bench_decode.quantize_randomly(model, names, config, "cpu", torch.Generator().manual_seed(1))
     torch.compiler.reset()
     counters.clear()
     with torch.no_grad():
