@@ -73,21 +73,35 @@ def build_model(shape, device, dtype=torch.bfloat16):
     return model.eval()
 
 
-def rope_rotations(rotary, positions, head_dim):
-    """(positions, d, d) matrices R with q @ R[p] = q cos_p + rotate_half(q) sin_p, the
-    rotary embedding of position p as the transformers Llama applies it (halves, not pairs):
-    one small matmul per projection in the step instead of five elementwise kernels."""
+def rope_cos_sin(rotary, positions):
+    """(positions, d) cos and sin of the rotary embedding as the transformers Llama applies it
+    (halves, not pairs; attention scaling folded in)."""
     angles = torch.outer(torch.arange(positions, dtype=torch.float32),
                          rotary.inv_freq.detach().cpu().float())
     angles = torch.cat((angles, angles), dim=-1)
     scaling = getattr(rotary, "attention_scaling", 1.0)
-    cos, sin = angles.cos() * scaling, angles.sin() * scaling
-    half = head_dim // 2
+    return angles.cos() * scaling, angles.sin() * scaling
+
+
+def rope_rotations(cos, sin):
+    """(positions, d, d) matrices R with q @ R[p] = q cos_p + rotate_half(q) sin_p: in the
+    eager step, one small matmul per projection instead of five elementwise kernels."""
+    half = cos.shape[1] // 2
     lower = torch.arange(half)
     rot = torch.diag_embed(cos)
     rot[:, lower + half, lower] = -sin[:, :half]   # out[j] -= q[j + d/2] sin[j]
     rot[:, lower, lower + half] = sin[:, half:]    # out[j + d/2] += q[j] sin[j + d/2]
     return rot
+
+
+def apply_rope(x, rope):
+    """x (heads, d) rotated by rope: a rope_rotations matrix (eager), or (cos, sin) rows
+    (compiled: Inductor fuses the elementwise form into the kernels around it)."""
+    if isinstance(rope, torch.Tensor):
+        return x @ rope
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def rms_norm(norm, x):
@@ -102,9 +116,11 @@ class StaticDecoder:
     step synchronises with the host or changes shape, so a step can be captured in a CUDA
     graph and replayed. Each kernel of the step costs a launch even in a graph, so the glue
     between the linears is kept to few kernels (fused RMSNorm, RoPE as a matmul, SDPA).
+    q/k/v and gate/up go through sibling_outputs: one call when they are fused.
 
     compile=True compiles one decoder layer's step with torch.compile (Inductor fuses the glue
-    around the linears; the qamw_ext ops stay opaque, traced through their fake kernels). Every
+    around the linears, RoPE in its elementwise form included; the qamw_ext ops stay opaque,
+    traced through their fake kernels). Every
     layer has the same structure, so the one compiled layer serves all of them, and the
     compile time does not grow with depth."""
 
@@ -119,7 +135,9 @@ class StaticDecoder:
         self.k_cache = [torch.zeros(shape, device=dev, dtype=dtype) for _ in inner.layers]
         self.v_cache = [torch.zeros(shape, device=dev, dtype=dtype) for _ in inner.layers]
         rotary = getattr(inner, "rotary_emb", None) or inner.layers[0].self_attn.rotary_emb
-        self.rotations = rope_rotations(rotary, max_len, self.head_dim).to(dev, dtype)
+        cos, sin = rope_cos_sin(rotary, max_len)
+        self.cos, self.sin = cos.to(dev, dtype), sin.to(dev, dtype)
+        self.rotations = None if compile else rope_rotations(cos, sin).to(dev, dtype)
         self.positions = torch.arange(max_len, device=dev)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -136,7 +154,8 @@ class StaticDecoder:
         token to the argmax and the position by one."""
         inner = self.model.model
         h = inner.embed_tokens(self.token)
-        rot = self.rotations.index_select(0, self.pos)[0]
+        rot = (self.rotations.index_select(0, self.pos)[0] if self.rotations is not None else
+               (self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)))
         visible = (self.positions <= self.pos).view(1, 1, 1, -1)
         for layer, kc, vc in zip(inner.layers, self.k_cache, self.v_cache):
             h = self.layer_step(layer, h, rot, visible, kc, vc)
@@ -156,8 +175,8 @@ class StaticDecoder:
     def _attention(self, attn, x, rot, visible, kc, vc):
         d = self.head_dim
         q, k, v = sibling_outputs(attn, ("q_proj", "k_proj", "v_proj"), x)
-        q = (q.reshape(self.heads, d) @ rot).view(1, self.heads, 1, d)
-        k = (k.reshape(self.kv_heads, d) @ rot).view(1, self.kv_heads, 1, d)
+        q = apply_rope(q.reshape(self.heads, d), rot).view(1, self.heads, 1, d)
+        k = apply_rope(k.reshape(self.kv_heads, d), rot).view(1, self.kv_heads, 1, d)
         v = v.reshape(1, self.kv_heads, 1, d)
         kc.index_copy_(2, self.pos, k)
         vc.index_copy_(2, self.pos, v)
