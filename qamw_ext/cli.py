@@ -4,7 +4,7 @@
   qamw quantize [--model DIR] --config NAME --out DIR
   qamw eval     [--model DIR] [--configs A,B,..] [--eval-tokens N] [--out PREFIX]
   qamw generate [--model DIR] [--config NAME] --prompt TEXT
-  qamw bench    [--model DIR] [--config NAME] [--with-full] [--new-tokens N] [--out PREFIX]
+  qamw bench    [--model DIR] [--config NAME]... [--with-full] [--new-tokens N] [--out PREFIX]
   qamw plot quality RESULTS.json --out FILE.png
   qamw plot constellation --bits 6 [--kind qam|polar] --out FILE.png
 
@@ -49,7 +49,8 @@ def _quantize_loaded(model, tok, args, config):
     from .convert import codec_class, get_config, quantize_model
 
     cfg = get_config(config, calib_tokens=args.calib_tokens,
-                     include_lm_head=getattr(args, "include_lm_head", None) or None)
+                     include_lm_head=getattr(args, "include_lm_head", None) or None,
+                     fuse_siblings=getattr(args, "fuse_siblings", None) or None)
     if getattr(args, "exclude", None):
         cfg.exclude = tuple(args.exclude)
     codec_class(cfg.method)
@@ -174,9 +175,11 @@ def cmd_bench(args):
         rows.append(("model as loaded", decode_speed(model, tok, args.new_tokens,
                                                      batch=args.batch)))
         del model
-    if args.config:
-        model, tok = _model_for(args)
-        rows.append((args.config, decode_speed(model, tok, args.new_tokens, batch=args.batch)))
+    for config in args.config or []:
+        model, tok = load_model(args.model, device=args.device)
+        _quantize_loaded(model, tok, args, config)
+        rows.append((config, decode_speed(model, tok, args.new_tokens, batch=args.batch)))
+        del model
     for name, r in rows:
         _log(f"[qamw] {name:24s} decode {r['decode_tokens_per_s']:8.1f} tokens/s "
              f"(batch {r['batch']}, {r['new_tokens']} new tokens, {r['seconds']:.2f} s)")
@@ -243,6 +246,8 @@ def build_parser():
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--include-lm-head", action="store_true", help="also quantize lm_head")
+    s.add_argument("--fuse-siblings", action="store_true",
+                   help="quantize q/k/v and gate/up as one layer each (one GEMV for them)")
     s.add_argument("--exclude", action="append", metavar="REGEX",
                    help="leave linears whose name matches REGEX in full precision")
     s.set_defaults(fn=cmd_quantize)
@@ -276,7 +281,9 @@ def build_parser():
     s = sub.add_parser("bench", help="decode speed (tokens/s)")
     _add_model(s)
     _add_calib(s)
-    s.add_argument("--config", default=None, help="quantize with this config first")
+    s.add_argument("--config", action="append", metavar="NAME",
+                   help="quantize with this config and time it (repeatable: each config is "
+                        "timed in the same run)")
     s.add_argument("--with-full", action="store_true", help="also time the model as loaded")
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--batch", type=int, default=1)

@@ -290,18 +290,36 @@ def test_cli_quantize_eval_generate_bench_plot(tmp_path, capsys):
                      "--max-new-tokens", "3"]) == 0
     assert "tokens/s" in capsys.readouterr().out
     assert cli_main(["bench", "--model", str(base), "--config", "rtn-int4-g128",
+                     "--config", "qamw-4@fuse_siblings=true", "--calib-tokens", "256",
                      "--with-full", "--new-tokens", "3", "--no-progress",
                      "--out", str(tmp_path / "res" / "speed")]) == 0
     out = capsys.readouterr().out
-    assert out.count("decode") == 2
+    assert out.count(" decode ") == 3
     speed = json.loads((tmp_path / "res" / "speed.json").read_text())
-    assert [r["name"] for r in speed["results"]] == ["model as loaded", "rtn-int4-g128"]
+    assert [r["name"] for r in speed["results"]] == ["model as loaded", "rtn-int4-g128",
+                                                     "qamw-4@fuse_siblings=true"]
     assert all(r["decode_tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in speed["results"])
     assert "rtn-int4-g128" in (tmp_path / "res" / "speed.md").read_text()
     png = tmp_path / "again.png"
     assert cli_main(["plot", "quality", str(tmp_path / "res" / "q.json"), "--out",
                      str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_cli_quantize_fuse_siblings(tmp_path, capsys):
+    base = tmp_path / "tiny"
+    save_tiny(str(base))
+    qdir = tmp_path / "tiny-fused"
+    assert cli_main(["quantize", "--model", str(base), "--config", "aaac-int4", "--fuse-siblings",
+                     "--calib-tokens", "256", "--out", str(qdir), "--no-progress"]) == 0
+    q = json.loads((qdir / "config.json").read_text())["quantization_config"]
+    assert q["config"]["fuse_siblings"] is True
+    assert sorted(q["fused"]) == [f"model.layers.{i}.{n}" for i in (0, 1)
+                                  for n in ("mlp.gate_up_proj", "self_attn.q_k_v_proj")]
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(qdir), "--prompt", "Hello",
+                     "--max-new-tokens", "3"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
 
 
 def test_constellation_plot(tmp_path):
