@@ -2,10 +2,11 @@
 a static KV cache, one decode step captured in a CUDA graph and replayed. Configs: the bf16
 model, and the same model with every decoder linear replaced by a quantized layer with random
 codes and scales of the right shapes and dtypes (speed does not depend on the values; see
-random_layers.py): QAM-W 4 and 5.5 bpw and AAAC int4 by default. A config ending in
-"-fused" (bf16-fused, qamw-4-fused, ...) runs q/k/v and gate/up as one layer each, as
-`fuse_siblings=True` converts them (qamw_ext.fusion); bf16-fused is the dense baseline with
-the same fusion. The embeddings and lm_head stay bf16, as qamw_ext.convert leaves them. Reports tokens/s, the bytes read per token, the
+random_layers.py): QAM-W 4 and 5.5 bpw and AAAC int4 by default. Suffixes: "+fused" runs
+q/k/v and gate/up as one layer each, as `fuse_siblings=True` converts them (qamw_ext.fusion;
+bf16+fused is the dense baseline with the same fusion); "+head" quantizes lm_head too, as
+`include_lm_head=True` does. Otherwise the embeddings and lm_head stay bf16, as
+qamw_ext.convert leaves them. Reports tokens/s, the bytes read per token, the
 bandwidth they imply and its fraction of the device-to-device copy bandwidth measured in the
 same run; JSON to --out and a markdown table beside it.
 
@@ -50,10 +51,10 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
 }
-DEFAULT_CONFIGS = ("bf16,bf16-fused,qamw-4,qamw-4-fused,qamw-5.5,qamw-5.5-fused,aaac-int4,"
-                   "aaac-int4-fused")
-FUSED = "-fused"
-# The sibling linears of a Llama decoder layer, fused in the "-fused" configs.
+DEFAULT_CONFIGS = ("bf16,bf16+fused,qamw-4,qamw-4+fused,qamw-4+fused+head,qamw-5.5,"
+                   "qamw-5.5+fused,aaac-int4,aaac-int4+fused")
+SUFFIXES = ("fused", "head")
+# The sibling linears of a Llama decoder layer, fused in the "+fused" configs.
 SIBLINGS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 MiB = 1 << 20
 
@@ -218,13 +219,25 @@ def step_linear_names(model):
             and isinstance(m, (torch.nn.Linear, QuantizedLinear))]
 
 
-def quantize_randomly(model, names, codec, device, generator):
-    """Replace the linears `names` with random layers of `codec` ("bf16" keeps the dense
-    ones); with the suffix "-fused", each decoder layer's siblings (SIBLINGS) by one layer of
-    their rows. Returns {name: the module it replaced} to restore them (a fused layer's name
-    maps to None: it is removed)."""
-    fuse = codec.endswith(FUSED)
-    codec = codec.removesuffix(FUSED)
+def parse_config(name):
+    """(codec or "bf16", {suffix: True/False}) of a config name such as qamw-4+fused+head."""
+    codec, *suffixes = name.split("+")
+    if codec not in ("bf16", *CODECS) or not set(suffixes) <= set(SUFFIXES) or \
+            (codec == "bf16" and "head" in suffixes):
+        raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, "
+                         f"then optionally +fused, and for a codec +head")
+    return codec, {s: s in suffixes for s in SUFFIXES}
+
+
+def quantize_randomly(model, names, config, device, generator):
+    """Replace the linears `names` with random layers of the config's codec ("bf16" keeps
+    the dense ones); with "+fused", each decoder layer's siblings (SIBLINGS) by one layer of
+    their rows; with "+head", lm_head too. Returns {name: the module it replaced} to restore
+    them (a fused layer's name maps to None: it is removed)."""
+    codec, flags = parse_config(config)
+    fuse = flags["fused"]
+    if flags["head"]:
+        names = list(names) + ["lm_head"]
     replaced = {}
     if fuse:
         for i, layer in enumerate(model.model.layers):
@@ -356,8 +369,7 @@ def time_linears(model, names, device, repeats):
 def bench_config(name, model, linear_names, args, generator, copy_gbps):
     """One row: decode speed of `model` with the linears `linear_names` as `name` ("bf16" or a
     codec)."""
-    replaced = (quantize_randomly(model, linear_names, name, args.device, generator)
-                if name != "bf16" else {})
+    replaced = quantize_randomly(model, linear_names, name, args.device, generator)
     linear_names = step_linear_names(model)
     try:
         decoder = StaticDecoder(model, args.max_len, compile=args.compile)
@@ -375,8 +387,8 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
             lin_sec, lin_timing = time_linears(model, linear_names, args.device,
                                                max(5, args.repeats))
         total, parts = bytes_per_token(model, decoder)
-        row = dict(config=name, codec=CODECS.get(name.removesuffix(FUSED)),
-                   fused=name.endswith(FUSED), **layer_summary(model),
+        codec, flags = parse_config(name)
+        row = dict(config=name, codec=CODECS.get(codec), **flags, **layer_summary(model),
                    tokens_per_s=1.0 / sec, ms_per_token=sec * 1e3, timing=timing,
                    graph_vs_eager_max_abs_diff=check, bytes_per_token=total, bytes=parts,
                    implied_gbps=total / sec / 1e9, frac_of_copy=total / sec / 1e9 / copy_gbps,
@@ -419,7 +431,8 @@ def markdown(record):
              f"{shape['num_key_value_heads']} KV heads, vocab {shape['vocab_size']}); batch 1, "
              f"greedy, static KV cache of {record['max_len']} positions; median per token over "
              f"{record['repeats']} groups of {record['tokens'] // record['repeats']} tokens after "
-             f"{record['warmup']} warm-up tokens. Embeddings and lm_head stay bf16. "
+             f"{record['warmup']} warm-up tokens. Embeddings stay bf16, and lm_head unless the config "
+             f"ends in +head; +fused: q/k/v and gate/up as one layer each. "
              f"Device-to-device copy: {record['copy']['gbps']:.0f} GB/s.", ""]
     lines += md_table(["config", "bits/weight (linears)", "tokens/s", "ms/token", "x bf16",
                        "GB read/token", "implied GB/s", "% of copy", "decoder linears ms/token",
@@ -437,7 +450,8 @@ def main(argv=None):
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
-                             f" each optionally with the suffix {FUSED}")
+                             " each optionally with +fused (q/k/v and gate/up as one layer "
+                             "each) and, for a codec, +head (lm_head quantized too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")
@@ -456,10 +470,11 @@ def main(argv=None):
     if args.warmup + args.tokens > args.max_len or args.max_len < 3:
         parser.error("--warmup + --tokens must fit in --max-len")
     configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in configs if c.removesuffix(FUSED) not in ("bf16", *CODECS)]
-    if unknown:
-        parser.error(f"unknown configs {unknown}; choose from bf16, {', '.join(CODECS)}, "
-                     f"each with or without the suffix {FUSED}")
+    for c in configs:
+        try:
+            parse_config(c)
+        except ValueError as e:
+            parser.error(str(e))
 
     import transformers
     copy = bench_copy(args.device, dict(copy_bytes=(4 if args.smoke else 512) * MiB, calls=8,

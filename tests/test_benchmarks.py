@@ -87,23 +87,30 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
                     "speedup_vs_bf16", "decoder_linears_ms_per_token"):
             assert positive(r[key]), (key, r)
         assert r["bytes_per_token"] == sum(r["bytes"].values())
-        assert r["bytes"]["lm_head"] == shape["vocab_size"] * hidden * 2
-        fused = name.endswith("-fused")
+        assert r["head"] is name.endswith("+head")
+        if not r["head"]:
+            assert r["bytes"]["lm_head"] == shape["vocab_size"] * hidden * 2
+        else:   # 4 bpw codes and the per-row scales, plus the codebook and signs
+            assert r["bytes"]["lm_head"] < 0.3 * shape["vocab_size"] * hidden * 2
+        fused = "+fused" in name
         assert r["fused"] is fused
         if name.startswith("bf16"):
             assert r["bytes"]["linears"] == 2 * linear_weights
         else:
             # fused: q/k/v as one layer, gate/up as one
             per_layer, hidden_inputs = (4, 3) if fused else (7, 6)
-            assert r["quantized_linears"] == per_layer * layers and r["padded_linears"] == 0
+            assert r["quantized_linears"] == per_layer * layers + r["head"]
+            assert r["padded_linears"] == 0
             # Read but not stored: QAM-W's shared codebook and seed-derived signs, per linear.
             unstored = 0
             if name.startswith("qamw"):
-                bits = CODECS[name.removesuffix("-fused")]["bits"]
+                bits = CODECS[name.split("+")[0]]["bits"]
                 unstored = layers * (per_layer * 8 * 2 ** bits + hidden_inputs * hidden + inter)
-            assert r["bytes"]["linears"] == pytest.approx(
-                r["bits_per_weight"] * linear_weights / 8 + unstored, rel=1e-3)
+            if not r["head"]:   # (bits_per_weight then averages over lm_head too)
+                assert r["bytes"]["linears"] == pytest.approx(
+                    r["bits_per_weight"] * linear_weights / 8 + unstored, rel=1e-3)
     assert rows["qamw-4"]["bits_per_weight"] < rows["qamw-5.5"]["bits_per_weight"]
+    assert rows["qamw-4+fused+head"]["bytes"]["linears"] == rows["qamw-4+fused"]["bytes"]["linears"]
     assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
 
 
@@ -124,7 +131,7 @@ def test_decode_step_matches_the_llama_forward(one_thread):
 
 
 def test_fused_step_matches_the_unfused(one_thread):
-    """A "-fused" config runs the same weights: q/k/v and gate/up as one layer each."""
+    """A "+fused" config runs the same weights: q/k/v and gate/up as one layer each."""
     torch.manual_seed(0)
     model = bench_decode.build_model("tiny", "cpu", torch.float32)
     names = bench_decode.decoder_linear_names(model)
@@ -133,7 +140,7 @@ def test_fused_step_matches_the_unfused(one_thread):
         decoder = bench_decode.StaticDecoder(model, max_len=8)
         decoder.reset()
         want = [decoder.step() for _ in range(3)]
-        replaced = bench_decode.quantize_randomly(model, names, "bf16-fused", "cpu", None)
+        replaced = bench_decode.quantize_randomly(model, names, "bf16+fused", "cpu", None)
         assert len(bench_decode.step_linear_names(model)) == 4 * 2
         decoder.reset()
         got = [decoder.step() for _ in range(3)]
@@ -144,7 +151,7 @@ def test_fused_step_matches_the_unfused(one_thread):
     assert bench_decode.step_linear_names(model) == names
 
 
-@pytest.mark.parametrize("config", ["qamw-4", "qamw-4-fused"])
+@pytest.mark.parametrize("config", ["qamw-4", "qamw-4+fused"])
 def test_compiled_layer_step_matches_eager_and_compiles_once(one_thread, config):
     from torch._dynamo.utils import counters
 
