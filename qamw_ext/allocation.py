@@ -14,6 +14,11 @@ quantization). The allocation minimises the summed cost under the bit budget of 
 config (the exact storage of every layer, scales included) by greedy upgrades in order of
 cost saved per bit; with costs convex in the bits, as they are here (each extra bit per pair
 halves a codebook's distortion, roughly), greedy is optimal up to the last upgrade.
+
+With fused siblings (fuse_siblings=True: q/k/v, gate/up quantized as one layer, one width),
+each group of siblings is one unit of the allocation: its cost and storage at a width are the
+sums of its members' (they read the same input, so with the fixed alpha their channel scales
+are the same), and all members get the unit's width.
 """
 import time
 
@@ -26,18 +31,25 @@ ALPHA = 0.5       # channel-scale exponent used to measure costs (most layers ch
 
 
 def _fisher_and_stats(model, names, batches, sample_rows, seed):
-    """({name: F (out,) fp32}, {name: LayerStats}) of the full-precision model, in one forward
-    and backward pass per batch (the next-token loss on the calibration text)."""
+    """({name: F (out,) fp32}, {name: LayerStats}, [[names reading one input tensor]]) of the
+    full-precision model, in one forward and backward pass per batch (the next-token loss on
+    the calibration text)."""
     total_rows = sum(b.numel() for b in batches)
     rows_idx = sample_row_indices(total_rows, sample_rows, seed)
     mods = {n: model.get_submodule(n) for n in names}
     accs = {n: StatsAccumulator(m.in_features, rows_idx, False, "cpu") for n, m in mods.items()}
     fisher = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
     tokens = 0
+    # first batch: input key -> (the input, held so that its address is not reused, [names])
+    inputs = {}
 
     def make_hook(name):
         def hook(mod, args, out):
-            accs[name].add(args[0].detach().cpu())
+            x = args[0]
+            if tokens == 0:
+                inputs.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (x, []))[1].append(
+                    name)
+            accs[name].add(x.detach().cpu())
 
             def grad_hook(g, name=name):
                 g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
@@ -57,13 +69,16 @@ def _fisher_and_stats(model, names, batches, sample_rows, seed):
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                     ids[:, 1:].reshape(-1), reduction="sum")
                 loss.backward()
+                if tokens == 0:
+                    groups = [members for _, members in inputs.values()]
+                    inputs.clear()
                 tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
     fisher = {n: (f / tokens).to(torch.float32) for n, f in fisher.items()}
-    return fisher, {n: a.result() for n, a in accs.items()}
+    return fisher, {n: a.result() for n, a in accs.items()}, groups
 
 
 def candidate_bits(bits, lo=4, hi=12):
@@ -120,22 +135,41 @@ def allocate(costs, budget):
         choice[best] = b + 1
 
 
-def plan(model, names, cls, options, batches, *, sample_rows=256, seed=0, log=None):
+def joint_costs(costs, groups):
+    """The costs of `layer_costs` with each group of names (at least two) merged into one
+    unit named by its first member: summed cost and storage at every width."""
+    merged = dict(costs)
+    for group in groups:
+        for n in group:
+            del merged[n]
+        merged[group[0]] = {b: tuple(sum(costs[n][b][i] for n in group) for i in (0, 1))
+                            for b in costs[group[0]]}
+    return merged
+
+
+def plan(model, names, cls, options, batches, *, sample_rows=256, seed=0, fuse=False,
+         log=None):
     """Allocate bits per pair to the linears `names` of the full-precision `model` so that
-    their total storage is at most that of options["bits"] everywhere. Returns
+    their total storage is at most that of options["bits"] everywhere; with fuse, one width
+    for each group of siblings that calibration will fuse (qamw_ext.fusion). Returns
     ({name: bits}, report dict)."""
+    from .fusion import sibling_parent
+
     if "bits" not in options:
         raise ValueError("bit allocation needs the config's average width: options['bits']")
     t0 = time.time()
     was_training = model.training
     model.eval()
-    fisher, stats = _fisher_and_stats(model, names, batches, sample_rows, seed)
+    fisher, stats, groups = _fisher_and_stats(model, names, batches, sample_rows, seed)
+    groups = [g for g in groups if fuse and sibling_parent(g) is not None]
     t1 = time.time()
     bits = options["bits"]
     candidates = candidate_bits(bits)
     costs = layer_costs(model, names, fisher, stats, cls, options, candidates)
     budget = sum(c[bits][1] for c in costs.values())
-    choice = allocate(costs, budget)
+    choice = allocate(joint_costs(costs, groups), budget)
+    for group in groups:
+        choice.update({n: choice[group[0]] for n in group})
     model.train(was_training)
     spent = sum(costs[n][b][1] for n, b in choice.items())
     numel = sum(model.get_submodule(n).weight.numel() for n in names)
@@ -144,6 +178,7 @@ def plan(model, names, cls, options, batches, *, sample_rows=256, seed=0, log=No
         "uniform_bits": bits, "candidates": candidates,
         "bits": choice,
         "histogram": {b: sum(1 for v in choice.values() if v == b) for b in candidates},
+        "fused_groups": groups,
         "budget_bits_per_weight": budget / numel, "bits_per_weight": spent / numel,
         "predicted_cost": sum(costs[n][b][0] for n, b in choice.items()),
         "predicted_cost_uniform": uniform_cost,

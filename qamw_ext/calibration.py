@@ -214,11 +214,10 @@ def _replace_group(layer, lp, group, stats, quantize_fn, fuse):
     """Replace the linears of one group (names relative to `layer`, sharing one input):
     each by quantize_fn's module, or with fuse, all by one module of their rows when they
     are children of one module. Returns their full names."""
-    from .fusion import concatenated_linear, fuse_siblings, fused_name
+    from .fusion import concatenated_linear, fuse_siblings, fused_name, sibling_parent
 
-    parents = {n.rpartition(".")[0] for n in group}
-    if fuse and len(group) > 1 and len(parents) == 1:
-        parent_name = parents.pop()
+    parent_name = sibling_parent(group)
+    if fuse and parent_name is not None:
         parent = layer.get_submodule(parent_name) if parent_name else layer
         children = [n.rpartition(".")[2] for n in group]
         name = ".".join(filter(None, (lp, parent_name, fused_name(children))))

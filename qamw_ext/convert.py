@@ -274,9 +274,6 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
     if cfg.fuse_siblings and not cfg.calibrate:
         raise ConfigError(f"fuse_siblings needs a calibrating config ({cfg.label} is data-free): "
                           "the siblings are found by the input they share")
-    if cfg.fuse_siblings and cfg.bit_allocation:
-        raise ConfigError("fuse_siblings and bit_allocation cannot be combined: the allocation "
-                          "chooses bits per linear, and fused siblings share theirs")
     device = next(model.parameters()).device
     model.eval()
     _untie_head(model, names)
@@ -296,7 +293,8 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
         from .allocation import plan
 
         choice, allocation = plan(model, names, cls, cfg.options, batches,
-                                  sample_rows=cfg.sample_rows, seed=cfg.seed, log=log)
+                                  sample_rows=cfg.sample_rows, seed=cfg.seed,
+                                  fuse=cfg.fuse_siblings, log=log)
         for n, b in choice.items():
             layer_options.setdefault(n, {}).setdefault("bits", b)
 

@@ -13,6 +13,14 @@ import weakref
 import torch
 
 
+def sibling_parent(names):
+    """The name of the module whose children `names` (full or relative names, sharing one
+    input) are, when there are at least two of them and one parent: the groups that fuse.
+    None otherwise."""
+    parents = {n.rpartition(".")[0] for n in names}
+    return parents.pop() if len(names) > 1 and len(parents) == 1 else None
+
+
 def fused_name(names):
     """The attribute name of the fused layer of sibling linears: q_proj, k_proj, v_proj ->
     q_k_v_proj; gate_proj, up_proj -> gate_up_proj."""

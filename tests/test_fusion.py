@@ -169,12 +169,25 @@ def test_sibling_outputs_compiles():
         torch.testing.assert_close(out, old(x))
 
 
+def test_bit_allocation_gives_fused_siblings_one_width():
+    from qamw_ext.convert import QuantConfig
+
+    uniform = _quantized("qamw-4")
+    model = quantize_model(tiny_model(0), QuantConfig("qamw", {"bits": 8}, bit_allocation=True,
+                                                      fuse_siblings=True, calib_batch=2),
+                           CAL, progress=False, log=None)
+    alloc = model.qamw_report["allocation"]
+    assert sorted(map(sorted, alloc["fused_groups"])) == sorted(
+        sorted(sib) for sib in fused_groups(model).values())
+    for name, siblings in fused_groups(model).items():
+        assert {alloc["bits"][s] for s in siblings} == {model.get_submodule(name).bits}
+    assert len(set(alloc["bits"].values())) > 1
+    assert model.qamw_report["bits_per_weight"] <= uniform.qamw_report["bits_per_weight"] + 1e-9
+
+
 def test_conversion_refusals():
     with pytest.raises(ConfigError, match="needs a calibrating config"):
         quantize_model(tiny_model(0), get_config("rtn-int4-g128", fuse_siblings=True), None,
-                       progress=False, log=None)
-    with pytest.raises(ConfigError, match="cannot be combined"):
-        quantize_model(tiny_model(0), get_config("qamw-4-best@fuse_siblings=true"), CAL,
                        progress=False, log=None)
     cfg = get_config("qamw-4", calib_batch=2, fuse_siblings=True)
     cfg.layer_options = {"model.layers.0.self_attn.k_proj": {"bits": 9}}
