@@ -41,7 +41,7 @@ def _fisher_and_stats(model, names, batches, sample_rows, seed):
     fisher = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
     tokens = 0
     # first batch: input key -> (the input, held so that its address is not reused, [names])
-    inputs = {}
+    inputs, groups = {}, []
 
     def make_hook(name):
         def hook(mod, args, out):
