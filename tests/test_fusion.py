@@ -149,6 +149,20 @@ def test_conversion_fuses_qkv_and_gate_up(config):
     assert torch.isfinite(big).all()
 
 
+def test_with_one_alpha_fusion_changes_nothing():
+    """QAM-W codes each row on its own once the channel scale is fixed, so with a fixed alpha
+    the fused model is the unfused model: any difference would be the fusion's own (the
+    wrong input's statistics, rows out of order, a stale sibling output)."""
+    outs = []
+    for fuse in (False, True):
+        model = _quantized("qamw:bits=8,alpha=0.5", fuse_siblings=fuse)
+        with torch.no_grad():
+            outs.append((model(IDS).logits, model(IDS[:, :3]).logits))
+    assert len(fused_groups(model)) == 4
+    for unfused, fused in zip(*outs):
+        assert torch.equal(unfused, fused)
+
+
 def test_fused_and_unfused_quality_are_close():
     """On the tiny model the fused conversion's output error stays near the unfused one's
     (the same codec, now with one channel scale and rotation for each group)."""
