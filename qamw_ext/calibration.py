@@ -214,16 +214,16 @@ def _replace_group(layer, lp, group, stats, quantize_fn, fuse):
     """Replace the linears of one group (names relative to `layer`, sharing one input):
     each by quantize_fn's module, or with fuse, all by one module of their rows when they
     are children of one module. Returns their full names."""
-    from .fusion import concatenated_linear, fuse_siblings, fused_name, sibling_parent
+    from .fusion import fuse_siblings, fused_name, sibling_parent
 
     parent_name = sibling_parent(group)
     if fuse and parent_name is not None:
         parent = layer.get_submodule(parent_name) if parent_name else layer
         children = [n.rpartition(".")[2] for n in group]
         name = ".".join(filter(None, (lp, parent_name, fused_name(children))))
-        merged = concatenated_linear([getattr(parent, c) for c in children])
         fuse_siblings(parent, children, quantize_fn(
-            name, merged, stats[group[0]], members=[f"{lp}.{n}" for n in group]))
+            name, [getattr(parent, c) for c in children], stats[group[0]],
+            members=[f"{lp}.{n}" for n in group]))
     else:
         for n in group:
             set_submodule(layer, n, quantize_fn(f"{lp}.{n}", layer.get_submodule(n), stats[n]))
@@ -237,7 +237,8 @@ def calibrate_and_replace(model, batches, quantize_fn: Callable, targets, *, seq
 
     batches: list of (b, t) token-id tensors on the model's device.
     quantize_fn(full_name, linear, stats) -> new module; for a fused group,
-    quantize_fn(fused full name, linear of their rows, stats, members=[sibling full names]).
+    quantize_fn(fused full name, [the siblings' linears], stats, members=[their full names])
+    -> one module of their rows.
     targets: set of full module names (linears) to quantize; linears of a decoder layer that
     are not targets are left alone. A target outside the decoder layers (e.g. lm_head) is
     calibrated afterwards with one forward pass of the quantized model."""

@@ -299,6 +299,7 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
             layer_options.setdefault(n, {}).setdefault("bits", b)
 
     def quantize_fn(name, linear, stats, members=None):
+        """linear: an nn.Linear, or with members (fused siblings) the list of theirs."""
         t = time.time()
         own = [layer_options.get(n, {}) for n in (members or [name])]
         if any(o != own[0] for o in own):
@@ -306,12 +307,13 @@ def quantize_model(model, config, calibration=None, *, progress=True, log=print)
                               "give them the same options or set fuse_siblings=false")
         options = {**cfg.options, **own[0]}
         try:
-            q = cls.from_linear(linear, stats, **options)
+            q = (cls.from_siblings(linear, stats, **options) if members else
+                 cls.from_linear(linear, stats, **options))
         except TypeError as e:
             raise ConfigError(f"codec {cfg.method!r} rejected options {options}: {e}") from None
         q = q.to(device)
         per_layer[name] = {"bits_per_weight": q.bits_per_weight(), "seconds": time.time() - t,
-                           "numel": linear.in_features * linear.out_features}
+                           "numel": q.in_features * q.out_features}
         return q
 
     if cfg.calibrate:

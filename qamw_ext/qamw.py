@@ -17,6 +17,9 @@ For a weight W (m x n) and calibration statistics of its input x:
      lower output error ("auto").
 alpha is searched per layer over a grid, minimising |X W^T - X What^T|^2 on the calibration
 sample (stats.sample; without a sample, the diagonal proxy sum_j E[x_j^2] |W_:j - What_:j|^2).
+Fused siblings (from_siblings: q/k/v or gate/up as one layer, one channel scale) minimise
+the sum of each sibling's output error relative to its output energy: each sibling then
+weighs as it would in a search of its own, not by the size of its outputs.
 
 Error feedback (error_feedback=True; needs stats.hessian, H = X^T X / N): rounding each pair
 to its nearest codeword ignores how the input channels correlate. With it, the pairs are
@@ -249,9 +252,16 @@ class QAMWLinear(QuantizedLinear):
     # ------------------------------------------------------------ quantization
 
     @classmethod
+    def from_siblings(cls, linears, stats, **config):
+        from .fusion import concatenated_linear
+
+        return cls.from_linear(concatenated_linear(linears), stats, **config,
+                               _row_groups=[lin.out_features for lin in linears])
+
+    @classmethod
     def from_linear(cls, linear, stats=None, bits=11, codebook=None, block_size=None,
                     alpha="search", row_scale="ls", per_block_scale=False, seed=0,
-                    error_feedback=False, ef_search=False):
+                    error_feedback=False, ef_search=False, _row_groups=None):
         w, bias = linear_parts(linear)
         m, n = w.shape
         cbs.check_bits(bits)
@@ -273,12 +283,14 @@ class QAMWLinear(QuantizedLinear):
         with one_cpu_thread(dev):
             for a in grid:
                 cand = probe._quantize(w, stats, a, row_scale, measure=len(grid) > 1 or
-                                       row_scale == "auto", hessian=search_h)
+                                       row_scale == "auto", hessian=search_h,
+                                       row_groups=_row_groups)
                 if best is None or cand.error < best.error:
                     best = cand
             if error_feedback and not ef_search:
                 best = probe._quantize(w, stats, best.alpha, row_scale,
-                                       measure=row_scale == "auto", hessian=stats.hessian)
+                                       measure=row_scale == "auto", hessian=stats.hessian,
+                                       row_groups=_row_groups)
         layer = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed,
                     channel_scaling=best.channel_scale is not None, alpha=best.alpha,
                     row_scale=row_scale).to(dev)
@@ -297,9 +309,10 @@ class QAMWLinear(QuantizedLinear):
             x = F.pad(x, (0, pad))
         return ops.hadamard(x.contiguous(), self.block_size, self.signs)
 
-    def _quantize(self, w, stats, alpha, row_mode, measure, hessian=None):
+    def _quantize(self, w, stats, alpha, row_mode, measure, hessian=None, row_groups=None):
         """One candidate at this alpha: nearest-codeword rounding, or with `hessian` (the
-        (n, n) X^T X / N) rounding with error feedback and the row scale refit in its metric."""
+        (n, n) X^T X / N) rounding with error feedback and the row scale refit in its metric.
+        row_groups: the fused siblings' row counts (see _output_error)."""
         m, n, npad, blk = self.out_features, self.in_features, self.padded_in, self.block_size
         s = None
         if alpha != 0.0:
@@ -324,7 +337,7 @@ class QAMWLinear(QuantizedLinear):
         options = {"norm": [scale_norm], "ls": [scale_ls], "auto": [scale_ls, scale_norm]}
         best = None
         for scale in options[row_mode]:
-            err = self._output_error(w, v, chat, scale, s, stats) if measure else 0.0
+            err = self._output_error(w, v, chat, scale, s, stats, row_groups) if measure else 0.0
             if best is None or err < best[0]:
                 best = (err, scale)
         cand = _Candidate()
@@ -372,26 +385,35 @@ class QAMWLinear(QuantizedLinear):
             work[:, i2:] -= diff @ g[i1:i2, i2:]
         return codes
 
-    def _output_error(self, w, v, chat, scale, s, stats):
+    def _output_error(self, w, v, chat, scale, s, stats, row_groups=None):
         """|X W^T - X What^T|^2 on the calibration sample, computed in the rotated domain:
         X What^T = (R (X / s)) Vhat^T. Without a sample: sum_j E[x_j^2] (W - What)_ij^2
-        (also computed in the rotated domain when no channel scale is used)."""
+        (also computed in the rotated domain when no channel scale is used). With row_groups
+        (the row counts of fused siblings), the sum over siblings of each one's error divided
+        by its output energy (|X W^T|^2 over its rows, or the same proxy of it)."""
         m, npad = v.shape
         vhat = (chat * scale.unsqueeze(-1)).view(m, npad)
         sample = None if stats is None else stats.sample
         if sample is not None and sample.shape[0] > 0:
             x = sample.to(device=w.device, dtype=torch.float32)
             xr = self._rotate(x / s if s is not None else x)
-            diff = x @ w.T - xr @ vhat.T
-            return float((diff * diff).sum())
-        if stats is None:
-            return float(((v - vhat) ** 2).sum())
-        # Diagonal proxy in the original domain (needs the inverse rotation).
-        what = ops.hadamard(vhat.contiguous(), self.block_size, self.signs, True)[:, :w.shape[1]]
-        if s is not None:
-            what = what / s
-        d = (w - what) ** 2
-        return float((d * stats.mean_sq.to(w.device)).sum())
+            y = x @ w.T
+            diff = y - xr @ vhat.T
+            err, energy = (diff * diff).sum(0), (y * y).sum(0)
+        elif stats is None:
+            err, energy = ((v - vhat) ** 2).sum(1), (v * v).sum(1)
+        else:
+            # Diagonal proxy in the original domain (needs the inverse rotation).
+            what = ops.hadamard(vhat.contiguous(), self.block_size, self.signs,
+                                True)[:, :w.shape[1]]
+            if s is not None:
+                what = what / s
+            mean_sq = stats.mean_sq.to(w.device)
+            err, energy = ((w - what) ** 2 * mean_sq).sum(1), (w * w * mean_sq).sum(1)
+        if not row_groups:
+            return float(err.sum())
+        return sum(float(e.sum() / en.sum().clamp_min(1e-30))
+                   for e, en in zip(err.split(row_groups), energy.split(row_groups)))
 
     # ------------------------------------------------------------ inference
 

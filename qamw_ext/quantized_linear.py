@@ -53,6 +53,16 @@ class QuantizedLinear(torch.nn.Module):
         """Quantize a torch.nn.Linear given its LayerStats (or None) and codec options."""
         raise NotImplementedError
 
+    @classmethod
+    def from_siblings(cls, linears, stats, **config):
+        """One layer of the rows of `linears`, which read the same input (q/k/v; gate/up;
+        see qamw_ext.fusion), quantized together: by default as their concatenation. A codec
+        that searches a per-layer choice (QAM-W's channel scale) overrides it so that each
+        sibling counts as the separate layer would."""
+        from .fusion import concatenated_linear
+
+        return cls.from_linear(concatenated_linear(linears), stats, **config)
+
     @staticmethod
     def uses_hessian(options):
         """Whether from_linear with these options needs stats.hessian (asked by convert):

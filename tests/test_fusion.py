@@ -163,6 +163,38 @@ def test_with_one_alpha_fusion_changes_nothing():
         assert torch.equal(unfused, fused)
 
 
+def test_qamw_siblings_weigh_as_separate_layers():
+    """The fused QAM-W layer's one alpha minimises the sum of the siblings' relative output
+    errors. Here sibling a's outputs are 100x larger: the plain concatenation's search
+    follows a alone, and b, which wants another alpha, would be ignored."""
+    from qamw_ext.qamw import ALPHA_GRID, QAMWLinear
+    from qamw_ext.quantized_linear import LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    channels = torch.exp(torch.randn(n, generator=g) * 1.5)
+    x = torch.randn(128, n, generator=g) * channels
+    a, b = torch.nn.Linear(n, 24, bias=False), torch.nn.Linear(n, 8, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.randn(24, n, generator=g) * 100)
+        b.weight.copy_(torch.randn(8, n, generator=g) / channels)   # large where x is small
+    stats = LayerStats(mean_abs=x.abs().mean(0), mean_sq=(x * x).mean(0), sample=x,
+                       tokens=128)
+    merged = concatenated_linear([a, b])
+
+    def relative_errors(alpha):
+        w_hat = QAMWLinear.from_linear(merged, stats, bits=8, alpha=alpha).dequantize()
+        return [((x @ (lin.weight - w_hat[rows]).T).pow(2).sum() /
+                 (x @ lin.weight.T).pow(2).sum()).item()
+                for lin, rows in ((a, slice(0, 24)), (b, slice(24, 32)))]
+
+    errors = {alpha: relative_errors(alpha) for alpha in ALPHA_GRID}
+    fused = QAMWLinear.from_siblings([a, b], stats, bits=8)
+    assert fused.alpha == min(ALPHA_GRID, key=lambda al: sum(errors[al]))
+    plain = QAMWLinear.from_linear(merged, stats, bits=8).alpha
+    assert fused.alpha != plain and errors[fused.alpha][1] < errors[plain][1]
+
+
 def test_fused_and_unfused_quality_are_close():
     """On the tiny model the fused conversion's output error stays near the unfused one's
     (the same codec, now with one channel scale and rotation for each group)."""
