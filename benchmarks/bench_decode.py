@@ -5,7 +5,8 @@ codes and scales of the right shapes and dtypes (speed does not depend on the va
 random_layers.py): QAM-W 4 and 5.5 bpw and AAAC int4 by default. Suffixes: "+fused" runs
 q/k/v and gate/up as one layer each, as `fuse_siblings=True` converts them (qamw_ext.fusion;
 bf16+fused is the dense baseline with the same fusion); "+head" quantizes lm_head too, as
-`include_lm_head=True` does. Otherwise the embeddings and lm_head stay bf16, as
+`include_lm_head=True` does, with the config's codec, or "+head=CODEC" with another (a wider
+one, as layer_options can give it). Otherwise the embeddings and lm_head stay bf16, as
 qamw_ext.convert leaves them. Reports tokens/s, the bytes read per token, the
 bandwidth they imply and its fraction of the device-to-device copy bandwidth measured in the
 same run; JSON to --out and a markdown table beside it.
@@ -51,9 +52,8 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
 }
-DEFAULT_CONFIGS = ("bf16,bf16+fused,qamw-4,qamw-4+fused,qamw-4+fused+head,qamw-5.5,"
+DEFAULT_CONFIGS = ("bf16,bf16+fused,qamw-4,qamw-4+fused,qamw-4+fused+head=qamw-5.5,qamw-5.5,"
                    "qamw-5.5+fused,aaac-int4,aaac-int4+fused")
-SUFFIXES = ("fused", "head")
 # The sibling linears of a Llama decoder layer, fused in the "+fused" configs.
 SIBLINGS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 MiB = 1 << 20
@@ -220,13 +220,22 @@ def step_linear_names(model):
 
 
 def parse_config(name):
-    """(codec or "bf16", {suffix: True/False}) of a config name such as qamw-4+fused+head."""
+    """(codec or "bf16", {"fused": bool, "head": lm_head's codec or None}) of a config name
+    such as qamw-4+fused+head (lm_head as qamw-4) or qamw-4+head=qamw-5.5."""
     codec, *suffixes = name.split("+")
-    if codec not in ("bf16", *CODECS) or not set(suffixes) <= set(SUFFIXES) or \
-            (codec == "bf16" and "head" in suffixes):
-        raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, "
-                         f"then optionally +fused, and for a codec +head")
-    return codec, {s: s in suffixes for s in SUFFIXES}
+    flags = {"fused": False, "head": None}
+    for suffix in suffixes:
+        key, eq, value = suffix.partition("=")
+        if key == "fused" and not eq:
+            flags["fused"] = True
+        elif key == "head" and codec != "bf16" and (value if eq else codec) in CODECS:
+            flags["head"] = value if eq else codec
+        else:
+            codec = None
+    if codec not in ("bf16", *CODECS):
+        raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, then "
+                         f"optionally +fused, and for a codec +head or +head=CODEC")
+    return codec, flags
 
 
 def quantize_randomly(model, names, config, device, generator):
@@ -236,9 +245,12 @@ def quantize_randomly(model, names, config, device, generator):
     them (a fused layer's name maps to None: it is removed)."""
     codec, flags = parse_config(config)
     fuse = flags["fused"]
-    if flags["head"]:
-        names = list(names) + ["lm_head"]
     replaced = {}
+    if flags["head"]:
+        dense = model.lm_head
+        model.lm_head = random_layer(flags["head"], dense.in_features, dense.out_features,
+                                     device, generator)
+        replaced["lm_head"] = dense
     if fuse:
         for i, layer in enumerate(model.model.layers):
             for parent_name, children in SIBLINGS:
@@ -432,7 +444,7 @@ def markdown(record):
              f"greedy, static KV cache of {record['max_len']} positions; median per token over "
              f"{record['repeats']} groups of {record['tokens'] // record['repeats']} tokens after "
              f"{record['warmup']} warm-up tokens. Embeddings stay bf16, and lm_head unless the config "
-             f"ends in +head; +fused: q/k/v and gate/up as one layer each. "
+             f"has +head; +fused: q/k/v and gate/up as one layer each. "
              f"Device-to-device copy: {record['copy']['gbps']:.0f} GB/s.", ""]
     lines += md_table(["config", "bits/weight (linears)", "tokens/s", "ms/token", "x bf16",
                        "GB read/token", "implied GB/s", "% of copy", "decoder linears ms/token",
@@ -451,7 +463,8 @@ def main(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
                              " each optionally with +fused (q/k/v and gate/up as one layer "
-                             "each) and, for a codec, +head (lm_head quantized too)")
+                             "each) and, for a codec, +head or +head=CODEC (lm_head quantized "
+                             "too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")

@@ -18,6 +18,7 @@ sys.path.insert(0, BENCHMARKS)
 import bench_decode  # noqa: E402
 import bench_ops  # noqa: E402
 import profile_gemv  # noqa: E402
+import quality_fusion  # noqa: E402
 import smem_wavefronts  # noqa: E402
 from random_layers import CODECS  # noqa: E402
 
@@ -87,11 +88,11 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
                     "speedup_vs_bf16", "decoder_linears_ms_per_token"):
             assert positive(r[key]), (key, r)
         assert r["bytes_per_token"] == sum(r["bytes"].values())
-        assert r["head"] is name.endswith("+head")
+        assert r["head"] == ("qamw-5.5" if "+head" in name else None)
         if not r["head"]:
             assert r["bytes"]["lm_head"] == shape["vocab_size"] * hidden * 2
-        else:   # 4 bpw codes and the per-row scales, plus the codebook and signs
-            assert r["bytes"]["lm_head"] < 0.3 * shape["vocab_size"] * hidden * 2
+        else:   # 5.5 bpw codes, the per-row scales, the 2^11-entry codebook and signs
+            assert r["bytes"]["lm_head"] < 0.4 * shape["vocab_size"] * hidden * 2
         fused = "+fused" in name
         assert r["fused"] is fused
         if name.startswith("bf16"):
@@ -99,7 +100,7 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
         else:
             # fused: q/k/v as one layer, gate/up as one
             per_layer, hidden_inputs = (4, 3) if fused else (7, 6)
-            assert r["quantized_linears"] == per_layer * layers + r["head"]
+            assert r["quantized_linears"] == per_layer * layers + bool(r["head"])
             assert r["padded_linears"] == 0
             # Read but not stored: QAM-W's shared codebook and seed-derived signs, per linear.
             unstored = 0
@@ -110,7 +111,14 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
                 assert r["bytes"]["linears"] == pytest.approx(
                     r["bits_per_weight"] * linear_weights / 8 + unstored, rel=1e-3)
     assert rows["qamw-4"]["bits_per_weight"] < rows["qamw-5.5"]["bits_per_weight"]
-    assert rows["qamw-4+fused+head"]["bytes"]["linears"] == rows["qamw-4+fused"]["bytes"]["linears"]
+    with_head = rows["qamw-4+fused+head=qamw-5.5"]
+    assert with_head["bytes"]["linears"] == rows["qamw-4+fused"]["bytes"]["linears"]
+    assert with_head["bytes"]["lm_head"] > rows["qamw-4+fused"]["bytes"]["lm_head"] * 5.5 / 16
+    assert bench_decode.parse_config("aaac-int4+head+fused") == (
+        "aaac-int4", {"fused": True, "head": "aaac-int4"})
+    for bad in ("bf16+head", "qamw-4+head=bf16", "qamw-4+fast", "int4", "qamw-4+fused=1"):
+        with pytest.raises(ValueError, match="unknown config"):
+            bench_decode.parse_config(bad)
     assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
 
 
@@ -224,3 +232,13 @@ def test_bank_model_counts_conflicts_and_broadcasts():
 def test_profile_gemv_smoke_calls_every_codec(one_thread):
     calls = profile_gemv.main(["--smoke", "--device", "cpu"])
     assert calls == [f"{codec} 64x256" for codec in profile_gemv.CODECS]
+
+
+def test_quality_fusion_configs_resolve():
+    from qamw_ext.convert import get_config
+
+    cfgs = [get_config(c) for c in quality_fusion.configs()]
+    assert len({c.label for c in cfgs}) == len(cfgs)
+    assert sum(c.fuse_siblings for c in cfgs) == 5
+    assert [c.layer_options for c in cfgs if c.include_lm_head] == [{}, {"lm_head": {"bits": 11}}]
+    assert {c.options.get("seed", 0) for c in cfgs if c.method == "qamw"} == {0, 1}
