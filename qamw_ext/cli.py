@@ -102,7 +102,9 @@ def cmd_eval(args):
     from .models import DEFAULT_MODEL, is_quantized_dir, resolve_model_path
 
     _setup(args)
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs \
+    # Semicolons separate configs whose own spelling has commas ("qamw:bits=9,seed=1").
+    sep = ";" if args.configs and ";" in args.configs else ","
+    configs = [c.strip() for c in args.configs.split(sep) if c.strip()] if args.configs \
         else list(MAIN_JOB_CONFIGS)
     model_path = args.model
     if model_path is not None and is_quantized_dir(resolve_model_path(model_path)):
@@ -256,7 +258,8 @@ def build_parser():
     _add_model(s)
     _add_calib(s)
     s.add_argument("--configs", default=None,
-                   help=f"comma-separated config names (default: {','.join(MAIN_JOB_CONFIGS)})")
+                   help=f"config names separated by commas, or by semicolons when a config "
+                        f"has commas of its own (default: {','.join(MAIN_JOB_CONFIGS)})")
     s.add_argument("--quantized", action="append", metavar="DIR",
                    help="also evaluate a directory saved by `qamw quantize` (repeatable)")
     s.add_argument("--eval-tokens", type=int, default=32768,

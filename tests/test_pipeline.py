@@ -264,11 +264,13 @@ def test_cli_quantize_eval_generate_bench_plot(tmp_path, capsys):
                      "--no-progress"]) == 0
     assert (qdir / "model.safetensors").exists() and (qdir / "tokenizer.json").exists()
     prefix = tmp_path / "res" / "q"
-    assert cli_main(["eval", "--model", str(base), "--configs", "rtn-int4-g128",
+    spelled = "rtn:group_size=128,error_feedback=false"   # commas: separated by semicolons
+    assert cli_main(["eval", "--model", str(base), "--configs", f"rtn-int4-g128;{spelled}",
                      "--quantized", str(qdir), "--eval-tokens", "512", "--window", "128",
                      "--decode-tokens", "4", "--out", str(prefix), "--no-progress"]) == 0
     res = json.loads((tmp_path / "res" / "q.json").read_text())
-    assert [r["config"] for r in res["rows"]] == ["rtn-int4-g128", "tiny-nf4"]
+    assert [r["config"] for r in res["rows"]] == ["rtn-int4-g128", spelled, "tiny-nf4"]
+    assert res["rows"][0]["kl"] == res["rows"][1]["kl"]       # the same quantization
     assert res["protocol"]["tokens"] == 512 and res["protocol"]["window"] == 128
     assert res["protocol"]["predicted_tokens"] == 4 * 127
     for r in res["rows"]:
