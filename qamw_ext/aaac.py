@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .baselines import (check_flag, check_hessian, check_meta, linear_parts, one_cpu_thread,
-                        round_columns_with_feedback, storage_bits, validate_stats)
+                        round_columns_with_feedback, searched_error, storage_bits,
+                        validate_stats)
 from .codebooks import E2M1_MAGNITUDES
 from .qamw import _alpha_grid, channel_scale_from_stats
 from .quantized_linear import QuantizedLinear, register_codec
@@ -233,8 +234,16 @@ class AAACLinear(QuantizedLinear):
     # ------------------------------------------------------------ quantization
 
     @classmethod
+    def from_siblings(cls, linears, stats, **config):
+        from .fusion import concatenated_linear
+
+        return cls.from_linear(concatenated_linear(linears), stats, **config,
+                               _row_groups=[lin.out_features for lin in linears])
+
+    @classmethod
     def from_linear(cls, linear, stats=None, variant="int4", group_size=None,
-                    channel_scaling=False, alpha="search", rounds=ROUNDS, error_feedback=False):
+                    channel_scaling=False, alpha="search", rounds=ROUNDS, error_feedback=False,
+                    _row_groups=None):
         w, bias = linear_parts(linear)
         m, n = w.shape
         validate_stats(stats, n)
@@ -251,7 +260,7 @@ class AAACLinear(QuantizedLinear):
             for a in grid:
                 layer = cls(n, m, bias is not None, variant, group_size, a != 0.0, a).to(w.device)
                 layer._fit(w, stats, a, rounds)
-                err = layer._output_error(w, stats) if len(grid) > 1 else 0.0
+                err = layer._output_error(w, stats, _row_groups) if len(grid) > 1 else 0.0
                 if best is None or err < best[0]:
                     best = (err, layer)
             layer = best[1]
@@ -290,12 +299,17 @@ class AAACLinear(QuantizedLinear):
             self.tensor_scale.fill_(fit.tensor_scale)
         self.packed.copy_(ops.pack_bits(codes.reshape(m, npad), 4))
 
-    def _output_error(self, w, stats):
+    def _output_error(self, w, stats, row_groups=None):
+        """|X W^T - X What^T|^2 on the calibration sample (else its diagonal proxy); with
+        row_groups (fused siblings), the sum of the siblings' relative errors."""
         what = self.dequantize()
         if stats.sample is not None and stats.sample.shape[0] > 0:
             x = stats.sample.to(device=w.device, dtype=torch.float32)
-            return float(((x @ (w - what).T) ** 2).sum())
-        return float((((w - what) ** 2) * stats.mean_sq.to(w.device)).sum())
+            err, energy = ((x @ (w - what).T) ** 2).sum(0), ((x @ w.T) ** 2).sum(0)
+        else:
+            mean_sq = stats.mean_sq.to(w.device)
+            err, energy = ((w - what) ** 2 * mean_sq).sum(1), (w * w * mean_sq).sum(1)
+        return searched_error(err, energy, row_groups)
 
     # ------------------------------------------------------------ inference
 

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from . import codebooks as cbs
 from . import hadamard_matrices, ops
 from .baselines import (EF_BLOCK, SEED_BITS, check_flag, check_hessian, check_meta,
-                        inverse_hessian_factor, linear_parts, one_cpu_thread, storage_bits,
-                        validate_stats)
+                        inverse_hessian_factor, linear_parts, one_cpu_thread, searched_error,
+                        storage_bits, validate_stats)
 from .quantized_linear import QuantizedLinear, register_codec
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -410,10 +410,7 @@ class QAMWLinear(QuantizedLinear):
                 what = what / s
             mean_sq = stats.mean_sq.to(w.device)
             err, energy = ((w - what) ** 2 * mean_sq).sum(1), (w * w * mean_sq).sum(1)
-        if not row_groups:
-            return float(err.sum())
-        return sum(float(e.sum() / en.sum().clamp_min(1e-30))
-                   for e, en in zip(err.split(row_groups), energy.split(row_groups)))
+        return searched_error(err, energy, row_groups)
 
     # ------------------------------------------------------------ inference
 

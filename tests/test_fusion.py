@@ -163,15 +163,19 @@ def test_with_one_alpha_fusion_changes_nothing():
         assert torch.equal(unfused, fused)
 
 
-def test_qamw_siblings_weigh_as_separate_layers():
-    """The fused QAM-W layer's one alpha minimises the sum of the siblings' relative output
-    errors. Here sibling a's outputs are 100x larger: the plain concatenation's search
-    follows a alone, and b, which wants another alpha, would be ignored."""
+@pytest.mark.parametrize("codec", ["qamw", "aaac"])
+def test_siblings_weigh_as_separate_layers(codec):
+    """A fused layer's one alpha minimises the sum of the siblings' relative output errors.
+    Here sibling a's outputs are 100x larger: the plain concatenation's search follows a
+    alone, and b, which wants another alpha, would be ignored."""
+    from qamw_ext.aaac import AAACLinear
     from qamw_ext.qamw import ALPHA_GRID, QAMWLinear
     from qamw_ext.quantized_linear import LayerStats
 
+    cls, options = {"qamw": (QAMWLinear, {"bits": 8}),
+                    "aaac": (AAACLinear, {"channel_scaling": True})}[codec]
     g = torch.Generator().manual_seed(0)
-    n = 64
+    n = 256
     channels = torch.exp(torch.randn(n, generator=g) * 1.5)
     x = torch.randn(128, n, generator=g) * channels
     a, b = torch.nn.Linear(n, 24, bias=False), torch.nn.Linear(n, 8, bias=False)
@@ -183,15 +187,15 @@ def test_qamw_siblings_weigh_as_separate_layers():
     merged = concatenated_linear([a, b])
 
     def relative_errors(alpha):
-        w_hat = QAMWLinear.from_linear(merged, stats, bits=8, alpha=alpha).dequantize()
+        w_hat = cls.from_linear(merged, stats, alpha=alpha, **options).dequantize()
         return [((x @ (lin.weight - w_hat[rows]).T).pow(2).sum() /
                  (x @ lin.weight.T).pow(2).sum()).item()
                 for lin, rows in ((a, slice(0, 24)), (b, slice(24, 32)))]
 
     errors = {alpha: relative_errors(alpha) for alpha in ALPHA_GRID}
-    fused = QAMWLinear.from_siblings([a, b], stats, bits=8)
+    fused = cls.from_siblings([a, b], stats, **options)
     assert fused.alpha == min(ALPHA_GRID, key=lambda al: sum(errors[al]))
-    plain = QAMWLinear.from_linear(merged, stats, bits=8).alpha
+    plain = cls.from_linear(merged, stats, **options).alpha
     assert fused.alpha != plain and errors[fused.alpha][1] < errors[plain][1]
 
 
