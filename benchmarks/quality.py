@@ -22,7 +22,23 @@ FULL = ["rtn-int4-g128", "nf4", "aaac-int4", "aaac-int4-awq", "aaac-nvfp4",
         "qamw-5.5", "polar-5.5", "qamw-6"]
 
 
-def main():
+def record_table(configs, prefix, command, **table_options):
+    """Run quality_table on `configs` and write PREFIX.json/.md/.png, rewritten after every
+    config (marked incomplete until the last) so that an interrupted run keeps its rows."""
+    def checkpoint_rows(partial):
+        partial["command"], partial["complete"] = command, False
+        write_results(partial, prefix)
+
+    result = quality_table(configs, on_row=checkpoint_rows, **table_options)
+    result["command"] = command
+    result["complete"] = True
+    paths = write_results(result, prefix)
+    print(markdown_table(result))
+    print("wrote", ", ".join(paths.values()))
+    return result
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--configs", default=",".join(FULL),
@@ -35,25 +51,15 @@ def main():
     p.add_argument("--name", default="quality_smollm2_135m")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args()
-    prefix = os.path.join(args.out_dir, args.name)
-
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
-
-    def checkpoint_rows(partial):
-        partial["command"], partial["complete"] = command, False
-        write_results(partial, prefix)
-
+    args = p.parse_args(argv)
     sep = ";" if ";" in args.configs else ","
-    result = quality_table([c for c in args.configs.split(sep) if c], model_path=args.model,
-                           eval_tokens=args.eval_tokens, window=args.window,
-                           calib_tokens=args.calib_tokens, decode_tokens=args.decode_tokens,
-                           progress=not args.no_progress, on_row=checkpoint_rows)
-    result["command"] = command
-    result["complete"] = True
-    paths = write_results(result, prefix)
-    print(markdown_table(result))
-    print("wrote", ", ".join(paths.values()))
+    record_table([c for c in args.configs.split(sep) if c],
+                 os.path.join(args.out_dir, args.name),
+                 "python benchmarks/quality.py " + " ".join(
+                     sys.argv[1:] if argv is None else argv),
+                 model_path=args.model, eval_tokens=args.eval_tokens, window=args.window,
+                 calib_tokens=args.calib_tokens, decode_tokens=args.decode_tokens,
+                 progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from qamw_ext.convert import get_config  # noqa: E402
-from qamw_ext.evaluate import markdown_table, quality_table, write_results  # noqa: E402
+from quality import record_table  # noqa: E402
 
 HEAD = "qamw-4@fuse_siblings=true,include_lm_head=true"
 
@@ -34,18 +35,9 @@ def main():
     p.add_argument("--name", default="quality_fusion")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = p.parse_args()
-    prefix = os.path.join(args.out_dir, args.name)
-    command = "python benchmarks/quality_fusion.py " + " ".join(sys.argv[1:])
-
-    def checkpoint_rows(partial):
-        partial["command"], partial["complete"] = command, False
-        write_results(partial, prefix)
-
-    result = quality_table(configs(), eval_tokens=args.eval_tokens, progress=False,
-                           on_row=checkpoint_rows)
-    result["command"], result["complete"] = command, True
-    write_results(result, prefix)
-    print(markdown_table(result))
+    record_table(configs(), os.path.join(args.out_dir, args.name),
+                 "python benchmarks/quality_fusion.py " + " ".join(sys.argv[1:]),
+                 eval_tokens=args.eval_tokens, progress=False)
 
 
 if __name__ == "__main__":

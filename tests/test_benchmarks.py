@@ -18,6 +18,7 @@ sys.path.insert(0, BENCHMARKS)
 import bench_decode  # noqa: E402
 import bench_ops  # noqa: E402
 import profile_gemv  # noqa: E402
+import quality  # noqa: E402
 import quality_fusion  # noqa: E402
 import smem_wavefronts  # noqa: E402
 from random_layers import CODECS  # noqa: E402
@@ -242,3 +243,17 @@ def test_quality_fusion_configs_resolve():
     assert sum(c.fuse_siblings for c in cfgs) == 5
     assert [c.layer_options for c in cfgs if c.include_lm_head] == [{}, {"lm_head": {"bits": 11}}]
     assert {c.options.get("seed", 0) for c in cfgs if c.method == "qamw"} == {0, 1}
+
+
+def test_quality_script_records_a_complete_table(tmp_path):
+    from conftest_pipeline import save_tiny
+
+    save_tiny(str(tmp_path / "tiny"))
+    quality.main(["--model", str(tmp_path / "tiny"), "--configs", "rtn-int4-g128;nf4",
+                  "--eval-tokens", "256", "--window", "128", "--name", "q", "--out-dir",
+                  str(tmp_path), "--no-progress"])
+    record = json.loads((tmp_path / "q.json").read_text())
+    assert record["complete"] is True and record["command"].endswith("--no-progress")
+    assert [r["config"] for r in record["rows"]] == ["rtn-int4-g128", "nf4"]
+    assert all(r["kl"] > 0 for r in record["rows"])
+    assert "| nf4 |" in (tmp_path / "q.md").read_text()
