@@ -193,6 +193,7 @@ class AAACLinear(QuantizedLinear):
     channel_scaling), rounds (k-means rounds, default 4), error_feedback (bool: after the
     fit, round the codes column by column GPTQ-style with the fit's scales, codebook choices
     and codebooks; needs stats.hessian)."""
+    searches_per_layer = True
 
     def __init__(self, in_features, out_features, has_bias, variant="int4", group_size=None,
                  channel_scaling=False, alpha=0.0):
@@ -232,13 +233,6 @@ class AAACLinear(QuantizedLinear):
         return storage_bits(self) / (self.out_features * self.in_features)
 
     # ------------------------------------------------------------ quantization
-
-    @classmethod
-    def from_siblings(cls, linears, stats, **config):
-        from .fusion import concatenated_linear
-
-        return cls.from_linear(concatenated_linear(linears), stats, **config,
-                               _row_groups=[lin.out_features for lin in linears])
 
     @classmethod
     def from_linear(cls, linear, stats=None, variant="int4", group_size=None,

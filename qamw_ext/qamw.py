@@ -197,6 +197,7 @@ class QAMWLinear(QuantizedLinear):
     round with error feedback; needs stats.hessian), ef_search (bool: with error feedback,
     round every alpha of the grid with it instead of choosing alpha by plain rounding)."""
     default_codebook = "qam"
+    searches_per_layer = True
 
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
                  block_size=None, per_block_scale=False, seed=0, channel_scaling=False,
@@ -250,13 +251,6 @@ class QAMWLinear(QuantizedLinear):
         return storage_bits(self, SEED_BITS) / (self.out_features * self.in_features)
 
     # ------------------------------------------------------------ quantization
-
-    @classmethod
-    def from_siblings(cls, linears, stats, **config):
-        from .fusion import concatenated_linear
-
-        return cls.from_linear(concatenated_linear(linears), stats, **config,
-                               _row_groups=[lin.out_features for lin in linears])
 
     @classmethod
     def from_linear(cls, linear, stats=None, bits=11, codebook=None, block_size=None,

@@ -53,14 +53,18 @@ class QuantizedLinear(torch.nn.Module):
         """Quantize a torch.nn.Linear given its LayerStats (or None) and codec options."""
         raise NotImplementedError
 
+    # Whether from_linear searches a per-layer choice (a channel scale) by output error and
+    # takes _row_groups, so that each fused sibling counts as the separate layer would.
+    searches_per_layer = False
+
     @classmethod
     def from_siblings(cls, linears, stats, **config):
         """One layer of the rows of `linears`, which read the same input (q/k/v; gate/up;
-        see qamw_ext.fusion), quantized together: by default as their concatenation. A codec
-        that searches a per-layer choice (QAM-W's channel scale) overrides it so that each
-        sibling counts as the separate layer would."""
+        see qamw_ext.fusion), quantized together as their concatenation."""
         from .fusion import concatenated_linear
 
+        if cls.searches_per_layer:
+            config["_row_groups"] = [lin.out_features for lin in linears]
         return cls.from_linear(concatenated_linear(linears), stats, **config)
 
     @staticmethod
