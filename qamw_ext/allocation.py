@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .calibration import StatsAccumulator, sample_row_indices
+from .calibration import StatsAccumulator, input_key, sample_row_indices
 
 SPREAD = 2        # candidate widths: the uniform width +- this many bits per pair
 ALPHA = 0.5       # channel-scale exponent used to measure costs (most layers choose it)
@@ -47,8 +47,7 @@ def _fisher_and_stats(model, names, batches, sample_rows, seed):
         def hook(mod, args, out):
             x = args[0]
             if tokens == 0:
-                inputs.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (x, []))[1].append(
-                    name)
+                inputs.setdefault(input_key(x), (x, []))[1].append(name)
             accs[name].add(x.detach().cpu())
 
             def grad_hook(g, name=name):

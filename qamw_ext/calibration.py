@@ -144,6 +144,13 @@ def run_layer(layer, inputs, kwargs_list):
         return [_layer_out(layer(h, **kw)).detach() for h, kw in zip(inputs, kwargs_list)]
 
 
+def input_key(x):
+    """What identifies one input tensor among a forward's linears: linears whose inputs have
+    the same key read the same tensor (while it is held alive, so that its address is not
+    reused)."""
+    return x.data_ptr(), tuple(x.shape), x.stride()
+
+
 def collect_layer_stats(layer, names, inputs, kwargs_list, sample_rows, hessian=False,
                         stop_after=None):
     """Run `layer` on all inputs with hooks on the linears `names`. Returns
@@ -158,7 +165,7 @@ def collect_layer_stats(layer, names, inputs, kwargs_list, sample_rows, hessian=
     def make_hook(name):
         def hook(mod, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            key = input_key(x)
             seen = state["seen"]
             if name not in leader:
                 if key in seen:
@@ -218,7 +225,7 @@ def _replace_group(layer, lp, group, stats, quantize_fn, fuse):
 
     parent_name = sibling_parent(group)
     if fuse and parent_name is not None:
-        parent = layer.get_submodule(parent_name) if parent_name else layer
+        parent = layer.get_submodule(parent_name)
         children = [n.rpartition(".")[2] for n in group]
         name = ".".join(filter(None, (lp, parent_name, fused_name(children))))
         fuse_siblings(parent, children, quantize_fn(
