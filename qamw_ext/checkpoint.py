@@ -107,7 +107,7 @@ def quantized_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def quantization_config_dict(model, tensors=None, tied=None, sha=None):
+def quantization_config_dict(model, tensors=None, tied=None):
     from . import __version__
 
     qcfg = getattr(model, "qamw_config", None)
@@ -121,8 +121,6 @@ def quantization_config_dict(model, tensors=None, tied=None, sha=None):
                         for n, t in tensors.items()}
     if tied is not None:
         d["tied"] = dict(tied)
-    if sha is not None:
-        d["weights_sha256"] = sha
     report = getattr(model, "qamw_report", None)
     if report:
         d["bits_per_weight"] = report.get("bits_per_weight")
@@ -167,13 +165,14 @@ def save_quantized(model, out_dir, tokenizer=None, overwrite=False, extra=None):
     try:
         tensors, tied = _unique_state(model)
         wpath = os.path.join(tmp, WEIGHTS_NAME)
-        modules = {n: m.meta() for n, m in quantized_modules(model).items()}
-        save_file(tensors, wpath, metadata={"format": "pt", "quant_method": QUANT_METHOD,
-                                            "format_version": str(FORMAT_VERSION),
-                                            "qamw_modules": json.dumps(modules, sort_keys=True),
-                                            "qamw_fused": json.dumps(fused_groups(model),
-                                                                     sort_keys=True)})
-        qdict = quantization_config_dict(model, tensors, tied, _sha256(wpath))
+        qdict = quantization_config_dict(model, tensors, tied)
+        # The layer descriptions also travel with the weights, so that an edited config.json
+        # is caught.
+        save_file(tensors, wpath, metadata={
+            "format": "pt", "quant_method": QUANT_METHOD, "format_version": str(FORMAT_VERSION),
+            "qamw_modules": json.dumps(qdict["modules"], sort_keys=True),
+            "qamw_fused": json.dumps(qdict["fused"], sort_keys=True)})
+        qdict["weights_sha256"] = _sha256(wpath)
         if extra:
             qdict["extra"] = extra
         cfg = model.config.to_dict()
