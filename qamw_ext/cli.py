@@ -132,12 +132,13 @@ def cmd_eval(args):
     return 0
 
 
-def _model_for(args):
+def _model_for(args, config):
+    """The --model (or default) model, quantized with `config` unless it is None."""
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)
-    if args.config:
-        _quantize_loaded(model, tok, args, args.config)
+    if config:
+        _quantize_loaded(model, tok, args, config)
     return model, tok
 
 
@@ -145,7 +146,7 @@ def cmd_generate(args):
     import torch
 
     _setup(args)
-    model, tok = _model_for(args)
+    model, tok = _model_for(args, args.config)
     prompt = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
@@ -168,19 +169,15 @@ def cmd_generate(args):
 
 def cmd_bench(args):
     from .evaluate import decode_speed
-    from .models import load_model
 
     _setup(args)
+    configs = args.config or []
+    timed = ([None] if not configs or args.with_full else []) + configs
     rows = []
-    if not args.config or args.with_full:
-        model, tok = load_model(args.model, device=args.device)
-        rows.append(("model as loaded", decode_speed(model, tok, args.new_tokens,
-                                                     batch=args.batch)))
-        del model
-    for config in args.config or []:
-        model, tok = load_model(args.model, device=args.device)
-        _quantize_loaded(model, tok, args, config)
-        rows.append((config, decode_speed(model, tok, args.new_tokens, batch=args.batch)))
+    for config in timed:
+        model, tok = _model_for(args, config)
+        rows.append((config or "model as loaded",
+                     decode_speed(model, tok, args.new_tokens, batch=args.batch)))
         del model
     for name, r in rows:
         _log(f"[qamw] {name:24s} decode {r['decode_tokens_per_s']:8.1f} tokens/s "
