@@ -11,7 +11,8 @@ struct AaacArgs {
 
 AaacArgs aaac_args(const at::Tensor& packed, const at::Tensor& scales,
                    const at::Tensor& codebooks, const c10::optional<at::Tensor>& tensor_scale,
-                   const c10::optional<at::Tensor>& channel_scale, int64_t group_size) {
+                   const c10::optional<at::Tensor>& channel_scale, int64_t group_size,
+                   at::OptionalIntArrayRef sibling_rows) {
   TORCH_CHECK(is_power_of_two(group_size) && group_size >= 16 && group_size <= 256,
               "group_size must be a power of two from 16 to 256, got ", group_size);
   check_dtype(packed, at::kInt, "packed");
@@ -30,17 +31,18 @@ AaacArgs aaac_args(const at::Tensor& packed, const at::Tensor& scales,
   const int64_t words = packed_words_per_row(n, 4);
   TORCH_CHECK(packed.size(1) == words, "packed must have ", words, " int32 words per row for ",
               n, " 4-bit codes, got ", packed.size(1));
-  check_dtype(codebooks, at::kFloat, "codebooks");
-  TORCH_CHECK(codebooks.dim() == 2 && codebooks.size(0) == 2 && codebooks.size(1) == 16,
-              "codebooks must have shape (2, 16), got ", codebooks.sizes());
-  check_same_device(codebooks, packed, "codebooks", "packed");
+  const Siblings siblings = parse_siblings(sibling_rows, m);
+  const bool fused = sibling_rows.has_value();
+  check_per_sibling(codebooks, {2, 16}, fused, siblings.count, at::kFloat, packed, "codebooks");
   if (tensor_scale) {
     check_dtype(*tensor_scale, at::kFloat, "tensor_scale");
-    TORCH_CHECK(tensor_scale->numel() == 1, "tensor_scale must hold one value, got ",
-                tensor_scale->sizes());
+    TORCH_CHECK(tensor_scale->numel() == siblings.count, "tensor_scale must hold ",
+                fused ? "one value per sibling" : "one value", ", got ", tensor_scale->sizes());
     check_same_device(*tensor_scale, packed, "tensor_scale", "packed");
   }
-  check_vector(channel_scale, n, at::kFloat, packed, "channel_scale");
+  if (channel_scale)
+    check_per_sibling(*channel_scale, {n}, fused, siblings.count, at::kFloat, packed,
+                      "channel_scale");
 
   AaacArgs a;
   a.packed = packed.contiguous();
@@ -57,6 +59,7 @@ AaacArgs aaac_args(const at::Tensor& packed, const at::Tensor& scales,
   w.group = group_size;
   w.m = m;
   w.n = n;
+  w.siblings = siblings;
   return a;
 }
 
@@ -65,12 +68,13 @@ AaacArgs aaac_args(const at::Tensor& packed, const at::Tensor& scales,
 static at::Tensor aaac_gemv(const at::Tensor& x, const at::Tensor& packed,
                             const at::Tensor& scales, const at::Tensor& codebooks,
                             const c10::optional<at::Tensor>& tensor_scale,
-                            const c10::optional<at::Tensor>& channel_scale, int64_t group_size) {
+                            const c10::optional<at::Tensor>& channel_scale, int64_t group_size,
+                            at::OptionalIntArrayRef sibling_rows) {
   const DType dtype = activation_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must have shape (batch, in_features), got ", x.sizes());
   check_same_device(packed, x, "packed", "x");
   const AaacArgs a = aaac_args(packed, scales, codebooks, tensor_scale, channel_scale,
-                               group_size);
+                               group_size, sibling_rows);
   TORCH_CHECK(x.size(1) == a.view.n, "x has ", x.size(1), " features but the weight has ",
               a.view.n, " (scales.shape[1] * group_size)");
   const at::Tensor input = x.contiguous();
@@ -98,9 +102,10 @@ static at::Tensor aaac_dequantize(const at::Tensor& packed, const at::Tensor& sc
                                   const at::Tensor& codebooks,
                                   const c10::optional<at::Tensor>& tensor_scale,
                                   const c10::optional<at::Tensor>& channel_scale,
-                                  int64_t group_size, at::ScalarType dtype) {
+                                  int64_t group_size, at::ScalarType dtype,
+                                  at::OptionalIntArrayRef sibling_rows) {
   const AaacArgs a = aaac_args(packed, scales, codebooks, tensor_scale, channel_scale,
-                               group_size);
+                               group_size, sibling_rows);
   at::Tensor out = at::empty({a.view.m, a.view.n}, packed.options().dtype(dtype));
   const DType out_dtype = activation_dtype(out, "dtype");
   if (a.view.m == 0) return out;

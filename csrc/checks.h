@@ -44,6 +44,40 @@ inline void check_vector(const c10::optional<at::Tensor>& t, int64_t n, at::Scal
   check_same_device(*t, ref, name, "the input");
 }
 
+// The siblings of a fused weight of m rows (kernels.h) from an op's sibling_rows: the row
+// counts of the layers it holds, in order. Without it, one plain layer.
+inline Siblings parse_siblings(at::OptionalIntArrayRef sibling_rows, int64_t m) {
+  Siblings s;
+  s.end[0] = m;
+  if (!sibling_rows.has_value()) return s;
+  const auto rows = *sibling_rows;
+  TORCH_CHECK(!rows.empty() && rows.size() <= static_cast<size_t>(kMaxSiblings),
+              "sibling_rows must list 1 to ", kMaxSiblings, " row counts, got ", rows);
+  int64_t total = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    TORCH_CHECK(rows[i] > 0, "sibling_rows must be positive, got ", rows);
+    total += rows[i];
+    s.end[i] = total;
+  }
+  TORCH_CHECK(total == m, "sibling_rows ", rows, " add up to ", total, " but the weight has ", m,
+              " rows");
+  s.count = static_cast<int>(rows.size());
+  return s;
+}
+
+// A per-layer parameter of shape `shape`, or (siblings, *shape) when the op was given
+// sibling_rows (one per sibling of a fused weight).
+inline void check_per_sibling(const at::Tensor& t, at::IntArrayRef shape, bool fused,
+                              int siblings, at::ScalarType dtype, const at::Tensor& ref,
+                              const char* name) {
+  std::vector<int64_t> expected(shape.begin(), shape.end());
+  if (fused) expected.insert(expected.begin(), siblings);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), name, " must have shape ",
+              at::IntArrayRef(expected), fused ? " (one per sibling)" : "", ", got ", t.sizes());
+  check_dtype(t, dtype, name);
+  check_same_device(t, ref, name, "the input");
+}
+
 inline bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 // A Hadamard block: a power of two, or K * 2^m with a tabulated order K (hadamard_tables.h).

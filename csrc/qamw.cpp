@@ -13,7 +13,7 @@ struct QamwArgs {
 QamwArgs qamw_args(const at::Tensor& packed, const at::Tensor& codebook,
                    const at::Tensor& row_scale, const c10::optional<at::Tensor>& channel_scale,
                    const c10::optional<at::Tensor>& signs, int64_t bits, int64_t block_size,
-                   int64_t n, const char* n_name) {
+                   int64_t n, const char* n_name, at::OptionalIntArrayRef sibling_rows) {
   TORCH_CHECK(bits >= 4 && bits <= 12, "bits must be from 4 to 12 (QAM-W bits per pair), got ",
               bits);
   TORCH_CHECK(n >= 2 && n % 2 == 0 && n <= kMaxFeatures, n_name,
@@ -40,7 +40,10 @@ QamwArgs qamw_args(const at::Tensor& packed, const at::Tensor& codebook,
                          row_scale.size(1) == blocks;
   TORCH_CHECK(per_row || per_block, "row_scale must have shape (", m, ") or (", m, ", ", blocks,
               "), got ", row_scale.sizes());
-  check_vector(channel_scale, n, at::kFloat, packed, "channel_scale");
+  const Siblings siblings = parse_siblings(sibling_rows, m);
+  if (channel_scale)
+    check_per_sibling(*channel_scale, {n}, sibling_rows.has_value(), siblings.count, at::kFloat,
+                      packed, "channel_scale");
   check_vector(signs, n, at::kChar, packed, "signs");
 
   QamwArgs a;
@@ -59,6 +62,7 @@ QamwArgs qamw_args(const at::Tensor& packed, const at::Tensor& codebook,
   w.block = block_size;
   w.m = m;
   w.n = n;
+  w.siblings = siblings;
   return a;
 }
 
@@ -68,12 +72,12 @@ static at::Tensor qamw_gemv(const at::Tensor& x, const at::Tensor& packed,
                             const at::Tensor& codebook, const at::Tensor& row_scale,
                             const c10::optional<at::Tensor>& channel_scale,
                             const c10::optional<at::Tensor>& signs, int64_t bits,
-                            int64_t block_size) {
+                            int64_t block_size, at::OptionalIntArrayRef sibling_rows) {
   const DType dtype = activation_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must have shape (batch, in_features), got ", x.sizes());
   check_same_device(packed, x, "packed", "x");
   const QamwArgs a = qamw_args(packed, codebook, row_scale, channel_scale, signs, bits,
-                               block_size, x.size(1), "x.shape[1]");
+                               block_size, x.size(1), "x.shape[1]", sibling_rows);
   const at::Tensor input = x.contiguous();
   const int64_t batch = x.size(0), m = a.view.m;
   at::Tensor out = at::empty({batch, m}, x.options());
@@ -95,9 +99,11 @@ static at::Tensor qamw_gemv(const at::Tensor& x, const at::Tensor& packed,
       view.row_scale = repeated.data_ptr<float>();
       view.scales_per_row *= copies;
     }
-    // The kernel serves up to 16 activation rows per launch.
+    // The kernel serves up to 16 activation rows per launch; the workspace holds them rotated
+    // once per sibling.
     const int64_t step = 16;
-    at::Tensor workspace = at::empty({std::min(batch, step), n}, x.options().dtype(at::kFloat));
+    at::Tensor workspace = at::empty({view.siblings.count * std::min(batch, step), n},
+                                     x.options().dtype(at::kFloat));
     const int64_t elem = x.element_size();
     for (int64_t b = 0; b < batch; b += step) {
       const int64_t rows = std::min(step, batch - b);
@@ -118,9 +124,9 @@ static at::Tensor qamw_dequantize(const at::Tensor& packed, const at::Tensor& co
                                   const c10::optional<at::Tensor>& channel_scale,
                                   const c10::optional<at::Tensor>& signs, int64_t bits,
                                   int64_t block_size, int64_t in_features,
-                                  at::ScalarType dtype) {
+                                  at::ScalarType dtype, at::OptionalIntArrayRef sibling_rows) {
   const QamwArgs a = qamw_args(packed, codebook, row_scale, channel_scale, signs, bits,
-                               block_size, in_features, "in_features");
+                               block_size, in_features, "in_features", sibling_rows);
   at::Tensor out = at::empty({a.view.m, in_features}, packed.options().dtype(dtype));
   const DType out_dtype = activation_dtype(out, "dtype");
   if (a.view.m == 0) return out;

@@ -11,16 +11,18 @@ TORCH_LIBRARY(qamw_ext, m) {
   m.def("unpack_bits(Tensor packed, int bits, int count) -> Tensor");
   m.def(
       "qamw_gemv(Tensor x, Tensor packed, Tensor codebook, Tensor row_scale, "
-      "Tensor? channel_scale, Tensor? signs, int bits, int block_size) -> Tensor");
+      "Tensor? channel_scale, Tensor? signs, int bits, int block_size, int[]? sibling_rows=None) "
+      "-> Tensor");
   m.def(
       "qamw_dequantize(Tensor packed, Tensor codebook, Tensor row_scale, Tensor? channel_scale, "
-      "Tensor? signs, int bits, int block_size, int in_features, ScalarType dtype) -> Tensor");
+      "Tensor? signs, int bits, int block_size, int in_features, ScalarType dtype, "
+      "int[]? sibling_rows=None) -> Tensor");
   m.def(
       "aaac_gemv(Tensor x, Tensor packed, Tensor scales, Tensor codebooks, Tensor? tensor_scale, "
-      "Tensor? channel_scale, int group_size) -> Tensor");
+      "Tensor? channel_scale, int group_size, int[]? sibling_rows=None) -> Tensor");
   m.def(
       "aaac_dequantize(Tensor packed, Tensor scales, Tensor codebooks, Tensor? tensor_scale, "
-      "Tensor? channel_scale, int group_size, ScalarType dtype) -> Tensor");
+      "Tensor? channel_scale, int group_size, ScalarType dtype, int[]? sibling_rows=None) -> Tensor");
 }
 
 // `import qamw_ext._C` only has to load this library so the registrations above run.

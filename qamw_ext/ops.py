@@ -39,33 +39,44 @@ def unpack_bits(packed, bits, count):
     return _ops.unpack_bits(packed, bits, count)
 
 
-def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
+def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size,
+              sibling_rows=None):
     """y = x W^T for a QAM-W weight (see qamw_dequantize), x of shape (batch, n): the
     activation is rotated once (H of `hadamard`), never the weight. On CUDA with fp16 / bf16
     activations the kernel holds the codewords in fp16 (at most 2^-11 relative change, the
-    output's own rounding), so codebook entries must lie within fp16's range."""
-    return _ops.qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size)
+    output's own rounding), so codebook entries must lie within fp16's range.
+    sibling_rows: a fused weight (qamw_ext.fusion), the row counts of the up to 4 layers it
+    holds; channel_scale then has one row per layer, (len(sibling_rows), n), and each layer's
+    rows compute exactly what its own weight would, in one launch."""
+    return _ops.qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size,
+                          sibling_rows)
 
 
 def qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, block_size,
-                    in_features, dtype=torch.float32):
+                    in_features, dtype=torch.float32, sibling_rows=None):
     """Dense weight W = diag(row_scale) C H diag(signs) diag(1 / channel_scale), H the block
     Hadamard matrix of `hadamard` with blocks of block_size (2^m or K * 2^m dividing
-    in_features); row_scale is (m,) or (m, in_features / block_size)."""
+    in_features); row_scale is (m,) or (m, in_features / block_size). sibling_rows: as in
+    qamw_gemv."""
     return _ops.qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits,
-                                block_size, in_features, dtype)
+                                block_size, in_features, dtype, sibling_rows)
 
 
-def aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size):
-    """y = x W^T for an AAAC weight (see aaac_dequantize), x of shape (batch, n)."""
-    return _ops.aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size)
+def aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size,
+              sibling_rows=None):
+    """y = x W^T for an AAAC weight (see aaac_dequantize), x of shape (batch, n).
+    sibling_rows: a fused weight, as in qamw_gemv; codebooks (len(sibling_rows), 2, 16),
+    tensor_scale and channel_scale then have one per layer as well."""
+    return _ops.aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size,
+                          sibling_rows)
 
 
 def aaac_dequantize(packed, scales, codebooks, tensor_scale, channel_scale, group_size,
-                    dtype=torch.float32):
-    """Dense weight w = tensor_scale * |scale| * codebooks[sign bit of scale][code] / s."""
+                    dtype=torch.float32, sibling_rows=None):
+    """Dense weight w = tensor_scale * |scale| * codebooks[sign bit of scale][code] / s.
+    sibling_rows: as in aaac_gemv."""
     return _ops.aaac_dequantize(packed, scales, codebooks, tensor_scale, channel_scale,
-                                group_size, dtype)
+                                group_size, dtype, sibling_rows)
 
 
 def _words(count, bits):
@@ -98,20 +109,22 @@ def _(packed, bits, count):
 
 
 @torch.library.register_fake("qamw_ext::qamw_gemv")
-def _(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
+def _(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size, sibling_rows=None):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
 @torch.library.register_fake("qamw_ext::qamw_dequantize")
-def _(packed, codebook, row_scale, channel_scale, signs, bits, block_size, in_features, dtype):
+def _(packed, codebook, row_scale, channel_scale, signs, bits, block_size, in_features, dtype,
+      sibling_rows=None):
     return packed.new_empty((packed.shape[0], in_features), dtype=dtype)
 
 
 @torch.library.register_fake("qamw_ext::aaac_gemv")
-def _(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size):
+def _(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size, sibling_rows=None):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
 @torch.library.register_fake("qamw_ext::aaac_dequantize")
-def _(packed, scales, codebooks, tensor_scale, channel_scale, group_size, dtype):
+def _(packed, scales, codebooks, tensor_scale, channel_scale, group_size, dtype,
+      sibling_rows=None):
     return packed.new_empty((packed.shape[0], scales.shape[1] * group_size), dtype=dtype)

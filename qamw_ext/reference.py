@@ -94,10 +94,20 @@ def unpack_bits(packed, bits, count):
     return codes.to(torch.int32).reshape(*packed.shape[:-1], count)
 
 
+def per_row(param, sibling_rows):
+    """A per-layer parameter of a fused weight, (siblings, ...), as one per row (m, ...): each
+    sibling's for its rows. Without sibling_rows, param itself (it broadcasts)."""
+    if sibling_rows is None:
+        return param
+    return param.repeat_interleave(torch.tensor(sibling_rows, device=param.device), dim=0)
+
+
 def qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, block_size,
-                    in_features, dtype=torch.float32):
+                    in_features, dtype=torch.float32, sibling_rows=None):
     """Dense (m, n) weight of a QAM-W layer: W = diag(row_scale) C H diag(signs) diag(1/s).
-    row_scale is (m,) or (m, n / block_size): one scale per row or per row and block."""
+    row_scale is (m,) or (m, n / block_size): one scale per row or per row and block.
+    sibling_rows (a fused weight): channel_scale is (len(sibling_rows), n), each sibling's
+    for its rows."""
     m, n = packed.shape[0], in_features
     codes = unpack_bits(packed, bits, n // 2).to(torch.int64)
     rotated = codebook.to(torch.float64)[codes].reshape(m, n)
@@ -107,14 +117,15 @@ def qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, blo
     rotated = (rotated.view(m, scale.shape[1], segment) * scale.unsqueeze(-1)).reshape(m, n)
     w = hadamard(rotated, block_size, signs, inverse=True)
     if channel_scale is not None:
-        w = w / channel_scale.to(torch.float64)
+        w = w / per_row(channel_scale.to(torch.float64), sibling_rows)
     return w.to(dtype)
 
 
-def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size):
+def qamw_gemv(x, packed, codebook, row_scale, channel_scale, signs, bits, block_size,
+              sibling_rows=None):
     """y = x W^T for the QAM-W weight W (see qamw_dequantize), in fp64, returned in x's dtype."""
     w = qamw_dequantize(packed, codebook, row_scale, channel_scale, signs, bits, block_size,
-                        x.shape[-1], torch.float64)
+                        x.shape[-1], torch.float64, sibling_rows)
     return (x.to(torch.float64) @ w.T).to(x.dtype)
 
 
@@ -133,24 +144,31 @@ def decode_scales(scales):
 
 
 def aaac_dequantize(packed, scales, codebooks, tensor_scale, channel_scale, group_size,
-                    dtype=torch.float32):
+                    dtype=torch.float32, sibling_rows=None):
     """Dense (m, n) AAAC weight: w = tensor_scale * |scale| * codebooks[sign bit][code],
-    divided by channel_scale when given."""
+    divided by channel_scale when given. sibling_rows (a fused weight): codebooks,
+    tensor_scale and channel_scale have one per sibling, each for its rows."""
     m, groups = scales.shape
     n = groups * group_size
     codes = unpack_bits(packed, 4, n).to(torch.int64).view(m, groups, group_size)
     magnitude, choice = decode_scales(scales)
-    table = codebooks.to(torch.float64)[choice]                 # (m, groups, 16)
+    books = codebooks.to(torch.float64)
+    if sibling_rows is None:
+        table = books[choice]                                   # (m, groups, 16)
+    else:
+        rows = torch.arange(m, device=packed.device).unsqueeze(1)
+        table = per_row(books, sibling_rows)[rows, choice]
     w = torch.gather(table, 2, codes) * magnitude.unsqueeze(-1)
     w = w.reshape(m, n)
     if tensor_scale is not None:
-        w = w * tensor_scale.to(torch.float64).reshape(())
+        w = w * per_row(tensor_scale.to(torch.float64).reshape(-1), sibling_rows).reshape(-1, 1)
     if channel_scale is not None:
-        w = w / channel_scale.to(torch.float64)
+        w = w / per_row(channel_scale.to(torch.float64), sibling_rows)
     return w.to(dtype)
 
 
-def aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size):
+def aaac_gemv(x, packed, scales, codebooks, tensor_scale, channel_scale, group_size,
+              sibling_rows=None):
     w = aaac_dequantize(packed, scales, codebooks, tensor_scale, channel_scale, group_size,
-                        torch.float64)
+                        torch.float64, sibling_rows)
     return (x.to(torch.float64) @ w.T).to(x.dtype)

@@ -204,6 +204,77 @@ def test_aaac_dequantize_and_gemv(device, scale_dtype, m, n, group):
                 assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
 
 
+# Fused weights: the rows of 2 to 4 layers, each with its own per-layer parameters. Odd row
+# counts (a sibling's last rows share a lane's pair or a CTA's step with the next one's), a
+# sibling of one row, and both GEMV paths: the activation rotated in shared memory and (n of
+# 24576 at batch 16) in the workspace, once per sibling.
+SIBLINGS = [([5, 3], 96, 32), ([1, 30, 7], 576, 576), ([64, 16, 16], 1024, 1024),
+            ([3, 1, 2, 9], 160, 80), ([40, 24], 24576, 1024)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [4, 11])
+@pytest.mark.parametrize("rows,n,block", SIBLINGS)
+def test_qamw_fused_siblings_compute_each_layer(device, bits, rows, n, block):
+    """Each sibling's rows of a fused weight equal its own layer's output: the same codes,
+    its own channel scale, in one call."""
+    layers = [qamw_weight(m, n, bits, block, bits == 4, device) for m in rows]
+    packed, codebook = torch.cat([w[0] for w in layers]), layers[0][1]
+    row_scale = torch.cat([w[2] for w in layers])
+    channel = torch.stack([w[3] for w in layers])
+    signs = layers[0][4]
+    fused = (packed, codebook, row_scale, channel, signs, bits, block)
+    ref_w = reference.qamw_dequantize(*fused, n, torch.float64, rows)
+    own = torch.cat([reference.qamw_dequantize(w[0], codebook, w[2], w[3], signs, bits, block,
+                                               n, torch.float64) for w in layers])
+    torch.testing.assert_close(ref_w, own, rtol=0, atol=0)
+    for dtype in FLOATS:
+        dense = ops.qamw_dequantize(*fused, n, dtype, rows)
+        assert_matches_reference(dense, ref_w, dtype, atol=1e-5)
+        for batch in [1, 3, 16]:
+            x = torch.randn(batch, n, device=device).to(dtype)
+            ref_y = x.double() @ ref_w.T
+            out = ops.qamw_gemv(x, *fused, rows)
+            assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
+            # exactly what each layer's own GEMV gives, for every row
+            parts = [ops.qamw_gemv(x, w[0], codebook, w[2], w[3], signs, bits, block)
+                     for w in layers]
+            if device == "cpu":
+                assert torch.equal(out, torch.cat(parts, dim=1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("rows,n,group", [([5, 3], 64, 16), ([1, 30, 7], 512, 128),
+                                          ([3, 1, 2, 9], 256, 64), ([40, 24], 24576, 128)])
+def test_aaac_fused_siblings_compute_each_layer(device, scale_dtype, rows, n, group):
+    m, s = sum(rows), len(rows)
+    packed = ops.pack_bits(torch.randint(0, 16, (m, n), dtype=torch.int32, device=device), 4)
+    scales = torch.randn(m, n // group, device=device).to(scale_dtype)
+    codebooks = torch.randn(s, 2, 16, device=device)
+    for tensor_scale, channel in [(None, None),
+                                  (torch.rand(s, device=device) + 0.1,
+                                   torch.rand(s, n, device=device) + 0.5)]:
+        fused = (packed, scales, codebooks, tensor_scale, channel, group)
+        ref_w = reference.aaac_dequantize(*fused, torch.float64, rows)
+        own = []
+        for i, count in enumerate(rows):
+            r = slice(sum(rows[:i]), sum(rows[:i]) + count)
+            own.append(reference.aaac_dequantize(
+                packed[r], scales[r], codebooks[i],
+                None if tensor_scale is None else tensor_scale[i:i + 1],
+                None if channel is None else channel[i], group, torch.float64))
+        torch.testing.assert_close(ref_w, torch.cat(own), rtol=0, atol=0)
+        for dtype in FLOATS:
+            assert_matches_reference(ops.aaac_dequantize(*fused, dtype, rows), ref_w, dtype,
+                                     atol=1e-5)
+            for batch in [1, 4, 16]:
+                x = torch.randn(batch, n, device=device).to(dtype)
+                ref_y = x.double() @ ref_w.T
+                out = ops.aaac_gemv(x, *fused, rows)
+                assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_activations_propagate(device):
     w = qamw_weight(8, 64, 8, 64, False, device)
@@ -229,7 +300,13 @@ def test_opcheck_every_op():
         "aaac_gemv": (x, *aaac, 16),
         "aaac_dequantize": (*aaac, 16, torch.bfloat16),
     }
-    for name, args in samples.items():
+    fused_w = (w[0], w[1], w[2], torch.rand(2, 64) + 0.5, w[4])
+    fused_aaac = (aaac[0], aaac[1], torch.randn(2, 2, 16), None, torch.rand(2, 64) + 0.5)
+    fused = {"qamw_gemv": (x, *fused_w, 7, 32, [10, 6]),
+             "qamw_dequantize": (*fused_w, 7, 32, 64, torch.float16, [10, 6]),
+             "aaac_gemv": (x, *fused_aaac, 16, [3, 5]),
+             "aaac_dequantize": (*fused_aaac, 16, torch.float32, [3, 5])}
+    for name, args in [*samples.items(), *fused.items()]:
         torch.library.opcheck(getattr(torch.ops.qamw_ext, name).default, args)
 
 
@@ -281,6 +358,18 @@ def test_bad_input_gives_clear_errors():
                                torch.ones(4, 2).half(), torch.randn(2, 16), None, None, 24), "group_size"),
         (lambda: ops.aaac_gemv(x, ops.pack_bits(torch.zeros(4, 64, dtype=torch.int32), 4),
                                torch.ones(4, 4).half(), torch.randn(3, 16), None, None, 16), "codebooks must"),
+        # fused weights: row counts, and one per-layer parameter per sibling
+        (lambda: ops.qamw_gemv(x, *w, 8, 64, [5, 4]), r"sibling_rows \[5, 4\] add up to 9 but the weight has 8"),
+        (lambda: ops.qamw_gemv(x, *w, 8, 64, [0, 8]), "sibling_rows must be positive"),
+        (lambda: ops.qamw_gemv(x, *w, 8, 64, [1, 1, 1, 1, 4]), "sibling_rows must list 1 to 4"),
+        (lambda: ops.qamw_gemv(x, *w, 8, 64, [4, 4]), r"channel_scale must have shape \[2, 64\] \(one per sibling\)"),
+        (lambda: ops.qamw_gemv(x, *w[:3], torch.rand(3, 64), w[4], 8, 64, [4, 4]), "channel_scale must have shape"),
+        (lambda: ops.aaac_gemv(x, ops.pack_bits(torch.zeros(4, 64, dtype=torch.int32), 4),
+                               torch.ones(4, 4).half(), torch.randn(2, 16), None, None, 16, [2, 2]),
+         r"codebooks must have shape \[2, 2, 16\] \(one per sibling\)"),
+        (lambda: ops.aaac_gemv(x, ops.pack_bits(torch.zeros(4, 64, dtype=torch.int32), 4),
+                               torch.ones(4, 4).half(), torch.randn(2, 2, 16), torch.ones(1), None,
+                               16, [2, 2]), "tensor_scale must hold one value per sibling"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):

@@ -131,6 +131,10 @@ static void aaac_gemv_typed(const AaacWeight& w, const T* x, int64_t batch, T* o
 
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out) {
   if (batch == 0 || w.m == 0) return;
+  if (w.siblings.count > 1)
+    return gemv_each_sibling(w, dtype, batch, out, [&](const AaacWeight& v, void* part) {
+      aaac_gemv(v, x, dtype, batch, part);
+    });
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     aaac_gemv_typed(w, static_cast<const T*>(x), batch, static_cast<T*>(out));
@@ -162,6 +166,10 @@ static void aaac_dequantize_typed(const AaacWeight& w, T* out) {
 
 void aaac_dequantize(const AaacWeight& w, void* out, DType dtype) {
   if (w.m == 0) return;
+  if (w.siblings.count > 1)
+    return dequantize_each_sibling(w, dtype, out, [&](const AaacWeight& v, void* rows) {
+      aaac_dequantize(v, rows, dtype);
+    });
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     aaac_dequantize_typed(w, static_cast<T*>(out));

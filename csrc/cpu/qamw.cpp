@@ -94,6 +94,10 @@ static void gemv_typed(const QamwWeight& w, const T* x, int64_t batch, T* out) {
 
 void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out) {
   if (batch == 0 || w.m == 0) return;
+  if (w.siblings.count > 1)
+    return gemv_each_sibling(w, dtype, batch, out, [&](const QamwWeight& v, void* part) {
+      qamw_gemv(v, x, dtype, batch, part);
+    });
   dispatch_bits(w.bits, [&](auto bits) {
     dispatch_dtype(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -131,6 +135,10 @@ static void dequantize_typed(const QamwWeight& w, T* out) {
 
 void qamw_dequantize(const QamwWeight& w, void* out, DType dtype) {
   if (w.m == 0) return;
+  if (w.siblings.count > 1)
+    return dequantize_each_sibling(w, dtype, out, [&](const QamwWeight& v, void* rows) {
+      qamw_dequantize(v, rows, dtype);
+    });
   dispatch_bits(w.bits, [&](auto bits) {
     dispatch_dtype(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;

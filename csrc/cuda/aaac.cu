@@ -53,6 +53,7 @@ struct GemvParams {
   void* out;
   bool packed_vec;  // packed rows are 16-byte aligned
   bool x_vec;       // stage_activation may use vector loads
+  CtaSplit split;   // the CTAs of each sibling (one for a plain weight)
 };
 
 // XS: the activation is staged in shared memory (else read from global, divided on the fly).
@@ -63,14 +64,19 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   extern __shared__ __align__(16) float smem[];
   float* cb_s = smem;               // [32 entries][32 lanes]
   float* x_s = smem + 32 * 32;      // [batch][chunks_per_row * kChunkStride]
-  const AaacWeight& w = p.w;
-  const int n = static_cast<int>(w.n);
+  const int n = static_cast<int>(p.w.n);
   const int x_row = p.chunks_per_row * kChunkStride;
 
   const int G = p.group_lanes, lane = threadIdx.x % 32;
   const LaneRows lr(G, R);
   const int sub = lr.sub, row_in_cta = lr.row_in_cta;
-  const int64_t rows_per_cta = lr.rows_per_cta, row_stride = lr.row_stride;
+  const CtaRows rows = cta_rows(p.split, lr.rows_per_cta);
+  // The CTA's sibling as a weight of its own: rows end at its last, its codebooks and scales.
+  AaacWeight w = p.w;
+  w.m = rows.end;
+  w.codebooks += 32 * rows.sibling;
+  if (w.tensor_scale) w.tensor_scale += rows.sibling;
+  if (w.channel_scale) w.channel_scale += int64_t{rows.sibling} * n;
   // Vector c of each of the R rows from `row` (zeros past the last row); a lane keeps the next
   // ones in flight while it decodes the current ones.
   const auto load_vectors = [&](int64_t row, int c, uint4 (&q)[R]) {
@@ -89,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   };
   // The first vectors travel from DRAM while the CTA stages the codebooks and the activation.
   uint4 q[R];
-  load_vectors(sub < p.chunks_per_row ? blockIdx.x * rows_per_cta + row_in_cta : w.m, sub, q);
+  load_vectors(sub < p.chunks_per_row ? rows.first + row_in_cta : w.m, sub, q);
 
   for (int i = threadIdx.x; i < 32 * 32; i += kThreads) cb_s[i] = w.codebooks[i / 32];
   if constexpr (XS) {
@@ -105,7 +111,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   const float* my_cb = cb_s + lane;
 
-  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < w.m; row0 += row_stride) {
+  for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
     const int64_t row = row0 + row_in_cta;
     float acc[R][NB];
 #pragma unroll
@@ -117,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
         // q holds vector c; load the lane's next ones: c + G, or the first of its next rows.
         const bool same_row = c + G < p.chunks_per_row;
         uint4 q_next[R];
-        load_vectors(same_row ? row : row + row_stride, same_row ? c + G : sub, q_next);
+        load_vectors(same_row ? row : row + rows.stride, same_row ? c + G : sub, q_next);
         // Two halves of 16 codes: a group has at least 16 codes, so a half has one scale.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -191,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
       }
     }
     // Every lane gets here: the loop over row0 is uniform across the CTA.
-    reduce_and_store(acc, G, sub, row, w.m, p.batch, tensor_scale, p.out, p.dtype);
+    reduce_and_store(acc, G, sub, row, w.m, p.w.m, p.batch, tensor_scale, p.out, p.dtype);
   }
 }
 
@@ -244,7 +250,8 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   dispatch_batch(batch, [&](auto nb) {
     auto launch = [&](auto kernel, size_t smem) {
       allow_smem(kernel, smem);
-      const unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
+      unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
+      p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
       kernel<<<grid, kThreads, smem, as_stream(stream)>>>(p);
     };
     const size_t cb_bytes = sizeof(float) * 32 * 32;
@@ -259,6 +266,10 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
 
 void aaac_dequantize(const AaacWeight& w, void* out, DType dtype, void* stream) {
   if (w.m == 0 || w.n == 0) return;
+  if (w.siblings.count > 1)
+    return dequantize_each_sibling(w, dtype, out, [&](const AaacWeight& v, void* rows) {
+      aaac_dequantize(v, rows, dtype, stream);
+    });
   const unsigned grid = capped_grid(ceil_div(w.m * (w.n / 8), kThreads));
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

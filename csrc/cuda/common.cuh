@@ -189,6 +189,61 @@ unsigned persistent_grid(K kernel, int threads, size_t smem, int64_t rows,
   return static_cast<unsigned>(wanted < resident ? wanted : resident);
 }
 
+// The CTAs of a persistent GEMV grid shared among the siblings of a fused weight (kernels.h) in
+// proportion to their rows, at least one each: a CTA serves one sibling's rows, so it stages
+// the activation once, with that sibling's channel scale. A plain weight is one sibling.
+struct CtaSplit {
+  int count;
+  int64_t row_end[kMaxSiblings];  // cumulative, as Siblings::end
+  int cta_end[kMaxSiblings];      // cumulative CTAs
+};
+
+// The split of `grid` CTAs (a persistent grid for all m rows), and in `grid` the CTAs it takes.
+inline CtaSplit split_ctas(const Siblings& siblings, int64_t m, int64_t rows_per_cta,
+                           unsigned& grid) {
+  CtaSplit c{};
+  c.count = siblings.count;
+  if (siblings.count == 1) {
+    c.row_end[0] = m;
+    c.cta_end[0] = static_cast<int>(grid);
+    return c;
+  }
+  int total = 0;
+  for (int s = 0; s < siblings.count; ++s) {
+    const int64_t rows = siblings.end[s] - siblings.begin(s);
+    const int64_t share = (int64_t{grid} * rows + m / 2) / m;
+    const int64_t tiles = ceil_div(rows, rows_per_cta);
+    total += static_cast<int>(share < 1 ? 1 : share > tiles ? tiles : share);
+    c.row_end[s] = siblings.end[s];
+    c.cta_end[s] = total;
+  }
+  grid = static_cast<unsigned>(total);
+  return c;
+}
+
+// This CTA's sibling and rows: first, first + stride, ... below end. Fixed indices only, so the
+// split stays in the parameter space.
+struct CtaRows {
+  int sibling;
+  int64_t first, end, stride;
+};
+__device__ __forceinline__ CtaRows cta_rows(const CtaSplit& c, int64_t rows_per_cta) {
+  int s = 0, cta0 = 0, cta1 = c.cta_end[0];
+  int64_t row0 = 0, row1 = c.row_end[0];
+#pragma unroll
+  for (int k = 1; k < kMaxSiblings; ++k) {
+    if (k < c.count && static_cast<int>(blockIdx.x) >= c.cta_end[k - 1]) {
+      s = k;
+      cta0 = c.cta_end[k - 1];
+      cta1 = c.cta_end[k];
+      row0 = c.row_end[k - 1];
+      row1 = c.row_end[k];
+    }
+  }
+  return {s, row0 + (static_cast<int64_t>(blockIdx.x) - cta0) * rows_per_cta, row1,
+          int64_t{cta1 - cta0} * rows_per_cta};
+}
+
 // Asks L2 for the 128-byte line holding p ahead of the load that needs it: the DRAM latency then
 // overlaps other work without a register held. (Off the GPU it reads the byte, so that the
 // emulated tests' address checks see the address.)
@@ -342,30 +397,28 @@ __device__ __forceinline__ int stage_activation(const T* __restrict__ x, int n, 
 }
 
 // The rows of a lane in a persistent GEMV grid: groups of G lanes (a power of two) share R
-// consecutive rows, so a CTA covers R * (32 / G) rows a warp per step and the grid strides by
-// all its CTAs' rows.
+// consecutive rows, so a CTA covers R * (32 / G) rows a warp per step (and strides by the
+// rows of its sibling's CTAs, cta_rows).
 struct LaneRows {
   int sub;               // the lane's place in its group
   int row_in_cta;        // the first of its R rows in the CTA's step
   int64_t rows_per_cta;  // rows of one step of the CTA
-  int64_t row_stride;    // rows of one step of the grid
   __device__ LaneRows(int G, int R) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     sub = lane & (G - 1);
     row_in_cta = warp * R * (32 / G) + R * (lane / G);
     rows_per_cta = gemv_rows_per_cta(blockDim.x, G, R);
-    row_stride = gridDim.x * rows_per_cta;
   }
 };
 
 // Ends a GEMV row step: sums acc over the G lanes (a power of two, aligned) that share rows
 // row .. row + R - 1, then the group's first lane (sub == 0) stores acc[r][b] * scale at
-// out[b * m + row + r] for the rows below m and the batch rows below `batch`. Every lane of
-// the warp calls it (shuffles).
+// out[b * m + row + r] for the rows below `end` (the sibling's last, kernels.h) and the batch
+// rows below `batch`. Every lane of the warp calls it (shuffles).
 template <int R, int NB>
 __device__ __forceinline__ void reduce_and_store(float (&acc)[R][NB], int G, int sub,
-                                                 int64_t row, int64_t m, int batch, float scale,
-                                                 void* out, DType dtype) {
+                                                 int64_t row, int64_t end, int64_t m, int batch,
+                                                 float scale, void* out, DType dtype) {
   for (int off = G / 2; off > 0; off /= 2) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -375,7 +428,7 @@ __device__ __forceinline__ void reduce_and_store(float (&acc)[R][NB], int G, int
   if (sub != 0) return;
 #pragma unroll
   for (int r = 0; r < R; ++r)
-    if (row + r < m)
+    if (row + r < end)
 #pragma unroll
       for (int b = 0; b < NB; ++b)
         if (b < batch) store_from_float(out, dtype, b * m + row + r, acc[r][b] * scale);

@@ -174,11 +174,13 @@ struct GemvParams {
   int order, pow2, table;  // block = order * pow2; table: H_order's rows in kHadamardMasks
   float norm;
   int batch;
-  const float* workspace;  // rotated activation, or nullptr: rotate into shared memory
+  const float* workspace;  // rotated activations [siblings][batch][n], or nullptr: rotate
+                           // into shared memory
   void* out;
   bool packed_vec;         // packed rows are 16-byte aligned
   bool x_vec;              // stage_activation may use vector loads
   int copies_log2;         // log2 of the codebook's copies in shared memory
+  CtaSplit split;          // the CTAs of each sibling (one for a plain weight)
 };
 
 // Code j of a unit held as N little-endian words.
@@ -253,9 +255,12 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   const int G = p.group_lanes, units = p.units_per_row, lane = threadIdx.x % 32;
   const LaneRows lr(G, R);
   const int sub = lr.sub, row_in_cta = lr.row_in_cta;
-  const int64_t rows_per_cta = lr.rows_per_cta, row_stride = lr.row_stride;
+  // The CTA serves one sibling's rows, below rows.end, with that sibling's channel scale. A
+  // lane's last rows may be the next sibling's: they are read (the loads stay below m) but
+  // never stored.
+  const CtaRows rows = cta_rows(p.split, lr.rows_per_cta);
   // The first codes travel from DRAM while the CTA stages the codebook and the activation.
-  prefetch_unit<BITS, R>(p, blockIdx.x * rows_per_cta + row_in_cta, sub);
+  prefetch_unit<BITS, R>(p, rows.first + row_in_cta, sub);
 
   const int copies_log2 = p.copies_log2;
   Codeword* cb_s = reinterpret_cast<Codeword*>(smem_raw);
@@ -275,7 +280,9 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_row = p.pairs + units;
     int staged_bits = 0;
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
-      staged_bits = stage_activation(x, p.n, p.batch, p.channel_scale, p.signs, p.norm, p.x_vec,
+      const float* channel_scale =
+          p.channel_scale ? p.channel_scale + int64_t{rows.sibling} * p.n : nullptr;
+      staged_bits = stage_activation(x, p.n, p.batch, channel_scale, p.signs, p.norm, p.x_vec,
                                      xr_s, 2 * xr_row, PaddedIndex{pad_shift},
                                      staging_bits(p.pow2, p.n));
     });
@@ -287,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_unit = kUnit + 1;
   } else {
     __syncthreads();  // the codebook is staged
-    xr2 = reinterpret_cast<const float2*>(p.workspace);
+    xr2 = reinterpret_cast<const float2*>(p.workspace + int64_t{rows.sibling} * p.batch * p.n);
     xr_row = p.pairs;
     xr_unit = kUnit;
   }
@@ -295,18 +302,18 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   const Codeword* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
   const int seg_mask = (p.seg_log2 < kUnitLog2 ? (1 << p.seg_log2) : kUnit) - 1;
 
-  for (int64_t row0 = blockIdx.x * rows_per_cta; row0 < p.m; row0 += row_stride) {
+  for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
     const int64_t row = row0 + row_in_cta;
     float acc[R][NB];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
-    if (row < p.m) {
+    if (row < rows.end) {
       for (int u = sub; u < units; u += G) {
         // One unit ahead: the next of these rows, or the first of the next ones.
         if (u + G < units) prefetch_unit<BITS, R>(p, row, u + G);
-        else prefetch_unit<BITS, R>(p, row + row_stride, sub);
+        else prefetch_unit<BITS, R>(p, row + rows.stride, sub);
         uint32_t w[R][4 * BITS / R];
 #pragma unroll
         for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
@@ -350,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
       }
     }
     // Every lane gets here: the loop over row0 is uniform across the CTA.
-    reduce_and_store(acc, G, sub, row, p.m, p.batch, 1.0f, p.out, p.dtype);
+    reduce_and_store(acc, G, sub, row, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
   }
 }
 
@@ -557,22 +564,30 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   if (!fused) {
     const int tile = rotate_tile(w.n, w.block);
     const size_t tile_bytes = sizeof(float) * tile;
-    if (allow_smem(rotate_kernel, tile_bytes)) {
-      rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
-                      kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
-                                                 w.channel_scale, w.signs, p.norm,
-                                                 p.x_vec && tile % 8 == 0, workspace);
-    } else {
-      prescale_kernel<<<elementwise_grid(batch * w.n), kThreads, 0, s>>>(
-          x, dtype, batch * w.n, w.n, w.channel_scale, w.signs, workspace);
-      hadamard(workspace, workspace, DType::F32, batch, w.n, w.block, nullptr, false, s);
+    // One rotated activation per sibling: each divides by its own channel scale.
+    const int rotations = w.channel_scale ? w.siblings.count : 1;
+    for (int r = 0; r < rotations; ++r) {
+      const float* channel_scale = w.channel_scale ? w.channel_scale + r * w.n : nullptr;
+      float* xr = workspace + r * batch * w.n;
+      if (allow_smem(rotate_kernel, tile_bytes)) {
+        rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
+                        kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table,
+                                                   tile, channel_scale, w.signs, p.norm,
+                                                   p.x_vec && tile % 8 == 0, xr);
+      } else {
+        prescale_kernel<<<elementwise_grid(batch * w.n), kThreads, 0, s>>>(
+            x, dtype, batch * w.n, w.n, channel_scale, w.signs, xr);
+        hadamard(xr, xr, DType::F32, batch, w.n, w.block, nullptr, false, s);
+      }
     }
     p.workspace = workspace;
   }
   const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
   const auto launch = [&](auto kernel) {
     allow_smem(kernel, smem);
-    kernel<<<persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta), kThreads, smem, s>>>(p);
+    unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
+    p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
+    kernel<<<grid, kThreads, smem, s>>>(p);
   };
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(batch, [&](auto nb) {
@@ -585,6 +600,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
 
 void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream) {
   if (w.m == 0 || w.n == 0) return;
+  if (w.siblings.count > 1)
+    return dequantize_each_sibling(w, dtype, out, [&](const QamwWeight& v, void* rows) {
+      qamw_dequantize(v, rows, dtype, stream);
+    });
   const int tile = rotate_tile(w.n, w.block);
   const size_t smem = sizeof(float) * tile;
   const cudaStream_t s = as_stream(stream);

@@ -147,7 +147,18 @@ struct QamwCase {
   int64_t m, n, block;
   bool per_block, scaled, unaligned;
   std::vector<int64_t> batches;
+  std::vector<int64_t> siblings = {};  // a fused weight's row counts (kernels.h), or none
 };
+
+// The Siblings of a fused weight of these row counts (none: one plain layer of m rows).
+qamw::Siblings siblings_of(const std::vector<int64_t>& rows, int64_t m) {
+  qamw::Siblings s;
+  s.end[0] = m;
+  int64_t total = 0;
+  for (size_t i = 0; i < rows.size(); ++i) s.end[i] = total += rows[i];
+  if (!rows.empty()) s.count = static_cast<int>(rows.size());
+  return s;
+}
 
 void test_qamw() {
   const QamwCase cases[] = {
@@ -166,6 +177,14 @@ void test_qamw() {
       {8, 4, 28672, 28672, false, true, false, {1, 2}},     // 28 * 1024
       {11, 3, 32768, 32768, false, true, false, {1}},
       {9, 3, 30720, 30720, false, true, false, {1}},        // 60 * 512: H_60 is not symmetric
+      // Fused siblings, each with its own channel scale: CTAs split among them, rows of one
+      // sibling sharing a lane pair or a CTA step with the next one's, the workspace path.
+      {4, 97, 1024, 1024, false, true, false, {1, 2}, {64, 17, 16}},
+      {8, 300, 576, 576, true, true, false, {1, 4}, {1, 298, 1}},
+      {11, 520, 2048, 256, false, true, false, {1, 5}, {256, 8, 255, 1}},  // 9+ CTAs, 4 siblings
+      {6, 41, 8192, 8192, false, true, false, {1, 3}, {21, 20}},
+      {9, 7, 28672, 28672, false, true, false, {1}, {3, 4}},  // rotated in global memory
+      {7, 64, 512, 64, false, false, false, {1, 2}, {32, 32}},  // no channel scale
   };
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2;
@@ -176,7 +195,9 @@ void test_qamw() {
     const int64_t words = qamw::packed_words_per_row(pairs, c.bits), off = c.unaligned ? 1 : 0;
     std::vector<int32_t> packed(c.m * words + off);
     qamw::cpu::pack_bits(codes.data(), c.m, pairs, c.bits, packed.data() + off);
-    std::vector<float> codebook(2 * K), row_scale(c.m * scales_per_row), channel(c.n);
+    const qamw::Siblings siblings = siblings_of(c.siblings, c.m);
+    std::vector<float> codebook(2 * K), row_scale(c.m * scales_per_row),
+        channel(siblings.count * c.n);
     for (auto& v : codebook) v = normal();
     for (auto& v : row_scale) v = 0.5f + std::abs(normal());
     for (auto& v : channel) v = 0.5f + std::abs(normal());
@@ -184,19 +205,20 @@ void test_qamw() {
     const qamw::QamwWeight w{packed.data() + off, words, codebook.data(), c.bits,
                              row_scale.data(), scales_per_row,
                              c.scaled ? channel.data() : nullptr,
-                             c.scaled ? signs.data() : nullptr, c.block, c.m, c.n};
+                             c.scaled ? signs.data() : nullptr, c.block, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
         // `unaligned`: the activation starts one element in too (the scalar staging path).
-        std::vector<float> workspace(batch * c.n, NAN);
+        std::vector<float> workspace(siblings.count * batch * c.n, NAN);
         const double err = gemv_difference(
             d, batch, c.m, c.n, off,
             [&](const void* x, void* y) {
               qamw::cuda::qamw_gemv(w, x, d, batch, y, workspace.data(), nullptr);
             },
             [&](const void* x, void* y) { qamw::cpu::qamw_gemv(w, x, d, batch, y); });
-        EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d: error %g",
-               c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch, int(d), err);
+        EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d siblings %d: error %g",
+               c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch, int(d),
+               siblings.count, err);
       }
       const double err = dequantize_difference(
           d, c.m * c.n, [&](void* out) { qamw::cuda::qamw_dequantize(w, out, d, nullptr); },
@@ -216,6 +238,7 @@ struct AaacCase {
   qamw::ScaleType scale_type;
   bool scaled, unaligned;
   std::vector<int64_t> batches;
+  std::vector<int64_t> siblings = {};
 };
 
 void test_aaac() {
@@ -226,6 +249,11 @@ void test_aaac() {
       {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}},  // 16: x from global
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
       {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 6 slots: strides
+      // Fused siblings with their own codebooks, tensor and channel scales.
+      {64, 97, 1024, qamw::ScaleType::F16, true, false, {1, 3}, {64, 17, 16}},
+      {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 16}, {1, 296, 2, 1}},
+      {128, 41, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4}, {21, 20}},  // x from global
+      {32, 64, 96, qamw::ScaleType::F16, false, false, {1, 2}, {32, 32}},
   };
   for (const AaacCase& c : cases) {
     const int64_t groups = c.n / c.group, words = qamw::packed_words_per_row(c.n, 4);
@@ -233,23 +261,26 @@ void test_aaac() {
     std::vector<int32_t> codes(c.m * c.n), packed(c.m * words + off);
     for (auto& v : codes) v = static_cast<int32_t>(rng() & 15);
     qamw::cpu::pack_bits(codes.data(), c.m, c.n, 4, packed.data() + off);
-    std::vector<float> codebooks(32), channel(c.n);
+    const qamw::Siblings siblings = siblings_of(c.siblings, c.m);
+    std::vector<float> codebooks(32 * siblings.count), channel(siblings.count * c.n),
+        tensor_scale(siblings.count);
     for (auto& v : codebooks) v = normal();
     for (auto& v : channel) v = 0.5f + std::abs(normal());
-    const float tensor_scale = 0.3f;
+    for (auto& v : tensor_scale) v = 0.1f + std::abs(normal());
     const AaacScales scales(c.m * groups);
     const qamw::AaacWeight w{packed.data() + off, words, scales.data(c.scale_type), c.scale_type,
                              codebooks.data(),
-                             c.scaled ? &tensor_scale : nullptr, c.scaled ? channel.data() : nullptr,
-                             c.group, c.m, c.n};
+                             c.scaled ? tensor_scale.data() : nullptr,
+                             c.scaled ? channel.data() : nullptr, c.group, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
         const double err = gemv_difference(
             d, batch, c.m, c.n, off,
             [&](const void* x, void* y) { qamw::cuda::aaac_gemv(w, x, d, batch, y, nullptr); },
             [&](const void* x, void* y) { qamw::cpu::aaac_gemv(w, x, d, batch, y); });
-        EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d: error %g",
-               (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d), err);
+        EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d siblings %d: error %g",
+               (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d),
+               siblings.count, err);
       }
       const double err = dequantize_difference(
           d, c.m * c.n, [&](void* out) { qamw::cuda::aaac_dequantize(w, out, d, nullptr); },
