@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 from . import ops
 from .baselines import (check_flag, check_hessian, check_meta, linear_parts, one_cpu_thread,
-                        round_columns_with_feedback, searched_error, storage_bits,
-                        validate_stats)
+                        round_columns_with_feedback, storage_bits, validate_stats)
 from .codebooks import E2M1_MAGNITUDES
 from .qamw import _alpha_grid, channel_scale_from_stats
-from .quantized_linear import QuantizedLinear, register_codec
+from .quantized_linear import (QuantizedLinear, any_layer, check_sibling_rows, per_layer,
+                               register_codec)
 
 VARIANTS = {"int4": (128, torch.float16), "nvfp4": (16, torch.float8_e4m3fn)}
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)   # the final round's clipping grid
@@ -193,33 +193,38 @@ class AAACLinear(QuantizedLinear):
     channel_scaling), rounds (k-means rounds, default 4), error_feedback (bool: after the
     fit, round the codes column by column GPTQ-style with the fit's scales, codebook choices
     and codebooks; needs stats.hessian)."""
-    searches_per_layer = True
+    per_layer_buffers = ("codebooks", "tensor_scale", "channel_scale")
+    per_layer_options = ("alpha", "channel_scaling")
 
     def __init__(self, in_features, out_features, has_bias, variant="int4", group_size=None,
-                 channel_scaling=False, alpha=0.0):
+                 channel_scaling=False, alpha=0.0, sibling_rows=None):
         super().__init__(in_features, out_features, has_bias)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
         self.variant = variant
         default_group, self.scale_dtype = VARIANTS[variant]
         self.group_size, self.padded_in = choose_group(in_features, group_size or default_group)
-        self.alpha = float(alpha)
+        self.sibling_rows = check_sibling_rows(sibling_rows, out_features)
+        self.alpha = per_layer(alpha, self.sibling_rows, float)
         m, n = out_features, self.padded_in
+        per_sibling = (len(self.sibling_rows),) if self.sibling_rows else ()
         self.register_buffer("packed", torch.zeros(m, 4 * ((n * 4 + 127) // 128),
                                                    dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(m, n // self.group_size,
                                                    dtype=self.scale_dtype))
-        self.register_buffer("codebooks", torch.zeros(2, 16, dtype=torch.float32))
-        self.register_buffer("tensor_scale", torch.ones(1, dtype=torch.float32)
+        self.register_buffer("codebooks", torch.zeros(*per_sibling, 2, 16, dtype=torch.float32))
+        self.register_buffer("tensor_scale", torch.ones(*(per_sibling or (1,)),
+                                                        dtype=torch.float32)
                              if variant == "nvfp4" else None)
-        self.register_buffer("channel_scale", torch.ones(n, dtype=torch.float32)
-                             if channel_scaling else None)
+        self.register_buffer("channel_scale", torch.ones(*per_sibling, n, dtype=torch.float32)
+                             if any_layer(channel_scaling) else None)
 
     def meta(self):
         return {"method": self.method, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
                 "variant": self.variant, "group_size": self.group_size,
-                "channel_scaling": self.channel_scale is not None, "alpha": self.alpha}
+                "channel_scaling": self.channel_scale is not None, "alpha": self.alpha,
+                **({"sibling_rows": self.sibling_rows} if self.sibling_rows else {})}
 
     @classmethod
     def from_meta(cls, meta):
@@ -227,7 +232,7 @@ class AAACLinear(QuantizedLinear):
         return cls(meta["in_features"], meta["out_features"], meta["bias"],
                    variant=meta.get("variant", "int4"), group_size=meta.get("group_size"),
                    channel_scaling=meta.get("channel_scaling", False),
-                   alpha=meta.get("alpha", 0.0))
+                   alpha=meta.get("alpha", 0.0), sibling_rows=meta.get("sibling_rows"))
 
     def bits_per_weight(self):
         return storage_bits(self) / (self.out_features * self.in_features)
@@ -236,8 +241,7 @@ class AAACLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear, stats=None, variant="int4", group_size=None,
-                    channel_scaling=False, alpha="search", rounds=ROUNDS, error_feedback=False,
-                    _row_groups=None):
+                    channel_scaling=False, alpha="search", rounds=ROUNDS, error_feedback=False):
         w, bias = linear_parts(linear)
         m, n = w.shape
         validate_stats(stats, n)
@@ -254,7 +258,7 @@ class AAACLinear(QuantizedLinear):
             for a in grid:
                 layer = cls(n, m, bias is not None, variant, group_size, a != 0.0, a).to(w.device)
                 layer._fit(w, stats, a, rounds)
-                err = layer._output_error(w, stats, _row_groups) if len(grid) > 1 else 0.0
+                err = layer._output_error(w, stats) if len(grid) > 1 else 0.0
                 if best is None or err < best[0]:
                     best = (err, layer)
             layer = best[1]
@@ -293,17 +297,13 @@ class AAACLinear(QuantizedLinear):
             self.tensor_scale.fill_(fit.tensor_scale)
         self.packed.copy_(ops.pack_bits(codes.reshape(m, npad), 4))
 
-    def _output_error(self, w, stats, row_groups=None):
-        """|X W^T - X What^T|^2 on the calibration sample (else its diagonal proxy); with
-        row_groups (fused siblings), the sum of the siblings' relative errors."""
+    def _output_error(self, w, stats):
+        """|X W^T - X What^T|^2 on the calibration sample (else its diagonal proxy)."""
         what = self.dequantize()
         if stats.sample is not None and stats.sample.shape[0] > 0:
             x = stats.sample.to(device=w.device, dtype=torch.float32)
-            err, energy = ((x @ (w - what).T) ** 2).sum(0), ((x @ w.T) ** 2).sum(0)
-        else:
-            mean_sq = stats.mean_sq.to(w.device)
-            err, energy = ((w - what) ** 2 * mean_sq).sum(1), (w * w * mean_sq).sum(1)
-        return searched_error(err, energy, row_groups)
+            return float(((x @ (w - what).T) ** 2).sum())
+        return float(((w - what) ** 2 * stats.mean_sq.to(w.device)).sum())
 
     # ------------------------------------------------------------ inference
 
@@ -315,10 +315,11 @@ class AAACLinear(QuantizedLinear):
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         y = ops.aaac_gemv(x.contiguous(), self.packed, self.scales, self.codebooks,
-                          self.tensor_scale, self.channel_scale, self.group_size)
+                          self.tensor_scale, self.channel_scale, self.group_size,
+                          self.sibling_rows)
         return y.to(x2d.dtype)
 
     def dequantize(self, dtype=torch.float32):
         w = ops.aaac_dequantize(self.packed, self.scales, self.codebooks, self.tensor_scale,
-                                self.channel_scale, self.group_size, dtype)
+                                self.channel_scale, self.group_size, dtype, self.sibling_rows)
         return w[:, :self.in_features] if self.padded_in != self.in_features else w

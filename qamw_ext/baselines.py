@@ -164,16 +164,6 @@ def round_columns_with_feedback(w, h, round_column, block=EF_BLOCK):
         w[:, i2:] -= err @ u[i1:i2, i2:]
 
 
-def searched_error(err_rows, energy_rows, row_groups=None):
-    """What a codec's per-layer search minimises, from each output row's error and energy:
-    the summed error, or for fused siblings (row_groups: their row counts) the sum of each
-    sibling's error relative to its energy, so that each weighs as in a search of its own."""
-    if not row_groups:
-        return float(err_rows.sum())
-    return sum(float(e.sum() / en.sum().clamp_min(1e-30))
-               for e, en in zip(err_rows.split(row_groups), energy_rows.split(row_groups)))
-
-
 def check_meta(cls, meta):
     if meta.get("method") != cls.method:
         raise ValueError(f"meta is for method {meta.get('method')!r}, not {cls.method!r}")

@@ -11,8 +11,8 @@ Within a layer, linears that read the same tensor (q/k/v; gate/up) form a group,
 `sequential=True` each group is calibrated after the groups before it are quantized (the
 forward pass stops as soon as the group's input has been seen). `sequential=False` is the
 ablation: every layer's statistics come from the full-precision model. With `fuse=True` the
-linears of a group (children of one module) are quantized as one layer of their rows
-(qamw_ext.fusion): one GEMV for them at decode time."""
+linears of a group (children of one module) become one layer of their rows, each quantized
+as its own layer first (QuantizedLinear.from_siblings): one GEMV for them at decode time."""
 import time
 from typing import Callable, Dict, List, Optional
 

@@ -1,9 +1,9 @@
 """Save and load quantized models: safetensors plus a `quantization_config` in config.json.
 
-Layout of a saved directory (format version 3; version 2 had no fused layers and is still
-read; version 1 had no per-tensor checksums):
+Layout of a saved directory (format version 4; version 3's fused layers shared one channel
+scale, version 2 had no fused layers, both still read; version 1 had no per-tensor checksums):
   config.json        the model's transformers config with
-                     quantization_config = {"quant_method": "qamw_ext", "format_version": 3,
+                     quantization_config = {"quant_method": "qamw_ext", "format_version": 4,
                      "config": QuantConfig, "modules": {name: codec meta}, "fused":
                      {fused layer name: [sibling names in row order]}, "tensors":
                      {name: [dtype, shape, sha256 of its bytes]}, "tied": {name: name},
@@ -42,8 +42,8 @@ import torch
 from .fusion import FusedSlice, fuse_siblings, fused_groups, fused_name
 from .quantized_linear import QuantizedLinear
 
-FORMAT_VERSION = 3
-READ_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READ_VERSIONS = (2, 3, 4)
 QUANT_METHOD = "qamw_ext"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -258,7 +258,8 @@ def _linear_at(model, name):
 
 
 def _fused_shape(model, name, siblings):
-    """(in_features, out_features) that the fused layer `name` of `siblings` must have."""
+    """(in_features, [out_features of each sibling]) that the fused layer `name` of
+    `siblings` must have."""
     parent, _, attr = name.rpartition(".")
     if any(s.rpartition(".")[0] != parent for s in siblings):
         raise CheckpointError(f"fused layer {name}: its siblings {siblings} are not all "
@@ -270,7 +271,7 @@ def _fused_shape(model, name, siblings):
     if len({m.in_features for m in olds}) != 1:
         raise CheckpointError(f"fused layer {name}: its siblings {siblings} read inputs of "
                               f"different sizes {[m.in_features for m in olds]}")
-    return olds[0].in_features, sum(m.out_features for m in olds)
+    return olds[0].in_features, [m.out_features for m in olds]
 
 
 def _replace_modules(model, modules, fused=None, device=None):
@@ -281,8 +282,10 @@ def _replace_modules(model, modules, fused=None, device=None):
     for name, meta in modules.items():
         if not isinstance(meta, dict) or "method" not in meta:
             raise CheckpointError(f"malformed meta for module {name!r}")
+        rows = None
         if name in fused:
-            want = _fused_shape(model, name, fused[name])
+            n, rows = _fused_shape(model, name, fused[name])
+            want = n, sum(rows)
         else:
             old = _linear_at(model, name)
             want = old.in_features, old.out_features
@@ -298,6 +301,9 @@ def _replace_modules(model, modules, fused=None, device=None):
             raise CheckpointError(
                 f"{name}: meta says {new.in_features}->{new.out_features}, the model has "
                 f"{want[0]}->{want[1]}")
+        if getattr(new, "sibling_rows", None) not in (None, rows):
+            raise CheckpointError(f"{name}: meta gives its siblings {new.sibling_rows} rows, "
+                                  f"the model's {fused.get(name)} have {rows}")
         if device is not None:
             new = new.to(device)
         if name in fused:

@@ -97,8 +97,9 @@ class QuantConfig:
     measured sensitivity, at the storage of options["bits"] everywhere (qamw_ext.allocation).
     layer_options: {full linear name: {option: value}} overriding options for that linear.
     fuse_siblings: quantize the linears that read one input (q/k/v, gate/up) as one layer of
-    their rows, so that decoding runs one GEMV for them (qamw_ext.fusion); they then share
-    the codec's per-layer choices (channel scale, rotation signs, AAAC's codebooks)."""
+    their rows, so that decoding runs one GEMV for them (qamw_ext.fusion). Each is quantized
+    as its own layer and keeps its per-layer choices (QAM-W's channel scale, AAAC's codebooks)
+    inside the fused one: the fused model computes exactly what the unfused one does."""
     method: str
     options: dict = dataclasses.field(default_factory=dict)
     name: Optional[str] = None

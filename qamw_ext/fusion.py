@@ -1,6 +1,8 @@
 """Sibling fusion: linears that read the same input (q/k/v; gate/up) become one layer whose
 rows are theirs, in order, so that a decode step runs one GEMV where it ran two or three: one
-launch, one staging and rotation of the input, one pass over the weights.
+launch and one pass over the weights. A quantized fused layer (QuantizedLinear.fuse) keeps
+each sibling's per-layer parameters, and its kernels give each sibling's rows their own
+(sibling_rows of the GEMV ops), so fusing changes no output.
 
 `fuse_siblings(parent, names, layer)` registers `layer` on `parent` as `fused_name(names)` and
 replaces each sibling by a FusedSlice, a view of its rows of the layer's output. The model's

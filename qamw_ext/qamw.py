@@ -17,9 +17,9 @@ For a weight W (m x n) and calibration statistics of its input x:
      lower output error ("auto").
 alpha is searched per layer over a grid, minimising |X W^T - X What^T|^2 on the calibration
 sample (stats.sample; without a sample, the diagonal proxy sum_j E[x_j^2] |W_:j - What_:j|^2).
-Fused siblings (from_siblings: q/k/v or gate/up as one layer, one channel scale) minimise
-the sum of each sibling's output error relative to its output energy: each sibling then
-weighs as it would in a search of its own, not by the size of its outputs.
+Fused siblings (from_siblings: q/k/v or gate/up as one layer) are quantized each on its
+own, then stacked: the fused layer keeps one channel scale per sibling (sibling_rows), and
+its GEMV computes exactly what the separate layers would, in one launch.
 
 Error feedback (error_feedback=True; needs stats.hessian, H = X^T X / N): rounding each pair
 to its nearest codeword ignores how the input channels correlate. With it, the pairs are
@@ -51,9 +51,10 @@ import torch.nn.functional as F
 from . import codebooks as cbs
 from . import hadamard_matrices, ops
 from .baselines import (EF_BLOCK, SEED_BITS, check_flag, check_hessian, check_meta,
-                        inverse_hessian_factor, linear_parts, one_cpu_thread, searched_error,
-                        storage_bits, validate_stats)
-from .quantized_linear import QuantizedLinear, register_codec
+                        inverse_hessian_factor, linear_parts, one_cpu_thread, storage_bits,
+                        validate_stats)
+from .quantized_linear import (QuantizedLinear, any_layer, check_sibling_rows, per_layer,
+                               register_codec)
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROW_SCALES = ("ls", "norm", "auto")
@@ -195,13 +196,15 @@ class QAMWLinear(QuantizedLinear):
     ("search" | number | list), row_scale ("ls" | "norm" | "auto"), per_block_scale (bool:
     one row scale per Hadamard block), seed (int, the sign seed), error_feedback (bool:
     round with error feedback; needs stats.hessian), ef_search (bool: with error feedback,
-    round every alpha of the grid with it instead of choosing alpha by plain rounding)."""
+    round every alpha of the grid with it instead of choosing alpha by plain rounding).
+    A fused layer (sibling_rows) has one channel scale per sibling and their alphas."""
     default_codebook = "qam"
-    searches_per_layer = True
+    per_layer_buffers = ("channel_scale",)
+    per_layer_options = ("alpha", "channel_scaling")
 
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
                  block_size=None, per_block_scale=False, seed=0, channel_scaling=False,
-                 alpha=0.0, row_scale="ls"):
+                 alpha=0.0, row_scale="ls", sibling_rows=None):
         super().__init__(in_features, out_features, has_bias)
         codebook = codebook or self.default_codebook
         self.bits = cbs.check_bits(bits)
@@ -212,15 +215,17 @@ class QAMWLinear(QuantizedLinear):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
         self.seed = seed
-        self.alpha = float(alpha)
+        self.sibling_rows = check_sibling_rows(sibling_rows, out_features)
+        self.alpha = per_layer(alpha, self.sibling_rows, float)
         self.row_scale_mode = row_scale
         m, n = out_features, self.padded_in
         words = 4 * ((n // 2 * bits + 127) // 128)
         self.register_buffer("packed", torch.zeros(m, words, dtype=torch.int32))
         shape = (m, n // self.block_size) if self.per_block_scale else (m,)
         self.register_buffer("row_scale", torch.zeros(shape, dtype=torch.float32))
-        self.register_buffer("channel_scale",
-                             torch.ones(n, dtype=torch.float32) if channel_scaling else None)
+        per_sibling = (len(self.sibling_rows),) if self.sibling_rows else ()
+        self.register_buffer("channel_scale", torch.ones(*per_sibling, n, dtype=torch.float32)
+                             if any_layer(channel_scaling) else None)
         # Global constants and seed-derived data: rebuilt, not stored per layer.
         self.register_buffer("codebook", cbs.get(self.codebook_id), persistent=False)
         self.register_buffer("signs", seeded_signs(seed, n), persistent=False)
@@ -233,7 +238,8 @@ class QAMWLinear(QuantizedLinear):
                 "bits": self.bits, "codebook": self.codebook_kind,
                 "block_size": self.block_size, "per_block_scale": self.per_block_scale,
                 "seed": self.seed, "channel_scaling": self.channel_scale is not None,
-                "alpha": self.alpha, "row_scale": self.row_scale_mode}
+                "alpha": self.alpha, "row_scale": self.row_scale_mode,
+                **({"sibling_rows": self.sibling_rows} if self.sibling_rows else {})}
 
     @classmethod
     def from_meta(cls, meta):
@@ -243,7 +249,8 @@ class QAMWLinear(QuantizedLinear):
                    block_size=meta["block_size"],
                    per_block_scale=meta.get("per_block_scale", False),
                    seed=meta.get("seed", 0), channel_scaling=meta.get("channel_scaling", False),
-                   alpha=meta.get("alpha", 0.0), row_scale=meta.get("row_scale", "ls"))
+                   alpha=meta.get("alpha", 0.0), row_scale=meta.get("row_scale", "ls"),
+                   sibling_rows=meta.get("sibling_rows"))
 
     def bits_per_weight(self):
         # The sign vector is regenerated from the stored 64-bit seed; the codebook is a
@@ -255,7 +262,7 @@ class QAMWLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear, stats=None, bits=11, codebook=None, block_size=None,
                     alpha="search", row_scale="ls", per_block_scale=False, seed=0,
-                    error_feedback=False, ef_search=False, _row_groups=None):
+                    error_feedback=False, ef_search=False):
         w, bias = linear_parts(linear)
         m, n = w.shape
         cbs.check_bits(bits)
@@ -277,14 +284,12 @@ class QAMWLinear(QuantizedLinear):
         with one_cpu_thread(dev):
             for a in grid:
                 cand = probe._quantize(w, stats, a, row_scale, measure=len(grid) > 1 or
-                                       row_scale == "auto", hessian=search_h,
-                                       row_groups=_row_groups)
+                                       row_scale == "auto", hessian=search_h)
                 if best is None or cand.error < best.error:
                     best = cand
             if error_feedback and not ef_search:
                 best = probe._quantize(w, stats, best.alpha, row_scale,
-                                       measure=row_scale == "auto", hessian=stats.hessian,
-                                       row_groups=_row_groups)
+                                       measure=row_scale == "auto", hessian=stats.hessian)
         layer = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed,
                     channel_scaling=best.channel_scale is not None, alpha=best.alpha,
                     row_scale=row_scale).to(dev)
@@ -303,10 +308,9 @@ class QAMWLinear(QuantizedLinear):
             x = F.pad(x, (0, pad))
         return ops.hadamard(x.contiguous(), self.block_size, self.signs)
 
-    def _quantize(self, w, stats, alpha, row_mode, measure, hessian=None, row_groups=None):
+    def _quantize(self, w, stats, alpha, row_mode, measure, hessian=None):
         """One candidate at this alpha: nearest-codeword rounding, or with `hessian` (the
-        (n, n) X^T X / N) rounding with error feedback and the row scale refit in its metric.
-        row_groups: the fused siblings' row counts (see _output_error)."""
+        (n, n) X^T X / N) rounding with error feedback and the row scale refit in its metric."""
         m, n, npad, blk = self.out_features, self.in_features, self.padded_in, self.block_size
         s = None
         if alpha != 0.0:
@@ -331,7 +335,7 @@ class QAMWLinear(QuantizedLinear):
         options = {"norm": [scale_norm], "ls": [scale_ls], "auto": [scale_ls, scale_norm]}
         best = None
         for scale in options[row_mode]:
-            err = self._output_error(w, v, chat, scale, s, stats, row_groups) if measure else 0.0
+            err = self._output_error(w, v, chat, scale, s, stats) if measure else 0.0
             if best is None or err < best[0]:
                 best = (err, scale)
         cand = _Candidate()
@@ -379,23 +383,20 @@ class QAMWLinear(QuantizedLinear):
             work[:, i2:] -= diff @ g[i1:i2, i2:]
         return codes
 
-    def _output_error(self, w, v, chat, scale, s, stats, row_groups=None):
+    def _output_error(self, w, v, chat, scale, s, stats):
         """|X W^T - X What^T|^2 on the calibration sample, computed in the rotated domain:
         X What^T = (R (X / s)) Vhat^T. Without a sample: sum_j E[x_j^2] (W - What)_ij^2
-        (also computed in the rotated domain when no channel scale is used). With row_groups
-        (the row counts of fused siblings), the sum over siblings of each one's error divided
-        by its output energy (|X W^T|^2 over its rows, or the same proxy of it)."""
+        (also computed in the rotated domain when no channel scale is used)."""
         m, npad = v.shape
         vhat = (chat * scale.unsqueeze(-1)).view(m, npad)
         sample = None if stats is None else stats.sample
         if sample is not None and sample.shape[0] > 0:
             x = sample.to(device=w.device, dtype=torch.float32)
             xr = self._rotate(x / s if s is not None else x)
-            y = x @ w.T
-            diff = y - xr @ vhat.T
-            err, energy = (diff * diff).sum(0), (y * y).sum(0)
+            diff = x @ w.T - xr @ vhat.T
+            err = (diff * diff).sum()
         elif stats is None:
-            err, energy = ((v - vhat) ** 2).sum(1), (v * v).sum(1)
+            err = ((v - vhat) ** 2).sum()
         else:
             # Diagonal proxy in the original domain (needs the inverse rotation).
             what = ops.hadamard(vhat.contiguous(), self.block_size, self.signs,
@@ -403,8 +404,8 @@ class QAMWLinear(QuantizedLinear):
             if s is not None:
                 what = what / s
             mean_sq = stats.mean_sq.to(w.device)
-            err, energy = ((w - what) ** 2 * mean_sq).sum(1), (w * w * mean_sq).sum(1)
-        return searched_error(err, energy, row_groups)
+            err = ((w - what) ** 2 * mean_sq).sum()
+        return float(err)
 
     # ------------------------------------------------------------ inference
 
@@ -419,12 +420,13 @@ class QAMWLinear(QuantizedLinear):
             raise ValueError(f"x has {x2d.shape[-1]} features, the layer {self.in_features}")
         y = ops.qamw_gemv(self._activation(x2d).contiguous(), self.packed, self.codebook,
                           self.row_scale, self.channel_scale, self.signs, self.bits,
-                          self.block_size)
+                          self.block_size, self.sibling_rows)
         return y.to(x2d.dtype)
 
     def dequantize(self, dtype=torch.float32):
         w = ops.qamw_dequantize(self.packed, self.codebook, self.row_scale, self.channel_scale,
-                                self.signs, self.bits, self.block_size, self.padded_in, dtype)
+                                self.signs, self.bits, self.block_size, self.padded_in, dtype,
+                                self.sibling_rows)
         return w[:, :self.in_features] if self.padded_in != self.in_features else w
 
 

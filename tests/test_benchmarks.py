@@ -240,7 +240,7 @@ def test_quality_fusion_configs_resolve():
 
     cfgs = [get_config(c) for c in quality_fusion.configs()]
     assert len({c.label for c in cfgs}) == len(cfgs)
-    assert sum(c.fuse_siblings for c in cfgs) == 5
+    assert sum(c.fuse_siblings for c in cfgs) == 4
     assert [c.layer_options for c in cfgs if c.include_lm_head] == [{}, {"lm_head": {"bits": 11}}]
     assert {c.options.get("seed", 0) for c in cfgs if c.method == "qamw"} == {0, 1}
 

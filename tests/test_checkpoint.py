@@ -56,10 +56,12 @@ def test_fused_siblings_roundtrip(tmp_path, config):
     ref, small = _logits(model), _logits(model, IDS[:1, :8])
     save_quantized(model, str(tmp_path / "q"))
     q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert q["format_version"] == 3
+    assert q["format_version"] == CK.FORMAT_VERSION
     assert q["fused"]["model.layers.1.mlp.gate_up_proj"] == [
         "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
     assert len(q["fused"]) == 4 and len(q["modules"]) == 8
+    assert all(len(q["modules"][name]["sibling_rows"]) == len(sib)
+               for name, sib in q["fused"].items())
     back = load_quantized(str(tmp_path / "q"))
     assert type(back.model.layers[0].self_attn.k_proj).__name__ == "FusedSlice"
     assert torch.equal(_logits(back), ref)
@@ -83,6 +85,13 @@ def test_fused_map_is_checked(tmp_path):
             load_quantized(str(path))
 
     sib = good["fused"][qkv]
+    # the siblings' rows moved between them: each would get another's channel scale
+    rows = good["modules"][qkv]["sibling_rows"]
+    moved = {**good["modules"], qkv: {**good["modules"][qkv],
+                                      "sibling_rows": [rows[0] - 1, rows[1] + 1, *rows[2:]]}}
+    _rewrite(path, tensors, moved, good["fused"])
+    with pytest.raises(CheckpointError, match="meta gives its siblings"):
+        load_quantized(str(path))
     refused("name does not follow", **{qkv: sib[:2]})            # a sibling left out
     refused("name does not follow", **{qkv: [sib[1], sib[0], sib[2]]})
     refused("not all children", **{qkv: [sib[0], "model.layers.0.mlp.up_proj", sib[2]]})
@@ -105,6 +114,31 @@ def test_format_2_is_still_read(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["format_version"] == 2
     assert torch.equal(_logits(load_quantized(str(tmp_path / "q"))), _logits(model))
+
+
+def test_format_3_fused_layers_are_still_read(tmp_path, monkeypatch):
+    """Format 3's fused layers held one channel scale for all siblings: plain layers of their
+    rows, with no sibling_rows."""
+    from qamw_ext.fusion import concatenated_linear, fuse_siblings
+    from qamw_ext.qamw import QAMWLinear
+
+    model = tiny_model(0)
+    dense = tiny_model(0)
+    for i in range(2):
+        names = ["q_proj", "k_proj", "v_proj"]
+        attn, ref = model.model.layers[i].self_attn, dense.model.layers[i].self_attn
+        shared = QAMWLinear.from_linear(
+            concatenated_linear([getattr(ref, n) for n in names]), None, bits=8)
+        fuse_siblings(attn, names, shared)
+    model.qamw_config = get_config("qamw:bits=8", fuse_siblings=True)
+    monkeypatch.setattr(CK, "FORMAT_VERSION", 3)
+    save_quantized(model, str(tmp_path / "q"))
+    monkeypatch.undo()
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert q["format_version"] == 3 and len(q["fused"]) == 2
+    back = load_quantized(str(tmp_path / "q"))
+    assert back.model.layers[1].self_attn.q_k_v_proj.sibling_rows is None
+    assert torch.equal(_logits(back), _logits(model))
 
 
 def test_from_pretrained_after_import(tmp_path):
