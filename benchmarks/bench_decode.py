@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_ops import bench_copy, command_line, md_table, time_calls  # noqa: E402
-from random_layers import CODECS, buffer_bytes, random_layer  # noqa: E402
+from random_layers import CODECS, buffer_bytes, random_fused_layer, random_layer  # noqa: E402
 
 from qamw_ext.calibration import set_submodule  # noqa: E402
 from qamw_ext.convert import get_config, target_linears  # noqa: E402
@@ -257,8 +257,8 @@ def quantize_randomly(model, names, config, device, generator):
                 parent = getattr(layer, parent_name)
                 olds = [getattr(parent, c) for c in children]
                 fused = (concatenated_linear(olds) if codec == "bf16" else
-                         random_layer(codec, olds[0].in_features,
-                                      sum(m.out_features for m in olds), device, generator))
+                         random_fused_layer(codec, olds[0].in_features,
+                                            [m.out_features for m in olds], device, generator))
                 attr = fuse_siblings(parent, children, fused)
                 base = f"model.layers.{i}.{parent_name}"
                 replaced.update({f"{base}.{c}": m for c, m in zip(children, olds)})

@@ -48,6 +48,13 @@ def random_layer(codec, in_features, out_features, device, generator=None):
     return layer
 
 
+def random_fused_layer(codec, in_features, sibling_rows, device, generator=None):
+    """One layer of random siblings of these row counts, as a conversion with
+    fuse_siblings=True gives: each sibling's own channel scale (AAAC: codebooks) stacked."""
+    layers = [random_layer(codec, in_features, rows, device, generator) for rows in sibling_rows]
+    return type(layers[0]).fuse(layers)
+
+
 def buffer_bytes(module):
     """Bytes of every buffer and parameter of a module: what one GEMV call reads of its weight
     (codes, scales, codebook, signs, channel scale; or the dense weight)."""

@@ -168,6 +168,9 @@ def test_compiled_layer_step_matches_eager_and_compiles_once(one_thread, config)
     model = bench_decode.build_model("tiny", "cpu", torch.float32)
     names = bench_decode.decoder_linear_names(model)
     bench_decode.quantize_randomly(model, names, config, "cpu", torch.Generator().manual_seed(1))
+    if "+fused" in config:   # each sibling its own channel scale, as the conversion gives
+        qkv = model.model.layers[0].self_attn.q_k_v_proj
+        assert qkv.sibling_rows and qkv.channel_scale.shape[0] == 3
     torch.compiler.reset()
     counters.clear()
     with torch.no_grad():
