@@ -31,6 +31,13 @@ def _add_model(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_fuse(p):
+    p.add_argument("--fuse-siblings", action="store_true",
+                   help="run q/k/v and gate/up as one layer each (one GEMV for them): as "
+                        "--config converts them, or for a quantized --model after loading; "
+                        "the outputs do not change")
+
+
 def _add_calib(p):
     p.add_argument("--calib-tokens", type=int, default=None,
                    help="calibration tokens (default: the config's, 8192)")
@@ -133,12 +140,19 @@ def cmd_eval(args):
 
 
 def _model_for(args, config):
-    """The --model (or default) model, quantized with `config` unless it is None."""
+    """The --model (or default) model, quantized with `config` unless it is None; with
+    --fuse-siblings, a quantized model as loaded has its siblings fused."""
+    from .fusion import fuse_quantized
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)
     if config:
         _quantize_loaded(model, tok, args, config)
+    elif getattr(args, "fuse_siblings", False):
+        fused, skipped = fuse_quantized(model)
+        _log(f"[qamw] fused {len(fused)} groups of sibling layers")
+        for names, why in skipped.items():
+            _log(f"[qamw] not fused: {names}: {why}")
     return model, tok
 
 
@@ -276,6 +290,7 @@ def build_parser():
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_fuse(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("bench", help="decode speed (tokens/s)")
@@ -288,6 +303,7 @@ def build_parser():
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--out", default=None, help="also write PREFIX.json and PREFIX.md")
+    _add_fuse(s)
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("plot", help="draw the quality plot or a codebook constellation")

@@ -142,3 +142,56 @@ def sibling_outputs(parent, names, x):
             len(mods) == len(mods[0].group.sizes)):
         return tuple(mods[0].layer(x).split(mods[0].group.sizes, dim=-1))
     return tuple(m(x) for m in mods)
+
+
+def fuse_quantized(model, input_ids=None):
+    """Fuse the sibling layers of an already quantized model: the quantized linears of one
+    module that read the same input (found by one forward of `input_ids`, default two
+    tokens) become one layer (QuantizedLinear.fuse), as a conversion with
+    fuse_siblings=True would have made them. Exact: outputs do not change. Returns
+    ({fused layer name: [sibling names]}, {sibling names joined by ", ": why a group was
+    left as it was}): a codec without per-layer buffers (rtn, nf4: fuse it at conversion),
+    or siblings of different options (bits)."""
+    from .calibration import input_key
+    from .quantized_linear import QuantizedLinear
+
+    owned = {id(m.layer) for m in model.modules() if isinstance(m, FusedSlice)}
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, QuantizedLinear) and id(m) not in owned}
+    seen, order = {}, []   # input key -> (input held alive, [names]); names in call order
+
+    def hook(name):
+        def record(mod, args):
+            if name not in order:
+                order.append(name)
+                seen.setdefault(input_key(args[0]), (args[0], []))[1].append(name)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids if input_ids is not None else
+                  torch.zeros(1, 2, dtype=torch.long, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    fused, skipped = {}, {}
+    for _, names in seen.values():
+        parent_name = sibling_parent(names)
+        if parent_name is None:
+            continue
+        mods = [layers[n] for n in names]
+        try:
+            if len({type(m) for m in mods}) > 1:
+                raise ValueError("different codecs")
+            layer = type(mods[0]).fuse(mods)
+        except ValueError as e:
+            skipped[", ".join(names)] = str(e)
+            continue
+        children = [n.rpartition(".")[2] for n in names]
+        attr = fuse_siblings(model.get_submodule(parent_name), children, layer)
+        fused[".".join(filter(None, (parent_name, attr)))] = names
+    if fused and getattr(model, "qamw_config", None) is not None:
+        model.qamw_config.fuse_siblings = True
+    return fused, skipped

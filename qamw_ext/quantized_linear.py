@@ -107,8 +107,9 @@ class QuantizedLinear(torch.nn.Module):
         """One layer of the rows of `layers` (this codec, the same input and options): rows
         concatenated, per_layer_buffers stacked with meta["sibling_rows"] their row counts."""
         if not cls.per_layer_buffers:
-            raise ValueError(f"{cls.method} layers have no per-layer buffers to keep apart: "
-                             "quantize the siblings' concatenation (from_siblings)")
+            raise ValueError(f"{cls.method} layers have no per-layer buffers to stack: fuse them "
+                             "at conversion (fuse_siblings=True), which quantizes their "
+                             "concatenation")
         if not 2 <= len(layers) <= MAX_SIBLINGS:
             raise ValueError(f"a fused layer holds 2 to {MAX_SIBLINGS} layers, got {len(layers)}")
         metas = [layer.meta() for layer in layers]

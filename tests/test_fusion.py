@@ -196,6 +196,49 @@ def test_fuse_needs_the_same_options():
         QAMWLinear.fuse(layers)
 
 
+@pytest.mark.parametrize("config", ["qamw-4", "aaac-nvfp4-awq", "rtn-int4-g128"])
+def test_fuse_quantized_after_conversion(tmp_path, config):
+    """An unfused quantized model fused afterwards (one forward finds the siblings) computes
+    what it did, and saves and loads as a fused model. rtn has no per-layer buffers to
+    stack: its siblings fuse at conversion only, and are left as they are."""
+    from qamw_ext.checkpoint import load_quantized, save_quantized
+    from qamw_ext.fusion import fuse_quantized
+
+    model = _quantized(config)
+    with torch.no_grad():
+        want = (model(IDS).logits, model(IDS[:, :3]).logits)
+    fused, skipped = fuse_quantized(model)
+    if config.startswith("rtn"):
+        assert fused == {} and len(skipped) == 4
+        assert all("fuse them at conversion" in why for why in skipped.values())
+        return
+    assert not skipped and fused == fused_groups(model) and len(fused) == 4
+    assert fused["model.layers.0.self_attn.q_k_v_proj"] == [
+        f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
+    assert fuse_quantized(model) == ({}, {})    # nothing left to fuse
+    with torch.no_grad():
+        got = (model(IDS).logits, model(IDS[:, :3]).logits)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert model.qamw_config.fuse_siblings
+    back = load_quantized(save_quantized(model, str(tmp_path / "q")))
+    assert fused_groups(back) == fused
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, want[0])
+
+
+def test_fuse_quantized_leaves_differing_siblings(tmp_path):
+    from qamw_ext.fusion import fuse_quantized
+
+    cfg = get_config("qamw-4", calib_batch=2)
+    cfg.layer_options = {"model.layers.1.self_attn.k_proj": {"bits": 9}}
+    model = tiny_model(0)
+    quantize_model(model, cfg, CAL, progress=False, log=None)
+    fused, skipped = fuse_quantized(model)
+    assert len(fused) == 3 and list(skipped) == [
+        ", ".join(f"model.layers.1.self_attn.{n}_proj" for n in "qkv")]
+    assert "['bits'] differ" in skipped[list(skipped)[0]]
+
+
 def test_sibling_outputs_compiles():
     parent, olds, _ = _fused_dense(2)
     step = torch.compile(lambda x: sibling_outputs(parent, ["q_proj", "k_proj", "v_proj"], x),

@@ -322,6 +322,20 @@ def test_cli_quantize_fuse_siblings(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(qdir), "--prompt", "Hello",
                      "--max-new-tokens", "3"]) == 0
     assert "tokens/s" in capsys.readouterr().out
+    # an unfused checkpoint is fused after loading, with the same greedy tokens
+    plain = tmp_path / "tiny-plain"
+    assert cli_main(["quantize", "--model", str(base), "--config", "qamw-4",
+                     "--calib-tokens", "256", "--out", str(plain), "--no-progress"]) == 0
+    texts = []
+    for fuse in ([], ["--fuse-siblings"]):
+        capsys.readouterr()
+        assert cli_main(["generate", "--model", str(plain), "--prompt", "Hello",
+                         "--max-new-tokens", "5", *fuse]) == 0
+        texts.append(capsys.readouterr().out)
+    assert "fused 4 groups of sibling layers" in texts[1]
+    generated = [[line for line in t.splitlines() if not line.startswith("[qamw]")]
+                 for t in texts]
+    assert generated[0] == generated[1] and generated[0][0].strip()
 
 
 def test_constellation_plot(tmp_path):
