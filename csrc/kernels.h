@@ -40,7 +40,7 @@ inline int64_t packed_words_per_row(int64_t count, int bits) {
 constexpr int kMaxSiblings = 4;
 struct Siblings {
   int count = 1;
-  int64_t end[kMaxSiblings] = {};   // cumulative rows; end[count - 1] = m
+  int64_t end[kMaxSiblings] = {};   // cumulative rows, end[count - 1] = m (read when count > 1)
   int64_t begin(int s) const { return s == 0 ? 0 : end[s - 1]; }
 };
 

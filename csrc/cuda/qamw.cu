@@ -362,7 +362,8 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
 }
 
 // Rotates `tile` values (whole blocks of order * pow2) of one activation row into the
-// workspace: grid (n / tile, batch).
+// workspace, divided by the channel scale of sibling z (a fused weight's siblings each get
+// their own rotated activation, [siblings][batch][n]): grid (n / tile, batch, siblings).
 __global__ void __launch_bounds__(kThreads)
     rotate_kernel(const void* x, DType dtype, int n, int order, int pow2, int table, int tile,
                   const float* channel_scale, const int8_t* signs, float norm, bool vec,
@@ -370,6 +371,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float tile_s[];
   const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
   const int j0 = blockIdx.x * tile;
+  if (channel_scale) channel_scale += int64_t{blockIdx.z} * n;
+  xr += int64_t{blockIdx.z} * gridDim.y * n;
   int staged_bits = 0;
   with_typed_activation(x, dtype, [&](auto* xt) {
     staged_bits = stage_activation(xt + first, tile, 1,
@@ -566,17 +569,18 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     const size_t tile_bytes = sizeof(float) * tile;
     // One rotated activation per sibling: each divides by its own channel scale.
     const int rotations = w.channel_scale ? w.siblings.count : 1;
-    for (int r = 0; r < rotations; ++r) {
-      const float* channel_scale = w.channel_scale ? w.channel_scale + r * w.n : nullptr;
-      float* xr = workspace + r * batch * w.n;
-      if (allow_smem(rotate_kernel, tile_bytes)) {
-        rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch)),
-                        kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table,
-                                                   tile, channel_scale, w.signs, p.norm,
-                                                   p.x_vec && tile % 8 == 0, xr);
-      } else {
+    if (allow_smem(rotate_kernel, tile_bytes)) {
+      rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch),
+                           static_cast<unsigned>(rotations)),
+                      kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
+                                                 w.channel_scale, w.signs, p.norm,
+                                                 p.x_vec && tile % 8 == 0, workspace);
+    } else {
+      for (int r = 0; r < rotations; ++r) {
+        float* xr = workspace + r * batch * w.n;
         prescale_kernel<<<elementwise_grid(batch * w.n), kThreads, 0, s>>>(
-            x, dtype, batch * w.n, w.n, channel_scale, w.signs, xr);
+            x, dtype, batch * w.n, w.n, w.channel_scale ? w.channel_scale + r * w.n : nullptr,
+            w.signs, xr);
         hadamard(xr, xr, DType::F32, batch, w.n, w.block, nullptr, false, s);
       }
     }
