@@ -158,12 +158,14 @@ def fuse_quantized(model, input_ids=None):
     owned = {id(m.layer) for m in model.modules() if isinstance(m, FusedSlice)}
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, QuantizedLinear) and id(m) not in owned}
-    seen, order = {}, []   # input key -> (input held alive, [names]); names in call order
+    # input key -> (the input, held alive so that its address is not reused; [names in call
+    # order]), for each linear's first call
+    seen, called = {}, set()
 
     def hook(name):
         def record(mod, args):
-            if name not in order:
-                order.append(name)
+            if name not in called:
+                called.add(name)
                 seen.setdefault(input_key(args[0]), (args[0], []))[1].append(name)
         return record
 
