@@ -241,6 +241,21 @@ def test_pack_unpack(fuzz_counts, data):
     fuzz_counts["pack_bits/unpack_bits"] += 1
 
 
+def sibling_rows(draw, m):
+    """None (a plain weight), or for m >= 2 the row counts of 2 to 4 fused siblings."""
+    if m < 2 or not draw(st.booleans(), label="fused siblings"):
+        return None
+    count = draw(st.integers(2, min(4, m)), label="siblings")
+    cuts = sorted(draw(st.lists(st.integers(1, m - 1), min_size=count - 1,
+                                max_size=count - 1, unique=True), label="cuts"))
+    return [b - a for a, b in zip([0, *cuts], [*cuts, m])]
+
+
+def per_sibling(rows):
+    """The leading shape of a per-layer parameter: one per sibling, or none."""
+    return (len(rows),) if rows else ()
+
+
 @examples(1200)
 @given(st.data())
 def test_qamw(fuzz_counts, data):
@@ -257,17 +272,20 @@ def test_qamw(fuzz_counts, data):
     per_block = draw(st.booleans(), label="per-block row scales")
     row_scale = relayout(torch.rand((m, n // block) if per_block else (m,), generator=g) + 0.1,
                          draw(LAYOUTS))
-    channel = torch.rand(n, generator=g) + 0.5 if draw(st.booleans(), label="channel") else None
+    rows = sibling_rows(draw, m)
+    channel = (torch.rand(*per_sibling(rows), n, generator=g) + 0.5
+               if draw(st.booleans(), label="channel") else None)
     signs = random_signs(g, n) if draw(st.booleans(), label="signs") else None
     w = (packed, codebook, row_scale, channel, signs, bits, block)
-    ref_w = reference.qamw_dequantize(*w, n, torch.float64)
+    ref_w = reference.qamw_dequantize(*w, n, torch.float64, rows)
 
     out_dtype = draw(st.sampled_from(FLOATS))
-    assert_matches_reference(ops.qamw_dequantize(*w, n, out_dtype), ref_w, out_dtype, 1e-5)
+    assert_matches_reference(ops.qamw_dequantize(*w, n, out_dtype, rows), ref_w, out_dtype,
+                             1e-5)
     dtype = draw(st.sampled_from(FLOATS))
     x = activations(draw, g, (batch, n), dtype, draw(st.sampled_from([1e-3, 1.0, 30.0])))
     x = relayout(x, draw(X_LAYOUTS))
-    assert_matches_reference(ops.qamw_gemv(x, *w), x.double() @ ref_w.T, dtype, 2e-4)
+    assert_matches_reference(ops.qamw_gemv(x, *w, rows), x.double() @ ref_w.T, dtype, 2e-4)
     fuzz_counts["qamw_gemv/qamw_dequantize"] += 1
 
 
@@ -299,20 +317,22 @@ def test_aaac(fuzz_counts, data):
     codes = torch.randint(0, 16, (m, n), generator=g, dtype=torch.int32)
     packed = relayout(reference.pack_bits(codes, 4), draw(LAYOUTS))
     scales = relayout(aaac_scales(draw, g, m, groups, scale_dtype), draw(LAYOUTS))
-    codebooks = torch.randn(2, 16, generator=g)
+    rows = sibling_rows(draw, m)
+    codebooks = torch.randn(*per_sibling(rows), 2, 16, generator=g)
     tensor_scale = draw(st.sampled_from([None, (1,), ()]))
     if tensor_scale is not None:
-        tensor_scale = torch.rand(tensor_scale, generator=g) + 0.1
-    channel = torch.rand(n, generator=g) + 0.5 if draw(st.booleans(), label="channel") else None
+        tensor_scale = torch.rand(per_sibling(rows) or tensor_scale, generator=g) + 0.1
+    channel = (torch.rand(*per_sibling(rows), n, generator=g) + 0.5
+               if draw(st.booleans(), label="channel") else None)
     w = (packed, scales, codebooks, tensor_scale, channel, group)
-    ref_w = reference.aaac_dequantize(*w, torch.float64)
+    ref_w = reference.aaac_dequantize(*w, torch.float64, rows)
 
     out_dtype = draw(st.sampled_from(FLOATS))
-    assert_matches_reference(ops.aaac_dequantize(*w, out_dtype), ref_w, out_dtype, 1e-5)
+    assert_matches_reference(ops.aaac_dequantize(*w, out_dtype, rows), ref_w, out_dtype, 1e-5)
     dtype = draw(st.sampled_from(FLOATS))
     x = relayout(activations(draw, g, (batch, n), dtype, draw(st.sampled_from([1e-3, 1.0]))),
                  draw(X_LAYOUTS))
-    assert_matches_reference(ops.aaac_gemv(x, *w), x.double() @ ref_w.T, dtype, 2e-4)
+    assert_matches_reference(ops.aaac_gemv(x, *w, rows), x.double() @ ref_w.T, dtype, 2e-4)
     fuzz_counts["aaac_gemv/aaac_dequantize"] += 1
 
 
