@@ -221,25 +221,28 @@ def test_qamw_fused_siblings_compute_each_layer(device, bits, rows, n, block):
     layers = [qamw_weight(m, n, bits, block, bits == 4, device) for m in rows]
     packed, codebook = torch.cat([w[0] for w in layers]), layers[0][1]
     row_scale = torch.cat([w[2] for w in layers])
-    channel = torch.stack([w[3] for w in layers])
     signs = layers[0][4]
-    fused = (packed, codebook, row_scale, channel, signs, bits, block)
-    ref_w = reference.qamw_dequantize(*fused, n, torch.float64, rows)
-    own = torch.cat([reference.qamw_dequantize(w[0], codebook, w[2], w[3], signs, bits, block,
-                                               n, torch.float64) for w in layers])
-    torch.testing.assert_close(ref_w, own, rtol=0, atol=0)
-    for dtype in FLOATS:
-        dense = ops.qamw_dequantize(*fused, n, dtype, rows)
-        assert_matches_reference(dense, ref_w, dtype, atol=1e-5)
-        for batch in [1, 3, 16]:
-            x = torch.randn(batch, n, device=device).to(dtype)
-            ref_y = x.double() @ ref_w.T
-            out = ops.qamw_gemv(x, *fused, rows)
-            assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
-            # exactly what each layer's own GEMV gives, for every row
-            parts = [ops.qamw_gemv(x, w[0], codebook, w[2], w[3], signs, bits, block)
-                     for w in layers]
-            assert torch.equal(out, torch.cat(parts, dim=1))
+    # each sibling its own channel scale, or none at all (one rotated activation for all)
+    for channel in (torch.stack([w[3] for w in layers]), None):
+        fused = (packed, codebook, row_scale, channel, signs, bits, block)
+        ref_w = reference.qamw_dequantize(*fused, n, torch.float64, rows)
+        own = torch.cat([reference.qamw_dequantize(
+            w[0], codebook, w[2], None if channel is None else w[3], signs, bits, block, n,
+            torch.float64) for w in layers])
+        torch.testing.assert_close(ref_w, own, rtol=0, atol=0)
+        for dtype in FLOATS:
+            dense = ops.qamw_dequantize(*fused, n, dtype, rows)
+            assert_matches_reference(dense, ref_w, dtype, atol=1e-5)
+            for batch in [1, 3, 16]:
+                x = torch.randn(batch, n, device=device).to(dtype)
+                ref_y = x.double() @ ref_w.T
+                out = ops.qamw_gemv(x, *fused, rows)
+                assert_matches_reference(out, ref_y, dtype,
+                                         atol=2e-4 * ref_y.abs().max().item())
+                # exactly what each layer's own GEMV gives, for every row
+                parts = [ops.qamw_gemv(x, w[0], codebook, w[2], None if channel is None
+                                       else w[3], signs, bits, block) for w in layers]
+                assert torch.equal(out, torch.cat(parts, dim=1))
 
 
 @pytest.mark.parametrize("device", DEVICES)

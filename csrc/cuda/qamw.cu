@@ -294,7 +294,9 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_unit = kUnit + 1;
   } else {
     __syncthreads();  // the codebook is staged
-    xr2 = reinterpret_cast<const float2*>(p.workspace + int64_t{rows.sibling} * p.batch * p.n);
+    // One rotated activation per sibling, or one for all when there is no channel scale.
+    const int64_t slot = p.channel_scale ? rows.sibling : 0;
+    xr2 = reinterpret_cast<const float2*>(p.workspace + slot * p.batch * p.n);
     xr_row = p.pairs;
     xr_unit = kUnit;
   }

@@ -185,6 +185,7 @@ void test_qamw() {
       {6, 41, 8192, 8192, false, true, false, {1, 3}, {21, 20}},
       {9, 7, 28672, 28672, false, true, false, {1}, {3, 4}},  // rotated in global memory
       {7, 64, 512, 64, false, false, false, {1, 2}, {32, 32}},  // no channel scale
+      {6, 41, 8192, 8192, false, false, false, {3}, {21, 20}},  // nor in the workspace
   };
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2;
