@@ -33,8 +33,7 @@ from .baselines import (check_flag, check_hessian, check_meta, linear_parts, one
                         round_columns_with_feedback, storage_bits, validate_stats)
 from .codebooks import E2M1_MAGNITUDES
 from .qamw import _alpha_grid, channel_scale_from_stats
-from .quantized_linear import (QuantizedLinear, any_layer, check_sibling_rows, per_layer,
-                               register_codec)
+from .quantized_linear import QuantizedLinear, any_layer, per_layer, register_codec
 
 VARIANTS = {"int4": (128, torch.float16), "nvfp4": (16, torch.float8_e4m3fn)}
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)   # the final round's clipping grid
@@ -198,16 +197,15 @@ class AAACLinear(QuantizedLinear):
 
     def __init__(self, in_features, out_features, has_bias, variant="int4", group_size=None,
                  channel_scaling=False, alpha=0.0, sibling_rows=None):
-        super().__init__(in_features, out_features, has_bias)
+        super().__init__(in_features, out_features, has_bias, sibling_rows)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
         self.variant = variant
         default_group, self.scale_dtype = VARIANTS[variant]
         self.group_size, self.padded_in = choose_group(in_features, group_size or default_group)
-        self.sibling_rows = check_sibling_rows(sibling_rows, out_features)
         self.alpha = per_layer(alpha, self.sibling_rows, float)
         m, n = out_features, self.padded_in
-        per_sibling = (len(self.sibling_rows),) if self.sibling_rows else ()
+        per_sibling = self.per_sibling
         self.register_buffer("packed", torch.zeros(m, 4 * ((n * 4 + 127) // 128),
                                                    dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(m, n // self.group_size,
@@ -224,7 +222,7 @@ class AAACLinear(QuantizedLinear):
                 "out_features": self.out_features, "bias": self.bias is not None,
                 "variant": self.variant, "group_size": self.group_size,
                 "channel_scaling": self.channel_scale is not None, "alpha": self.alpha,
-                **({"sibling_rows": self.sibling_rows} if self.sibling_rows else {})}
+                **self.sibling_meta()}
 
     @classmethod
     def from_meta(cls, meta):

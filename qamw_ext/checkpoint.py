@@ -301,7 +301,7 @@ def _replace_modules(model, modules, fused=None, device=None):
             raise CheckpointError(
                 f"{name}: meta says {new.in_features}->{new.out_features}, the model has "
                 f"{want[0]}->{want[1]}")
-        if getattr(new, "sibling_rows", None) not in (None, rows):
+        if new.sibling_rows not in (None, rows):
             raise CheckpointError(f"{name}: meta gives its siblings {new.sibling_rows} rows, "
                                   f"the model's {fused.get(name)} have {rows}")
         if device is not None:

@@ -53,8 +53,7 @@ from . import hadamard_matrices, ops
 from .baselines import (EF_BLOCK, SEED_BITS, check_flag, check_hessian, check_meta,
                         inverse_hessian_factor, linear_parts, one_cpu_thread, storage_bits,
                         validate_stats)
-from .quantized_linear import (QuantizedLinear, any_layer, check_sibling_rows, per_layer,
-                               register_codec)
+from .quantized_linear import QuantizedLinear, any_layer, per_layer, register_codec
 
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROW_SCALES = ("ls", "norm", "auto")
@@ -205,7 +204,7 @@ class QAMWLinear(QuantizedLinear):
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
                  block_size=None, per_block_scale=False, seed=0, channel_scaling=False,
                  alpha=0.0, row_scale="ls", sibling_rows=None):
-        super().__init__(in_features, out_features, has_bias)
+        super().__init__(in_features, out_features, has_bias, sibling_rows)
         codebook = codebook or self.default_codebook
         self.bits = cbs.check_bits(bits)
         self.codebook_kind = codebook
@@ -215,7 +214,6 @@ class QAMWLinear(QuantizedLinear):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
         self.seed = seed
-        self.sibling_rows = check_sibling_rows(sibling_rows, out_features)
         self.alpha = per_layer(alpha, self.sibling_rows, float)
         self.row_scale_mode = row_scale
         m, n = out_features, self.padded_in
@@ -223,8 +221,7 @@ class QAMWLinear(QuantizedLinear):
         self.register_buffer("packed", torch.zeros(m, words, dtype=torch.int32))
         shape = (m, n // self.block_size) if self.per_block_scale else (m,)
         self.register_buffer("row_scale", torch.zeros(shape, dtype=torch.float32))
-        per_sibling = (len(self.sibling_rows),) if self.sibling_rows else ()
-        self.register_buffer("channel_scale", torch.ones(*per_sibling, n, dtype=torch.float32)
+        self.register_buffer("channel_scale", torch.ones(*self.per_sibling, n, dtype=torch.float32)
                              if any_layer(channel_scaling) else None)
         # Global constants and seed-derived data: rebuilt, not stored per layer.
         self.register_buffer("codebook", cbs.get(self.codebook_id), persistent=False)
@@ -239,7 +236,7 @@ class QAMWLinear(QuantizedLinear):
                 "block_size": self.block_size, "per_block_scale": self.per_block_scale,
                 "seed": self.seed, "channel_scaling": self.channel_scale is not None,
                 "alpha": self.alpha, "row_scale": self.row_scale_mode,
-                **({"sibling_rows": self.sibling_rows} if self.sibling_rows else {})}
+                **self.sibling_meta()}
 
     @classmethod
     def from_meta(cls, meta):

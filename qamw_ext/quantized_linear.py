@@ -72,11 +72,22 @@ class QuantizedLinear(torch.nn.Module):
     meta, gemv, dequantize, bits_per_weight."""
     method = None
 
-    def __init__(self, in_features, out_features, has_bias):
+    def __init__(self, in_features, out_features, has_bias, sibling_rows=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        # A fused layer (`fuse`): its siblings' row counts; None for a plain layer.
+        self.sibling_rows = check_sibling_rows(sibling_rows, out_features)
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+
+    @property
+    def per_sibling(self):
+        """The leading shape of a per-layer buffer: (siblings,) for a fused layer, else ()."""
+        return (len(self.sibling_rows),) if self.sibling_rows else ()
+
+    def sibling_meta(self):
+        """The meta entry of a fused layer's sibling_rows (none for a plain layer)."""
+        return {"sibling_rows": self.sibling_rows} if self.sibling_rows else {}
 
     @classmethod
     def from_linear(cls, linear, stats, **config):
