@@ -174,8 +174,9 @@ struct GemvParams {
   int order, pow2, table;  // block = order * pow2; table: H_order's rows in kHadamardMasks
   float norm;
   int batch;
-  const float* workspace;  // rotated activations [siblings][batch][n], or nullptr: rotate
-                           // into shared memory
+  const float* workspace;  // rotated activation, or nullptr: rotate into shared memory
+  int64_t workspace_stride;  // floats from one sibling's rotated activation to the next's (0:
+                             // they share one)
   void* out;
   bool packed_vec;         // packed rows are 16-byte aligned
   bool x_vec;              // stage_activation may use vector loads
@@ -294,9 +295,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_unit = kUnit + 1;
   } else {
     __syncthreads();  // the codebook is staged
-    // One rotated activation per sibling, or one for all when there is no channel scale.
-    const int64_t slot = p.channel_scale ? rows.sibling : 0;
-    xr2 = reinterpret_cast<const float2*>(p.workspace + slot * p.batch * p.n);
+    xr2 = reinterpret_cast<const float2*>(p.workspace + rows.sibling * p.workspace_stride);
     xr_row = p.pairs;
     xr_unit = kUnit;
   }
@@ -569,8 +568,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   if (!fused) {
     const int tile = rotate_tile(w.n, w.block);
     const size_t tile_bytes = sizeof(float) * tile;
-    // One rotated activation per sibling: each divides by its own channel scale.
+    // One rotated activation per sibling, each divided by its own channel scale; without
+    // channel scales, one for all.
     const int rotations = w.channel_scale ? w.siblings.count : 1;
+    p.workspace_stride = rotations > 1 ? batch * w.n : 0;
     if (allow_smem(rotate_kernel, tile_bytes)) {
       rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch),
                            static_cast<unsigned>(rotations)),
