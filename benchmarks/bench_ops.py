@@ -277,14 +277,18 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
     return rows
 
 
-def dao_hadamard_transform():
-    """Dao-AILab's fast_hadamard_transform when it happens to be importable (this project
-    never installs it), for comparison; else None."""
+def dao_hadamard_transform(src):
+    """Dao-AILab's transform (benchmarks/dao_fht.py) built from the checkout src, or where
+    none is given the installed package, for comparison; with neither, or when it does not
+    build, None and the reason."""
     try:
+        if src:
+            import dao_fht
+            return dao_fht.load(src), None
         from fast_hadamard_transform import hadamard_transform
-    except Exception:
-        return None
-    return hadamard_transform
+        return hadamard_transform, None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"[-300:]
 
 
 def bench_hadamard_suite(dtype, block, device, s, copy_gbps, dao):
@@ -305,7 +309,12 @@ def bench_hadamard_suite(dtype, block, device, s, copy_gbps, dao):
         try:
             t_dao, _ = time_calls([partial(dao, x.view(-1, block), block ** -0.5) for x in xs],
                                   device, s["calls"], s["repeats"])
-            row.update(dao_fht_ms=t_dao * 1e3, time_vs_dao_fht=t_op / t_dao)
+            # The same transform: its largest difference from ours, relative to the largest
+            # output (a few 16-bit roundings; anything near 1 means another order or scale).
+            ours = ops.hadamard(first, block).float()
+            theirs = dao(first.view(-1, block), block ** -0.5).view_as(first).float()
+            row.update(dao_fht_ms=t_dao * 1e3, time_vs_dao_fht=t_op / t_dao,
+                       dao_fht_difference=((theirs - ours).abs().max() / ours.abs().max()).item())
         except Exception as e:
             row["dao_fht_error"] = f"{type(e).__name__}: {e}"[:200]
     return row
@@ -415,9 +424,12 @@ def markdown(record):
         rows = [[short_dtype(r["dtype"]), r["block"], f"{r['shape'][0]} x {r['shape'][1]}",
                  f"{r['ms'] * 1e3:.1f}", f"{r['clone_ms'] * 1e3:.1f}", f"{r['time_vs_clone']:.2f}x",
                  f"{100 * r['frac_of_copy']:.0f}%",
-                 f"{r['dao_fht_ms'] * 1e3:.1f}" if "dao_fht_ms" in r else "-"] for r in had]
+                 f"{r['dao_fht_ms'] * 1e3:.1f}" if "dao_fht_ms" in r else "-",
+                 f"{r['time_vs_dao_fht']:.2f}x" if "dao_fht_ms" in r else "-"] for r in had]
         lines += md_table(["dtype", "block", "rows x n", "us", "clone us", "time / clone",
-                           "% copy", "Dao FHT us"], rows)
+                           "% copy", "Dao FHT us", "time / Dao"], rows)
+        if record.get("dao_fht_error"):
+            lines += [f"Dao's fast-hadamard-transform: {record['dao_fht_error']}", ""]
     near = [r for r in res if r["op"] == "nearest_codeword_2d"]
     if near:
         lines += ["## Nearest codeword (2-D)", ""]
@@ -471,7 +483,7 @@ def suite_main(args):
     for shape in s["gemv_shapes"]:
         for dtype in s["dtypes"]:
             save(bench_gemv_suite(weights, shape, dtype, 1, device, s, copy_gbps))
-    dao = dao_hadamard_transform()
+    dao, record["dao_fht_error"] = dao_hadamard_transform(args.dao_fht_src)
     record["dao_fast_hadamard_transform"] = dao is not None
     for dtype in s["dtypes"]:
         for block in s["hadamard_blocks"]:
@@ -493,6 +505,9 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="the GPU suite with tiny shapes (checks the logic on the CPU)")
     parser.add_argument("--out")
+    parser.add_argument("--dao-fht-src", metavar="DIR",
+                        help="a checkout of Dao-AILab/fast-hadamard-transform: build it and time "
+                             "its transform beside ops.hadamard")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.device == "cpu" and not args.smoke:

@@ -8,6 +8,7 @@
 # Every step's log, a summary and the benchmarks' JSON and markdown go to OUT (default
 # benchmarks/results/gpu-DATE-GPU).
 #   bash scripts/gpu_check.sh [OUT]
+#   DAO_FHT_SRC=DIR bash scripts/gpu_check.sh [OUT]   # also times Dao-AILab's FHT, from a checkout
 # The whole run fits in GPU_CHECK_BUDGET_S seconds (default 540): every step runs under
 # `timeout`, cut so that the benchmarks keep their time, and a step that fails or times out
 # does not stop the later ones. The benchmarks write their JSON after each group of figures,
@@ -62,6 +63,12 @@ benches=$((bench_ops_s + bench_decode_s))
 pytest_ops=(python -m pytest tests/test_ops.py -p no:cacheprovider)
 sanitizer=(compute-sanitizer --error-exitcode 1 --print-limit 20)
 
+# Dao-AILab's fast-hadamard-transform, when DAO_FHT_SRC names a checkout of it: built while
+# ours builds (one nvcc process: a core of many) and timed beside ops.hadamard in bench_ops.
+if [ -n "${DAO_FHT_SRC:-}" ]; then
+  step dao_fht 300 "$benches" python benchmarks/dao_fht.py "$DAO_FHT_SRC" &
+  dao_build=$!
+fi
 step build 330 "$benches" env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace
 # Every CUDA case of the op tests: Hadamard blocks 2^m and K * 2^m (12 ... 30720, 576, 1536),
 # the QAM-W GEMV and dequantize with K * 2^m blocks, AAAC, packing, nearest codeword.
@@ -82,8 +89,13 @@ step initcheck 25 "$benches" "${sanitizer[@]}" --tool initcheck "${pytest_ops[@]
 step ncu 45 "$benches" ncu --csv -k regex:gemv_kernel --metrics \
   l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__sass_inst_executed_op_shared_ld.sum,gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
   python benchmarks/profile_gemv.py
+dao_args=()
+if [ -n "${dao_build:-}" ]; then
+  wait "$dao_build"
+  grep -q "^dao_fht: ok" "$out/summary.txt" && dao_args=(--dao-fht-src "$DAO_FHT_SRC")
+fi
 step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py --device cuda \
-  --out "$out/ops_cuda.json"
+  "${dao_args[@]}" --out "$out/ops_cuda.json"
 # Each config's decoder layer compiled once with torch.compile (Inductor fuses the glue between
 # the linears), then the whole step in a CUDA graph. The rows are written as they come, the
 # ones the targets need first (+fused: the conversion with fuse_siblings=true; +head=qamw-5.5: lm_head quantized too, at 5.5 bpw).

@@ -69,6 +69,36 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
         assert heading in table
 
 
+def test_bench_ops_compares_a_hadamard_transform_and_its_agreement(monkeypatch, tmp_path):
+    """The Dao FHT columns with stand-ins for it: the dense Sylvester-order product agrees with
+    ops.hadamard; a transform in another order is timed but flagged by its difference; a source
+    that does not build leaves the reason in the record and the suite goes on."""
+    from scipy.linalg import hadamard as sylvester
+
+    def dense(x, scale):
+        return x @ torch.from_numpy(sylvester(x.shape[-1])).to(x) * scale
+
+    def reversed_order(x, scale):
+        return dense(x, scale).flip(-1)
+
+    s = dict(bench_ops.SMOKE)
+    rows = {name: bench_ops.bench_hadamard_suite(torch.float32, 128, "cpu", s, 1.0, fn)
+            for name, fn in (("dense", dense), ("reversed", reversed_order))}
+    for r in rows.values():
+        assert positive(r["dao_fht_ms"]) and positive(r["time_vs_dao_fht"])
+    assert rows["dense"]["dao_fht_difference"] < 1e-5
+    assert rows["reversed"]["dao_fht_difference"] > 0.5
+
+    dao, error = bench_ops.dao_hadamard_transform(str(tmp_path))
+    assert dao is None and "not a fast-hadamard-transform checkout" in error
+    out = tmp_path / "ops.json"
+    monkeypatch.setitem(bench_ops.SMOKE, "gemv_shapes", [])
+    bench_ops.main(["--smoke", "--dao-fht-src", str(tmp_path), "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["dao_fast_hadamard_transform"] is False
+    assert "checkout" in record["dao_fht_error"] and "checkout" in (tmp_path / "ops.md").read_text()
+
+
 def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
     out = tmp_path / "decode.json"
     bench_decode.main(["--smoke", "--out", str(out)])
