@@ -12,7 +12,8 @@
 // threads reach at different lines; a shuffle whose mask names lanes that exited or are
 // elsewhere; a block that can never finish (deadlock); launch configurations a GPU would refuse
 // (more than 1024 threads, dynamic shared memory over the 48 KiB default without
-// cudaFuncSetAttribute, or over the device maximum). Dynamic shared memory is a heap buffer of
+// cudaFuncSetAttribute, or over the device maximum); a thread of a kernel launched with
+// programmatic dependent launch that exits without cudaGridDependencySynchronize. Dynamic shared memory is a heap buffer of
 // exactly the launch's size, filled with NaN bytes, so the sanitizer build catches accesses past
 // it and reads of values never written show up as NaN. Schedule::Reverse runs each step's
 // threads in the opposite order: a missing barrier then gives a different result.
@@ -77,10 +78,29 @@ enum cudaError_t { cudaSuccess = 0 };
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
   cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrComputeCapabilityMajor,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+struct cudaFuncAttributes {
+  int ptxVersion, binaryVersion;
+};
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+union cudaLaunchAttributeValue {
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
 
 namespace qamw_emu {
 
@@ -107,7 +127,9 @@ void* dynamic_shared_memory();
 void set_max_dynamic_shared(const void* kernel, int bytes);
 int max_dynamic_shared(const void* kernel);
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
-              const std::function<void()>& thread_body);
+              const std::function<void()>& thread_body, bool overlapped = false);
+// The running thread called cudaGridDependencySynchronize.
+void grid_dependency_wait();
 
 template <typename T>
 T* dynamic_shared() { return static_cast<T*>(dynamic_shared_memory()); }
@@ -147,9 +169,32 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize
 inline cudaError_t cudaGetDevice(int* dev) { *dev = 0; return cudaSuccess; }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   const qamw_emu::Device& d = qamw_emu::device();
-  *value = attr == cudaDevAttrMultiProcessorCount ? d.sms : d.shared_per_block_optin;
+  *value = attr == cudaDevAttrMultiProcessorCount          ? d.sms
+           : attr == cudaDevAttrComputeCapabilityMajor ? 9
+                                                        : d.shared_per_block_optin;
   return cudaSuccess;
 }
+// Every kernel is built from sm_90 code.
+template <typename K>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, K) {
+  *attributes = cudaFuncAttributes{90, 90};
+  return cudaSuccess;
+}
+// Runs the grid at once, as launch() does; programmatic stream serialization only adds the
+// check that every thread waits for the kernels before it.
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...),
+                               Args&&... args) {
+  bool overlapped = false;
+  for (unsigned i = 0; i < config->numAttrs; ++i)
+    overlapped |= config->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+                  config->attrs[i].val.programmaticStreamSerializationAllowed != 0;
+  qamw_emu::run_grid(qamw_emu::kernel_key(kernel), config->gridDim, config->blockDim,
+                     config->dynamicSmemBytes, [&] { kernel(Params(args)...); }, overlapped);
+  return cudaSuccess;
+}
+inline void cudaGridDependencySynchronize() { qamw_emu::grid_dependency_wait(); }
+inline void cudaTriggerProgrammaticLaunchCompletion() {}
 template <typename K>
 cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
   qamw_emu::set_max_dynamic_shared(qamw_emu::kernel_key(kernel), bytes);

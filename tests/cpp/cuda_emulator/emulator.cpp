@@ -41,6 +41,7 @@ enum class State { Ready, AtBarrier, AtExchange, Done };
 struct Thread {
   State state = State::Ready;
   uint3 index{};
+  bool waited = false;  // called cudaGridDependencySynchronize
 };
 
 // A fiber per thread slot, made once and reused by every block and launch. Switching uses
@@ -63,6 +64,7 @@ struct BlockRun {
   std::vector<Thread> threads;
   std::vector<Exchange> warps;
   const std::function<void()>* body = nullptr;
+  bool overlapped = false;  // launched with programmatic stream serialization
   int current = -1, done = 0;
   int arrived = 0;  // at the __syncthreads in progress
   const char* barrier_file = nullptr;
@@ -134,6 +136,8 @@ void thread_exit(BlockRun& r, int i) {
   const Exchange& e = r.warps[i / warpSize];
   if (e.arrived != 0 && (e.mask >> (i % warpSize) & 1))
     fail("thread exited while its warp waits for it in a shuffle");
+  if (r.overlapped && !r.threads[i].waited)
+    fail("thread of an overlapped launch exited without cudaGridDependencySynchronize");
 }
 
 // Fiber i: runs the current block's thread i each time the scheduler resumes it.
@@ -175,7 +179,7 @@ void make_fibers(int count) {
 void run_block(BlockRun& r, int nthreads) {
   for (int i = 0; i < nthreads; ++i)
     r.threads[i] = Thread{State::Ready, uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y,
-                                              i / (blockDim.x * blockDim.y)}};
+                                              i / (blockDim.x * blockDim.y)}, false};
   r.done = 0;
   r.arrived = 0;
   for (Exchange& e : r.warps) e = Exchange{};
@@ -262,6 +266,8 @@ void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes,
   yield();
 }
 
+void grid_dependency_wait() { g_run->threads[g_run->current].waited = true; }
+
 void* dynamic_shared_memory() { return g_run->shared.get(); }
 
 void set_max_dynamic_shared(const void* kernel, int bytes) { g_max_dynamic_shared[kernel] = bytes; }
@@ -272,7 +278,7 @@ int max_dynamic_shared(const void* kernel) {
 }
 
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
-              const std::function<void()>& thread_body) {
+              const std::function<void()>& thread_body, bool overlapped) {
   const int64_t nthreads = int64_t{block.x} * block.y * block.z;
   if (nthreads < 1 || nthreads > kMaxThreads || block.z > 64)
     fail("launch with an invalid number of threads per block");
@@ -290,6 +296,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
   run.threads.resize(nthreads);
   run.warps.resize((nthreads + warpSize - 1) / warpSize);
   run.body = &thread_body;
+  run.overlapped = overlapped;
   g_run = &run;
   blockDim = block;
   gridDim = grid;

@@ -7,6 +7,8 @@
 //   exited           some threads return before a __syncthreads the others reach
 //   shuffle-deadlock half a warp shuffles while the other half waits at __syncthreads
 //   shared-limit     60 KiB of dynamic shared memory without cudaFuncSetAttribute
+//   no-wait          a kernel launched overlapped (programmatic dependent launch) whose
+//                    threads never call cudaGridDependencySynchronize
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -60,6 +62,25 @@ __global__ void uses_shared(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// out[i] = 2 i, after waiting for the kernels before it when `wait`.
+__global__ void doubles(float* out, bool wait) {
+  if (wait) cudaGridDependencySynchronize();
+  cudaTriggerProgrammaticLaunchCompletion();
+  out[threadIdx.x] = 2.0f * static_cast<float>(threadIdx.x);
+}
+
+void launch_overlapped_doubles(float* out, bool wait) {
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(1);
+  config.blockDim = dim3(kThreads);
+  config.attrs = &overlap;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, doubles, out, wait);
+}
+
 std::vector<float> sums(const std::vector<float>& in, bool with_barrier,
                         qamw_emu::Schedule schedule) {
   qamw_emu::set_schedule(schedule);
@@ -87,7 +108,14 @@ int main(int argc, char** argv) {
         return 1;
       }
     }
-    std::printf("block sums match in both schedules\n");
+    launch_overlapped_doubles(out.data(), true);
+    for (int i = 0; i < kThreads; ++i) {
+      if (out[i] != 2.0f * static_cast<float>(i)) {
+        std::printf("overlapped launch: out[%d] = %g\n", i, out[i]);
+        return 1;
+      }
+    }
+    std::printf("block sums match in both schedules; an overlapped launch ran\n");
     return 0;
   }
   if (std::strcmp(mode, "divergent") == 0) qamw_emu::launch(divergent, 1, kThreads)(out.data());
@@ -96,6 +124,8 @@ int main(int argc, char** argv) {
     qamw_emu::launch(shuffle_deadlock, 1, kThreads)(out.data());
   else if (std::strcmp(mode, "shared-limit") == 0)
     qamw_emu::launch(uses_shared, 1, kThreads, 60 * 1024)(out.data());
+  else if (std::strcmp(mode, "no-wait") == 0)
+    launch_overlapped_doubles(out.data(), false);
   else {
     std::printf("unknown mode %s\n", mode);
     return 2;
