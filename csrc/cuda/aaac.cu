@@ -93,9 +93,15 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
       }
     }
   };
-  // The first vectors travel from DRAM while the CTA stages the codebooks and the activation.
+  // The first vectors travel from DRAM while the kernel before this one finishes (into L2) and
+  // the CTA stages the codebooks and the activation.
+  const int64_t first_row = sub < p.chunks_per_row ? rows.first + row_in_cta : w.m;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (first_row + r < w.m) prefetch_l2(w.packed + (first_row + r) * w.words_per_row + 4 * sub);
+  wait_for_prior_kernels();
   uint4 q[R];
-  load_vectors(sub < p.chunks_per_row ? rows.first + row_in_cta : w.m, sub, q);
+  load_vectors(first_row, sub, q);
 
   for (int i = threadIdx.x; i < 32 * 32; i += kThreads) cb_s[i] = w.codebooks[i / 32];
   if constexpr (XS) {
@@ -110,6 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   const float* my_cb = cb_s + lane;
+  let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
     const int64_t row = row0 + row_in_cta;
@@ -252,7 +259,7 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
       allow_smem(kernel, smem);
       unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
       p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
-      kernel<<<grid, kThreads, smem, as_stream(stream)>>>(p);
+      launch_overlapped(kernel, dim3(grid), kThreads, smem, as_stream(stream), p);
     };
     const size_t cb_bytes = sizeof(float) * 32 * 32;
     // Staged whenever the device's shared memory holds it: even at one CTA per SM, one 16-byte

@@ -6,6 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 #include "../kernels.h"
 
@@ -253,6 +256,57 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #else
   (void)*static_cast<const volatile char*>(p);
 #endif
+}
+
+// Programmatic dependent launch (sm_90 and later). A kernel started by launch_overlapped may be
+// scheduled while the kernel before it in the stream finishes, so that its launch and its
+// first weight prefetches overlap that kernel's tail: a decode step is a chain of short
+// kernels (benchmarks/NOTES.md, GPU v6). Before wait_for_prior_kernels() such a kernel only
+// computes indices and prefetches its weights into L2, which changes no result; every read or
+// write of memory that earlier kernels may use comes after it. let_next_kernel_launch() lets a
+// kernel launched the same way after this one be scheduled early; it still waits for this one.
+__device__ __forceinline__ void wait_for_prior_kernels() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+// Whether `kernel` may be launched overlapped: the device is sm_90 or later, the kernel was
+// compiled for it (from sm_90 code: older code has no wait), and QAMW_PDL is not 0. QAMW_PDL is
+// read at each launch, so that a CUDA graph keeps the choice it was captured with.
+template <typename K>
+bool overlap_allowed(K kernel) {
+  const char* env = std::getenv("QAMW_PDL");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaFuncAttributes attributes{};
+  return major >= 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+         attributes.ptxVersion >= 90;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...), overlapped with the kernel before it where
+// overlap_allowed. The kernel calls wait_for_prior_kernels() as described above.
+template <typename... Params, typename... Args>
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &overlap;
+  config.numAttrs = overlap_allowed(kernel) ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // Code k of a packed row of `bits`-bit codes (kernels.h layout). A code straddles two words

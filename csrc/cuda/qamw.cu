@@ -260,8 +260,10 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   // lane's last rows may be the next sibling's: they are read (the loads stay below m) but
   // never stored.
   const CtaRows rows = cta_rows(p.split, lr.rows_per_cta);
-  // The first codes travel from DRAM while the CTA stages the codebook and the activation.
+  // The first codes travel from DRAM while the kernel before this one finishes and the CTA
+  // stages the codebook and the activation.
   prefetch_unit<BITS, R>(p, rows.first + row_in_cta, sub);
+  wait_for_prior_kernels();
 
   const int copies_log2 = p.copies_log2;
   Codeword* cb_s = reinterpret_cast<Codeword*>(smem_raw);
@@ -302,6 +304,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
 
   const Codeword* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
   const int seg_mask = (p.seg_log2 < kUnitLog2 ? (1 << p.seg_log2) : kUnit) - 1;
+  let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
     const int64_t row = row0 + row_in_cta;
@@ -370,6 +373,8 @@ __global__ void __launch_bounds__(kThreads)
                   const float* channel_scale, const int8_t* signs, float norm, bool vec,
                   float* xr) {
   extern __shared__ float tile_s[];
+  wait_for_prior_kernels();
+  let_next_kernel_launch();  // the GEMV, which prefetches its codes while this runs
   const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
   const int j0 = blockIdx.x * tile;
   if (channel_scale) channel_scale += int64_t{blockIdx.z} * n;
@@ -573,11 +578,11 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     const int rotations = w.channel_scale ? w.siblings.count : 1;
     p.workspace_stride = rotations > 1 ? batch * w.n : 0;
     if (allow_smem(rotate_kernel, tile_bytes)) {
-      rotate_kernel<<<dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch),
-                           static_cast<unsigned>(rotations)),
-                      kThreads, tile_bytes, s>>>(x, dtype, p.n, p.order, p.pow2, p.table, tile,
-                                                 w.channel_scale, w.signs, p.norm,
-                                                 p.x_vec && tile % 8 == 0, workspace);
+      launch_overlapped(rotate_kernel,
+                        dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch),
+                             static_cast<unsigned>(rotations)),
+                        kThreads, tile_bytes, s, x, dtype, p.n, p.order, p.pow2, p.table, tile,
+                        w.channel_scale, w.signs, p.norm, p.x_vec && tile % 8 == 0, workspace);
     } else {
       for (int r = 0; r < rotations; ++r) {
         float* xr = workspace + r * batch * w.n;
@@ -594,7 +599,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     allow_smem(kernel, smem);
     unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
     p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
-    kernel<<<grid, kThreads, smem, s>>>(p);
+    launch_overlapped(kernel, dim3(grid), kThreads, smem, s, p);
   };
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(batch, [&](auto nb) {
