@@ -7,7 +7,9 @@ q/k/v and gate/up as one layer each, as `fuse_siblings=True` converts them (qamw
 bf16+fused is the dense baseline with the same fusion); "+head" quantizes lm_head too, as
 `include_lm_head=True` does, with the config's codec, or "+head=CODEC" with another (a wider
 one, as layer_options can give it). Otherwise the embeddings and lm_head stay bf16, as
-qamw_ext.convert leaves them. Reports tokens/s, the bytes read per token, the
+qamw_ext.convert leaves them. The GEMV kernels launch overlapped with the kernel before them
+(programmatic dependent launch, sm_90+): "+nopdl" launches them plainly (QAMW_PDL=0), and
+"+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl). Reports tokens/s, the bytes read per token, the
 bandwidth they imply and its fraction of the device-to-device copy bandwidth measured in the
 same run; JSON to --out and a markdown table beside it.
 
@@ -22,6 +24,7 @@ capture refuses. tests/test_benchmarks.py checks the step's logits against the f
 If a capture fails, that config is timed eagerly and its row says so.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_ops import bench_copy, command_line, md_table, time_calls  # noqa: E402
+from bench_ops import bench_copy, command_line, md_table, plain_launches, time_calls  # noqa: E402
 from random_layers import CODECS, buffer_bytes, random_fused_layer, random_layer  # noqa: E402
 
 from qamw_ext.calibration import set_submodule  # noqa: E402
@@ -125,7 +128,7 @@ class StaticDecoder:
     layer has the same structure, so the one compiled layer serves all of them, and the
     compile time does not grow with depth."""
 
-    def __init__(self, model, max_len, compile=False):
+    def __init__(self, model, max_len, compile=False, glue_pdl=False):
         cfg, inner = model.config, model.model
         self.model, self.max_len = model, max_len
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -142,8 +145,10 @@ class StaticDecoder:
         self.positions = torch.arange(max_len, device=dev)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.layer_step = (torch.compile(self._layer_step, fullgraph=True) if compile
-                           else self._layer_step)
+        # glue_pdl: Inductor's kernels launch overlapped too (programmatic dependent launch).
+        options = {"triton.enable_pdl": True} if glue_pdl else None
+        self.layer_step = (torch.compile(self._layer_step, fullgraph=True, options=options)
+                           if compile else self._layer_step)
 
     def reset(self, token=1):
         """Back to position 0 (later cache entries are masked, so they need no clearing)."""
@@ -220,21 +225,27 @@ def step_linear_names(model):
 
 
 def parse_config(name):
-    """(codec or "bf16", {"fused": bool, "head": lm_head's codec or None}) of a config name
-    such as qamw-4+fused+head (lm_head as qamw-4) or qamw-4+head=qamw-5.5."""
+    """(codec or "bf16", {"fused": bool, "head": lm_head's codec or None, "pdl": bool,
+    "glue_pdl": bool}) of a config name such as qamw-4+fused+head (lm_head as qamw-4),
+    qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
     codec, *suffixes = name.split("+")
-    flags = {"fused": False, "head": None}
+    flags = {"fused": False, "head": None, "pdl": True, "glue_pdl": False}
     for suffix in suffixes:
         key, eq, value = suffix.partition("=")
         if key == "fused" and not eq:
             flags["fused"] = True
+        elif key == "nopdl" and not eq:
+            flags["pdl"] = False
+        elif key == "gluepdl" and not eq:
+            flags["glue_pdl"] = True
         elif key == "head" and codec != "bf16" and (value if eq else codec) in CODECS:
             flags["head"] = value if eq else codec
         else:
             codec = None
     if codec not in ("bf16", *CODECS):
         raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, then "
-                         f"optionally +fused, and for a codec +head or +head=CODEC")
+                         f"optionally +fused, +nopdl, +gluepdl, and for a codec +head or "
+                         f"+head=CODEC")
     return codec, flags
 
 
@@ -383,37 +394,43 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
     codec)."""
     replaced = quantize_randomly(model, linear_names, name, args.device, generator)
     linear_names = step_linear_names(model)
+    codec, flags = parse_config(name)
     try:
-        decoder = StaticDecoder(model, args.max_len, compile=args.compile)
-        compiled = {}
-        with torch.no_grad():
-            if args.compile:
-                try:
-                    diff, compile_s = compiled_vs_eager(model, decoder)
-                    compiled = dict(compiled_vs_eager_max_abs_diff=diff, compile_s=compile_s)
-                except Exception as e:  # the uncompiled figure is still worth having
-                    compiled = dict(compile_error=f"{type(e).__name__}: {e}"[:300])
-                    decoder = StaticDecoder(model, args.max_len)
-            sec, timing, check = time_decode(decoder, args.device, args.warmup, args.tokens,
-                                             args.repeats)
-            lin_sec, lin_timing = time_linears(model, linear_names, args.device,
-                                               max(5, args.repeats))
-        total, parts = bytes_per_token(model, decoder)
-        codec, flags = parse_config(name)
-        row = dict(config=name, codec=CODECS.get(codec), **flags, **layer_summary(model),
-                   tokens_per_s=1.0 / sec, ms_per_token=sec * 1e3, timing=timing,
-                   graph_vs_eager_max_abs_diff=check, bytes_per_token=total, bytes=parts,
-                   implied_gbps=total / sec / 1e9, frac_of_copy=total / sec / 1e9 / copy_gbps,
-                   decoder_linears_ms_per_token=lin_sec * 1e3,
-                   decoder_linears_gbps=parts["linears"] / lin_sec / 1e9,
-                   decoder_linears_frac_of_copy=parts["linears"] / lin_sec / 1e9 / copy_gbps,
-                   decoder_linears_timing=lin_timing,
-                   compiled=args.compile and "compile_error" not in compiled, **compiled)
+        with contextlib.nullcontext() if flags["pdl"] else plain_launches():
+            row = time_config(name, model, linear_names, args, copy_gbps, codec, flags)
     finally:
         restore(model, replaced)
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def time_config(name, model, linear_names, args, copy_gbps, codec, flags):
+    """bench_config's row, once the model holds the config's layers."""
+    decoder = StaticDecoder(model, args.max_len, compile=args.compile, glue_pdl=flags["glue_pdl"])
+    compiled = {}
+    with torch.no_grad():
+        if args.compile:
+            try:
+                diff, compile_s = compiled_vs_eager(model, decoder)
+                compiled = dict(compiled_vs_eager_max_abs_diff=diff, compile_s=compile_s)
+            except Exception as e:  # the uncompiled figure is still worth having
+                compiled = dict(compile_error=f"{type(e).__name__}: {e}"[:300])
+                decoder = StaticDecoder(model, args.max_len)
+        sec, timing, check = time_decode(decoder, args.device, args.warmup, args.tokens,
+                                         args.repeats)
+        lin_sec, lin_timing = time_linears(model, linear_names, args.device,
+                                           max(5, args.repeats))
+    total, parts = bytes_per_token(model, decoder)
+    return dict(config=name, codec=CODECS.get(codec), **flags, **layer_summary(model),
+                tokens_per_s=1.0 / sec, ms_per_token=sec * 1e3, timing=timing,
+                graph_vs_eager_max_abs_diff=check, bytes_per_token=total, bytes=parts,
+                implied_gbps=total / sec / 1e9, frac_of_copy=total / sec / 1e9 / copy_gbps,
+                decoder_linears_ms_per_token=lin_sec * 1e3,
+                decoder_linears_gbps=parts["linears"] / lin_sec / 1e9,
+                decoder_linears_frac_of_copy=parts["linears"] / lin_sec / 1e9 / copy_gbps,
+                decoder_linears_timing=lin_timing,
+                compiled=args.compile and "compile_error" not in compiled, **compiled)
 
 
 def markdown(record):
@@ -463,8 +480,8 @@ def main(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
                              " each optionally with +fused (q/k/v and gate/up as one layer "
-                             "each) and, for a codec, +head or +head=CODEC (lm_head quantized "
-                             "too)")
+                             "each), +nopdl or +gluepdl (see above) and, for a codec, +head or "
+                             "+head=CODEC (lm_head quantized too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")

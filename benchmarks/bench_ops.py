@@ -17,6 +17,7 @@ capture fails the calls run eagerly and the row says so. --smoke runs the same c
 shapes (on the CPU: wall clock), to check the logic without a GPU.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -208,6 +209,21 @@ def time_calls(fns, device, calls, repeats):
     return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3 / calls, timing
 
 
+@contextlib.contextmanager
+def plain_launches():
+    """Within it, the GEMV kernels launch without programmatic dependent launch (QAMW_PDL=0,
+    read at each launch, so also by a graph captured within), for the figures with and without."""
+    before = os.environ.get("QAMW_PDL")
+    os.environ["QAMW_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["QAMW_PDL"]
+        else:
+            os.environ["QAMW_PDL"] = before
+
+
 def copies_for(nbytes, s):
     """Copies of an operand of nbytes that together exceed the rotation size."""
     return max(2, min(s["max_copies"], math.ceil(s["rotation_bytes"] / nbytes)))
@@ -263,8 +279,13 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
     rows = []
     for codec in GEMV_CODECS:
         layers = w[codec]
-        t, timing = time_calls([partial(layer.gemv, x) for layer in layers], device,
-                               s["calls"], s["repeats"])
+        calls = [partial(layer.gemv, x) for layer in layers]
+        t, timing = time_calls(calls, device, s["calls"], s["repeats"])
+        pdl = {}
+        if batch == 1:   # each call's launch overlapping the one before, or not
+            with plain_launches():
+                t_plain, _ = time_calls(calls, device, s["calls"], s["repeats"])
+            pdl = dict(no_pdl_ms=t_plain * 1e3, pdl_speedup=t_plain / t)
         moved = buffer_bytes(layers[0]) + io_bytes
         rows.append(dict(op="gemv", codec=codec, bits_per_weight=layers[0].bits_per_weight(),
                          shape=[m, n], batch=batch, dtype=str(dtype), copies=len(layers),
@@ -273,7 +294,7 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
                          dense_linear_ms=t_dense * 1e3, dense_bytes=dense_bytes,
                          dense_copies=len(dense), dense_gbps=dense_bytes / t_dense / 1e9,
                          dense_frac_of_copy=dense_bytes / t_dense / 1e9 / copy_gbps,
-                         dense_timing=dense_timing, speedup_vs_dense=t_dense / t))
+                         dense_timing=dense_timing, speedup_vs_dense=t_dense / t, **pdl))
     return rows
 
 
@@ -405,6 +426,16 @@ def markdown(record):
                                f"{r['speedup_vs_dense']:.2f}x"] if r else ["", "", ""])
                 rows.append(cells)
         lines += md_table(header, rows)
+    overlapped = [r for r in first if "no_pdl_ms" in r]
+    if overlapped:
+        lines += ["## GEMV, batch 1, with and without programmatic dependent launch", "",
+                  "The same calls back to back, each launch overlapping the previous kernel's "
+                  "tail (the default on sm_90+), or not (QAMW_PDL=0).", ""]
+        lines += md_table(["shape", "codec", "dtype", "us", "us without PDL", "gain"],
+                          [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
+                            short_dtype(r["dtype"]), f"{r['ms'] * 1e3:.1f}",
+                            f"{r['no_pdl_ms'] * 1e3:.1f}", f"{r['pdl_speedup']:.2f}x"]
+                           for r in overlapped])
     more = [r for r in gemv if r["batch"] > 1]
     if more:
         batches = sorted(set(r["batch"] for r in more))

@@ -98,9 +98,11 @@ step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py -
   "${dao_args[@]}" --out "$out/ops_cuda.json"
 # Each config's decoder layer compiled once with torch.compile (Inductor fuses the glue between
 # the linears), then the whole step in a CUDA graph. The rows are written as they come, the
-# ones the targets need first (+fused: the conversion with fuse_siblings=true; +head=qamw-5.5: lm_head quantized too, at 5.5 bpw).
+# ones the targets need first (+fused: the conversion with fuse_siblings=true; +head=qamw-5.5:
+# lm_head quantized too, at 5.5 bpw; +nopdl: the GEMVs launched without programmatic dependent
+# launch; +gluepdl: Inductor's glue launched with it too).
 step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compile \
-  --configs bf16,qamw-4+fused,qamw-4+fused+head=qamw-5.5,qamw-4,aaac-int4+fused,qamw-5.5+fused,bf16+fused,aaac-int4,qamw-5.5 \
+  --configs bf16,qamw-4+fused,qamw-4+fused+head=qamw-5.5,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,aaac-int4+fused,qamw-5.5+fused,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
   --out "$out/decode_cuda.json"
 
 { echo "device: $gpu"; echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "command: bash scripts/gpu_check.sh $*";

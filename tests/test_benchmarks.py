@@ -47,6 +47,9 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
                     "speedup_vs_dense", "bits_per_weight"):
             assert positive(r[key]), (key, r)
         assert r["copies"] >= 2 and r["dense_copies"] >= 2
+        assert ("no_pdl_ms" in r) == (r["batch"] == 1)   # timed with and without PDL
+        if r["batch"] == 1:
+            assert positive(r["no_pdl_ms"]) and positive(r["pdl_speedup"])
         m, n = r["shape"]
         io = r["batch"] * (m + n) * 2     # fp16 / bf16 activation and output
         assert r["dense_bytes"] == m * n * 2 + io
@@ -65,7 +68,8 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
     assert [t["target"] for t in record["targets"]][0].startswith("GEMV batch 1")
     assert all(0 <= t["met"] <= t["of"] and t["of"] > 0 for t in record["targets"])
     table = (tmp_path / "ops.md").read_text()
-    for heading in ("## GEMV, batch 1", "## GEMV, batches > 1", "## Block Hadamard", "## Targets"):
+    for heading in ("## GEMV, batch 1", "without programmatic dependent launch",
+                    "## GEMV, batches > 1", "## Block Hadamard", "## Targets"):
         assert heading in table
 
 
@@ -146,8 +150,11 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
     assert with_head["bytes"]["linears"] == rows["qamw-4+fused"]["bytes"]["linears"]
     assert with_head["bytes"]["lm_head"] > rows["qamw-4+fused"]["bytes"]["lm_head"] * 5.5 / 16
     assert bench_decode.parse_config("aaac-int4+head+fused") == (
-        "aaac-int4", {"fused": True, "head": "aaac-int4"})
-    for bad in ("bf16+head", "qamw-4+head=bf16", "qamw-4+fast", "int4", "qamw-4+fused=1"):
+        "aaac-int4", {"fused": True, "head": "aaac-int4", "pdl": True, "glue_pdl": False})
+    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl") == (
+        "qamw-4", {"fused": True, "head": None, "pdl": False, "glue_pdl": True})
+    for bad in ("bf16+head", "qamw-4+head=bf16", "qamw-4+fast", "int4", "qamw-4+fused=1",
+                "qamw-4+nopdl=1"):
         with pytest.raises(ValueError, match="unknown config"):
             bench_decode.parse_config(bad)
     assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
@@ -215,14 +222,35 @@ def test_compiled_layer_step_matches_eager_and_compiles_once(one_thread, config)
 
 def test_bench_decode_compile_records_its_check(tmp_path, one_thread):
     out = tmp_path / "decode.json"
-    bench_decode.main(["--smoke", "--compile", "--configs", "bf16,aaac-int4", "--out", str(out)])
+    bench_decode.main(["--smoke", "--compile", "--configs", "bf16,aaac-int4+gluepdl",
+                       "--out", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [r["config"] for r in rows] == ["bf16", "aaac-int4"]
+    assert [r["config"] for r in rows] == ["bf16", "aaac-int4+gluepdl"]
+    assert rows[1]["glue_pdl"] is True   # an option this torch.compile accepts
     for r in rows:
         assert r["compiled"] is True and positive(r["compile_s"]) and positive(r["tokens_per_s"])
         # bf16 logits of order 1: fused kernels round differently, by a few bf16 ulps.
         assert 0 <= r["compiled_vs_eager_max_abs_diff"] < 0.1
     assert "torch.compile" in (tmp_path / "decode.md").read_text()
+
+
+def test_bench_decode_nopdl_times_with_plain_launches(monkeypatch, tmp_path, one_thread):
+    """+nopdl: QAMW_PDL=0 while the config is built, compiled and timed (the launchers read
+    it at each launch), and the environment as it was afterwards."""
+    monkeypatch.setenv("QAMW_PDL", "1")
+    seen = []
+    time_decode = bench_decode.time_decode
+
+    def spy(*args):
+        seen.append(os.environ.get("QAMW_PDL"))
+        return time_decode(*args)
+
+    monkeypatch.setattr(bench_decode, "time_decode", spy)
+    bench_decode.main(["--smoke", "--configs", "qamw-4,qamw-4+nopdl,aaac-int4",
+                       "--out", str(tmp_path / "decode.json")])
+    assert seen == ["1", "0", "1"] and os.environ["QAMW_PDL"] == "1"
+    rows = json.loads((tmp_path / "decode.json").read_text())["results"]
+    assert [r["pdl"] for r in rows] == [True, False, True]
 
 
 @pytest.mark.parametrize("shape", ["llama3-8b", "llama2-7b"])
