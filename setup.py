@@ -2,31 +2,14 @@
 a CPU-only one otherwise (set QAMW_FORCE_CPU=1 to skip CUDA)."""
 import glob
 import os
-import shutil
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def cuda_home():
-    """The toolkit root. The `nvcc` first on PATH may be a wrapper script that execs the real
-    one, so follow it rather than trusting torch's guess."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    real = os.path.realpath(nvcc)
-    with open(real, "rb") as f:
-        head = f.read(4096)
-    if head.startswith(b"#!"):  # a wrapper: find the path it execs
-        for token in head.decode(errors="ignore").split():
-            if token.endswith("/nvcc") and os.path.exists(token):
-                real = os.path.realpath(token)
-                break
-    return os.path.dirname(os.path.dirname(real))
+sys.path.insert(0, os.path.join(HERE, "tools"))
+from cuda_home import cuda_home  # noqa: E402
 
 
 def want_cuda():

@@ -22,8 +22,15 @@ NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-exte
 def load(src, build_dir=BUILD_DIR):
     """hadamard(x, scale): Dao's transform of x's last dimension (a power of two up to 32768),
     times scale. Builds on the first call; later calls with the same sources load the build."""
-    from torch.utils.cpp_extension import load as load_extension
+    from torch.utils import cpp_extension
 
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from cuda_home import cuda_home
+
+    # Where nvcc on PATH is a wrapper script, torch's guess at CUDA_HOME has no headers.
+    home = cuda_home()
+    if home:
+        os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = home
     csrc = os.path.join(os.path.abspath(src), "csrc")
     sources = [os.path.join(csrc, f)
                for f in ("fast_hadamard_transform.cpp", "fast_hadamard_transform_cuda.cu")]
@@ -31,10 +38,10 @@ def load(src, build_dir=BUILD_DIR):
     if missing:
         raise FileNotFoundError(f"{src} is not a fast-hadamard-transform checkout: no {missing[0]}")
     os.makedirs(build_dir, exist_ok=True)
-    module = load_extension(name="fast_hadamard_transform_cuda", sources=sources,
-                            extra_include_paths=[os.path.abspath(src), csrc],
-                            extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
-                            build_directory=build_dir)
+    module = cpp_extension.load(name="fast_hadamard_transform_cuda", sources=sources,
+                                 extra_include_paths=[os.path.abspath(src), csrc],
+                                 extra_cflags=["-O3"], extra_cuda_cflags=NVCC_FLAGS,
+                                 build_directory=build_dir)
     return module.fast_hadamard_transform
 
 
