@@ -2,6 +2,7 @@
 // fibers, resumed in turn until each reaches a barrier or returns. Any misuse the emulation can
 // see is a fatal error with a message, as a hang or undefined behaviour would be on a GPU.
 #include "cuda_runtime.h"
+#include "cuda_pipeline.h"
 
 #include <sys/mman.h>
 #include <setjmp.h>
@@ -38,10 +39,20 @@ constexpr int kDefaultDynamicShared = 48 * 1024;
 
 enum class State { Ready, AtBarrier, AtExchange, Done };
 
+// An asynchronous copy (cuda_pipeline.h) not yet made, and the batch it was committed in.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+  size_t batch;
+};
+
 struct Thread {
   State state = State::Ready;
   uint3 index{};
   bool waited = false;  // called cudaGridDependencySynchronize
+  std::vector<PendingCopy> copies;
+  size_t committed = 0;  // batches committed so far
 };
 
 // A fiber per thread slot, made once and reused by every block and launch. Switching uses
@@ -267,6 +278,26 @@ void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes,
 }
 
 void grid_dependency_wait() { g_run->threads[g_run->current].waited = true; }
+
+void pipeline_copy(void* dst, const void* src, size_t bytes) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("asynchronous copy of other than 4, 8 or 16 bytes");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
+    fail("asynchronous copy not aligned to its size");
+  Thread& t = g_run->threads[g_run->current];
+  t.copies.push_back({dst, src, bytes, t.committed});
+}
+
+void pipeline_commit() { ++g_run->threads[g_run->current].committed; }
+
+void pipeline_wait_prior(size_t prior) {
+  Thread& t = g_run->threads[g_run->current];
+  std::vector<PendingCopy> later;
+  for (const PendingCopy& c : t.copies) {
+    if (c.batch + prior < t.committed) std::memcpy(c.dst, c.src, c.bytes);
+    else later.push_back(c);
+  }
+  t.copies.swap(later);
+}
 
 void* dynamic_shared_memory() { return g_run->shared.get(); }
 
