@@ -3,12 +3,20 @@
 // kernel that mixes the K runs.
 //
 // A block of B = 2^L values is spread over B / E threads holding E = min(B, 32) values each in
-// registers. The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
+// registers (64, two columns of 32, at 2^15: 1024 threads would have 64 registers each, and
+// spilled). The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
 // contiguous values each thread loaded (16-byte loads); each later pass exchanges the values
 // through shared memory so that every thread holds the values that differ in the next 5 bits,
 // and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
 // padded by one word every 32 so that both the strided writes of pass 0 and the reads are
 // free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads.
+//
+// Blocks of 2^14 and 2^15 fill the registers of an SM (one CTA an SM), so no other CTA's loads
+// overlap a block's transform. For 16-bit values a persistent CTA therefore stages the input of
+// its next block in shared memory with asynchronous copies while it transforms the current one
+// (STAGED; the staged input takes 32 or 64 KiB beside the 66 or 132 KiB exchange buffer).
+#include <cuda_pipeline.h>
+
 #include <utility>
 
 #include "../hadamard_tables.h"
@@ -23,7 +31,8 @@ template <int L>
 struct HadamardShape {
   static constexpr int block = 1 << L;
   static constexpr int reg_bits = L < kPassBits ? L : kPassBits;
-  static constexpr int per_thread = 1 << reg_bits;                   // E
+  static constexpr int columns = L >= 15 ? 2 : 1;                     // of 2^reg_bits values
+  static constexpr int per_thread = columns << reg_bits;              // E
   static constexpr int threads_per_block = block / per_thread;        // threads on one block
   static constexpr int blocks_per_cta = threads_per_block >= 128 ? 1 : 128 / threads_per_block;
   static constexpr int threads = threads_per_block * blocks_per_cta;
@@ -72,17 +81,48 @@ __device__ __forceinline__ void shared_passes(float (&v)[HadamardShape<L>::per_t
   }
 }
 
-template <typename T, int L>
+// Starts the copy of a thread's E 16-bit values of a block (16-byte aligned) into its slots of
+// the staging area: 16-byte chunk q of thread t at chunk q * threads + t, so that the reads
+// back, one chunk of every lane at a time, are free of bank conflicts.
+template <typename T, int E, int kThreadsPerBlock>
+__device__ __forceinline__ void stage_values(const T* src, uint4* stage, int t) {
+  static_assert(sizeof(T) == 2 && E % 8 == 0, "16-bit values in whole 16-byte chunks");
+#pragma unroll
+  for (int q = 0; q < E / 8; ++q)
+    __pipeline_memcpy_async(stage + q * kThreadsPerBlock + t, src + 8 * q, 16);
+  __pipeline_commit();
+}
+
+// Waits for the thread's staged values and converts them to floats.
+template <typename T, int E, int kThreadsPerBlock>
+__device__ __forceinline__ void unstage_values(const uint4* stage, int t, float (&v)[E]) {
+  __pipeline_wait_prior(0);
+#pragma unroll
+  for (int q = 0; q < E / 8; ++q) {
+    const uint4 raw = stage[q * kThreadsPerBlock + t];
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[8 * q + i] = to_float(e[i]);
+  }
+}
+
+template <typename T, int L, bool STAGED>
 __global__ void __launch_bounds__(HadamardShape<L>::threads)
     hadamard_kernel(const T* x, T* out, int64_t nblocks,
                     int64_t blocks_per_row, const int8_t* __restrict__ signs, bool inverse,
                     bool vec) {
   using S = HadamardShape<L>;
   constexpr int E = S::per_thread;
+  static_assert(!STAGED || S::blocks_per_cta == 1, "a staged CTA holds one block");
   extern __shared__ float smem[];
   const int g = threadIdx.x / S::threads_per_block, t = threadIdx.x % S::threads_per_block;
   float* s = smem + g * S::smem_per_block;
+  uint4* stage = reinterpret_cast<uint4*>(smem + S::smem_per_block);  // STAGED only
   const int64_t ngroups = (nblocks + S::blocks_per_cta - 1) / S::blocks_per_cta;
+  if constexpr (STAGED) {
+    if (blockIdx.x < ngroups)
+      stage_values<T, E, S::threads_per_block>(x + blockIdx.x * S::block + t * E, stage, t);
+  }
   for (int64_t grp = blockIdx.x; grp < ngroups; grp += gridDim.x) {
     const int64_t blk = grp * S::blocks_per_cta + g;
     const bool valid = blk < nblocks;  // invalid threads still reach every barrier
@@ -91,7 +131,11 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
 
     float v[E];
     if (valid) {
-      load_floats<T, E>(x + base + t * E, v, vec);
+      if constexpr (STAGED) {
+        unstage_values<T, E, S::threads_per_block>(stage, t, v);
+      } else {
+        load_floats<T, E>(x + base + t * E, v, vec);
+      }
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         const float f = (sg && !inverse) ? static_cast<float>(sg[t * E + i]) : 1.0f;
@@ -115,6 +159,14 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
       __syncthreads();  // the previous group's last reads are done
 #pragma unroll
       for (int i = 0; i < E; ++i) s[padded(t * E + i)] = v[i];
+      if constexpr (STAGED) {
+        // The next block's input travels while this one takes its shared-memory passes and
+        // is stored; issued here, where v is in shared memory, it holds no extra registers.
+        // Each thread staged and read back only its own chunks: no barrier is needed.
+        if (grp + gridDim.x < ngroups)
+          stage_values<T, E, S::threads_per_block>(x + (grp + gridDim.x) * S::block + t * E,
+                                                   stage, t);
+      }
       shared_passes<L, 1>(v, s, t);
       if (valid) {
 #pragma unroll
@@ -128,8 +180,8 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
   }
 }
 
-// Dynamic shared memory of hadamard_kernel<T, L>: HadamardShape's figure, for L = 1 ... 15 at
-// run time.
+// Dynamic shared memory of hadamard_kernel<T, L, false>: HadamardShape's figure, for L = 1 ...
+// 15 at run time.
 template <int... Ls>
 size_t smem_bytes_of(int L, std::integer_sequence<int, Ls...>) {
   constexpr size_t bytes[] = {sizeof(float) * HadamardShape<Ls + 1>::smem_per_block *
@@ -145,13 +197,24 @@ void launch(const T* x, T* out, int64_t nblocks, int64_t blocks_per_row, const i
             bool inverse, cudaStream_t stream) {
   using S = HadamardShape<L>;
   const size_t smem = sizeof(float) * S::smem_per_block * S::blocks_per_cta;
-  auto kernel = hadamard_kernel<T, L>;
-  allow_smem(kernel, smem);
   const int64_t ngroups = ceil_div(nblocks, S::blocks_per_cta);
-  const unsigned grid = capped_grid(ngroups);
   const bool vec = aligned16(x) && aligned16(out);
-  kernel<<<grid, S::threads, smem, stream>>>(x, out, nblocks, blocks_per_row, signs, inverse,
-                                             vec);
+  if constexpr (L >= 14 && sizeof(T) == 2) {
+    // Staged where the device holds both buffers and x is 16-byte aligned; a persistent grid,
+    // each CTA striding over the blocks.
+    const size_t staged_smem = smem + sizeof(T) * S::block;
+    auto staged = hadamard_kernel<T, L, true>;
+    if (aligned16(x) && allow_smem(staged, staged_smem)) {
+      const unsigned grid = persistent_grid(staged, S::threads, staged_smem, ngroups, 1);
+      staged<<<grid, S::threads, staged_smem, stream>>>(x, out, nblocks, blocks_per_row, signs,
+                                                        inverse, vec);
+      return;
+    }
+  }
+  auto kernel = hadamard_kernel<T, L, false>;
+  allow_smem(kernel, smem);
+  kernel<<<capped_grid(ngroups), S::threads, smem, stream>>>(x, out, nblocks, blocks_per_row,
+                                                             signs, inverse, vec);
 }
 
 constexpr int kMixThreads = 256;

@@ -73,13 +73,17 @@ void test_hadamard() {
   const Case cases[] = {{2, 3, 6},       {8, 5, 24},      {32, 3, 96},     {64, 7, 192},
                         {256, 3, 512},   {2048, 2, 4096}, {32768, 1, 32768}, {12, 4, 36},
                         {24, 3, 72},     {96, 3, 192},    {576, 2, 1152},  {480, 2, 480},
-                        {1536, 1, 3072}, {44, 3, 88}};
+                        {1536, 1, 3072}, {44, 3, 88},
+                        // Staged 16-bit blocks: CTAs striding over several blocks, and (3 rows,
+                        // unaligned) the unstaged kernel.
+                        {16384, 7, 16384}, {16384, 3, 16384}, {32768, 4, 65536}};
   for (const Case& c : cases)
     for (const qamw::DType d : kDtypes)
       for (const bool with_signs : {false, true})
         for (const bool inverse : {false, true}) {
-          // fp32 one element in: the unaligned (scalar) load path.
-          const int64_t off = d == qamw::DType::F32 && c.rows == 3 ? 1 : 0;
+          // One element in: the unaligned (scalar) load path, and for 16-bit 2^14 blocks the
+          // unstaged kernel.
+          const int64_t off = (d == qamw::DType::F32 || c.block >= 16384) && c.rows == 3 ? 1 : 0;
           const int64_t size = c.rows * c.n;
           Activations x(d, size + off), got(d, size + off), want(d, size + off);
           for (int64_t i = 0; i < size + off; ++i) x.set(i, normal());
