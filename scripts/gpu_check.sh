@@ -73,10 +73,11 @@ step build 330 "$benches" env MAX_JOBS="$(nproc)" python setup.py build_ext --in
 # Every CUDA case of the op tests: Hadamard blocks 2^m and K * 2^m (12 ... 30720, 576, 1536),
 # the QAM-W GEMV and dequantize with K * 2^m blocks, AAAC, packing, nearest codeword.
 step tests 90 "$benches" "${pytest_ops[@]}" -q -k cuda
-# The sanitizer slows every kernel launch a hundredfold: a few cases per kernel family,
-# K * 2^m blocks first (the newest code); -v so that a timed-out log shows how far it got.
+# The sanitizer slows every kernel launch a hundredfold: a few cases per kernel family, the
+# staged 2^14 blocks (CTAs striding over 300) and K * 2^m blocks included; -v so that a
+# timed-out log shows how far it got.
 step memcheck 50 "$benches" "${sanitizer[@]}" --tool memcheck "${pytest_ops[@]}" -x -v -k \
-  "cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128) or fused_siblings and (rows1-576-576-4 or rows2-1024-1024-11 or rows1-512-128-scale_dtype0))"
+  "cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or many_large_blocks and 16384-dtype1 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128) or fused_siblings and (rows1-576-576-4 or rows2-1024-1024-11 or rows1-512-128-scale_dtype0))"
 # racecheck and initcheck are slower still: the kernels with shared memory and reductions.
 step racecheck 25 "$benches" "${sanitizer[@]}" --tool racecheck "${pytest_ops[@]}" -x -v -k \
   "cuda and (k_blocks_match_reference and (576- or 1536-) and dtype2 or qamw_dequantize_and_gemv and (576-576 or 3072-1536 or 1024-1024) and 11-cuda or aaac_dequantize_and_gemv and 192-64 or fused_siblings and rows1-576-576-11)"
