@@ -157,8 +157,18 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
       }
     } else {
       __syncthreads();  // the previous group's last reads are done
+      // With two columns a thread (stride 66 words), lanes 16-31 write their second column
+      // first, so that each store of a warp falls in 32 different banks.
+      const bool swap = S::columns == 2 && (t & 16);
 #pragma unroll
-      for (int i = 0; i < E; ++i) s[padded(t * E + i)] = v[i];
+      for (int k = 0; k < S::columns; ++k) {
+        const bool second = (k == 1) != swap;
+#pragma unroll
+        for (int i = 0; i < E / S::columns; ++i) {
+          const int j = (second ? E / 2 : 0) + i;
+          s[padded(t * E + j)] = second ? v[E / 2 + i] : v[i];
+        }
+      }
       if constexpr (STAGED) {
         // The next block's input travels while this one takes its shared-memory passes and
         // is stored; issued here, where v is in shared memory, it holds no extra registers.
