@@ -9,9 +9,10 @@ bf16+fused is the dense baseline with the same fusion); "+head" quantizes lm_hea
 one, as layer_options can give it). Otherwise the embeddings and lm_head stay bf16, as
 qamw_ext.convert leaves them. The GEMV kernels launch overlapped with the kernel before them
 (programmatic dependent launch, sm_90+): "+nopdl" launches them plainly (QAMW_PDL=0), and
-"+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl). Reports tokens/s, the bytes read per token, the
-bandwidth they imply and its fraction of the device-to-device copy bandwidth measured in the
-same run; JSON to --out and a markdown table beside it.
+"+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl). Reports
+tokens/s, the bytes read per token, the bandwidth they imply and its fraction of the
+device-to-device copy bandwidth measured in the same run; JSON to --out and a markdown table
+beside it.
 
     python benchmarks/bench_decode.py --device cuda --out DIR/decode_cuda.json
     python benchmarks/bench_decode.py --device cuda --compile --out DIR/decode_compiled.json

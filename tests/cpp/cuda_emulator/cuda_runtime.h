@@ -13,10 +13,11 @@
 // elsewhere; a block that can never finish (deadlock); launch configurations a GPU would refuse
 // (more than 1024 threads, dynamic shared memory over the 48 KiB default without
 // cudaFuncSetAttribute, or over the device maximum); a thread of a kernel launched with
-// programmatic dependent launch that exits without cudaGridDependencySynchronize. Dynamic shared memory is a heap buffer of
-// exactly the launch's size, filled with NaN bytes, so the sanitizer build catches accesses past
-// it and reads of values never written show up as NaN. Schedule::Reverse runs each step's
-// threads in the opposite order: a missing barrier then gives a different result.
+// programmatic dependent launch that exits without cudaGridDependencySynchronize. Dynamic
+// shared memory is a heap buffer of exactly the launch's size, filled with NaN bytes, so the
+// sanitizer build catches accesses past it and reads of values never written show up as NaN.
+// Schedule::Reverse runs each step's threads in the opposite order: a missing barrier then
+// gives a different result.
 // Not emulated: timing, the memory model beyond barriers, warp-synchronous execution
 // (only shuffles exchange values between lanes).
 #pragma once

@@ -190,7 +190,7 @@ void make_fibers(int count) {
 void run_block(BlockRun& r, int nthreads) {
   for (int i = 0; i < nthreads; ++i)
     r.threads[i] = Thread{State::Ready, uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y,
-                                              i / (blockDim.x * blockDim.y)}, false};
+                                              i / (blockDim.x * blockDim.y)}};
   r.done = 0;
   r.arrived = 0;
   for (Exchange& e : r.warps) e = Exchange{};
@@ -280,7 +280,8 @@ void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes,
 void grid_dependency_wait() { g_run->threads[g_run->current].waited = true; }
 
 void pipeline_copy(void* dst, const void* src, size_t bytes) {
-  if (bytes != 4 && bytes != 8 && bytes != 16) fail("asynchronous copy of other than 4, 8 or 16 bytes");
+  if (bytes != 4 && bytes != 8 && bytes != 16)
+    fail("asynchronous copy of other than 4, 8 or 16 bytes");
   if (reinterpret_cast<uintptr_t>(dst) % bytes || reinterpret_cast<uintptr_t>(src) % bytes)
     fail("asynchronous copy not aligned to its size");
   Thread& t = g_run->threads[g_run->current];
