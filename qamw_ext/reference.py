@@ -30,7 +30,7 @@ def hadamard(x, block_size, signs=None, inverse=False):
         h *= 2
     y = y.reshape(-1, order, pow2)
     if order > 1:
-        hk = hadamard_matrices.matrix(order).to(torch.float64)
+        hk = hadamard_matrices.matrix(order).to(device=y.device, dtype=torch.float64)
         y = torch.einsum("ab,rbj->raj", hk.T if inverse else hk, y)
     y = y.reshape(*lead, n) / math.sqrt(block_size)
     if signs is not None and inverse:
@@ -48,7 +48,7 @@ def nearest_codeword_2d(points, codebook, chunk=1 << 14):
     flat = points.reshape(-1, 2)
     out = [torch.argmin(_squared_distances(flat[i:i + chunk], codebook), dim=-1)
            for i in range(0, flat.shape[0], chunk)]
-    idx = torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+    idx = torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=points.device)
     return idx.to(torch.int32).reshape(points.shape[:-1])
 
 
@@ -57,7 +57,7 @@ def nearest_codeword_1d(values, codebook, chunk=1 << 14):
     flat = values.reshape(-1)
     out = [torch.argmin((flat[i:i + chunk, None] - codebook).abs(), dim=-1)
            for i in range(0, flat.shape[0], chunk)]
-    idx = torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+    idx = torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=values.device)
     return idx.to(torch.int32).reshape(values.shape)
 
 
@@ -74,10 +74,10 @@ def pack_bits(codes, bits):
     if count == 0:
         return codes.new_zeros((*codes.shape[:-1], 0))
     rows = codes.reshape(-1, count).to(torch.int64)
-    weights = torch.arange(bits, dtype=torch.int64)
-    stream = ((rows.unsqueeze(-1) >> weights) & 1).reshape(rows.shape[0], count * bits)
+    bit = torch.arange(32, dtype=torch.int64, device=codes.device)
+    stream = ((rows.unsqueeze(-1) >> bit[:bits]) & 1).reshape(rows.shape[0], count * bits)
     stream = torch.nn.functional.pad(stream, (0, words * 32 - count * bits))
-    value = (stream.view(rows.shape[0], words, 32) << torch.arange(32, dtype=torch.int64)).sum(-1)
+    value = (stream.view(rows.shape[0], words, 32) << bit).sum(-1)
     value = torch.where(value >= 2**31, value - 2**32, value)  # two's complement int32
     return value.to(torch.int32).reshape(*codes.shape[:-1], words)
 
@@ -88,9 +88,10 @@ def unpack_bits(packed, bits, count):
     if count == 0:
         return packed.new_zeros((*packed.shape[:-1], 0))
     rows = packed.reshape(-1, words).to(torch.int64) & 0xFFFFFFFF
-    stream = ((rows.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows.shape[0], words * 32)
+    bit = torch.arange(32, dtype=torch.int64, device=packed.device)
+    stream = ((rows.unsqueeze(-1) >> bit) & 1).reshape(rows.shape[0], words * 32)
     stream = stream[:, :count * bits].reshape(rows.shape[0], count, bits)
-    codes = (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
+    codes = (stream << bit[:bits]).sum(-1)
     return codes.to(torch.int32).reshape(*packed.shape[:-1], count)
 
 

@@ -400,3 +400,22 @@ def test_public_api_exports_every_op():
     for name in ["hadamard", "nearest_codeword_2d", "nearest_codeword_1d", "pack_bits",
                  "unpack_bits", "qamw_gemv", "qamw_dequantize", "aaac_gemv", "aaac_dequantize"]:
         assert getattr(qamw_ext, name) is getattr(ops, name)
+
+
+def test_reference_computes_on_its_inputs_device():
+    """The reference builds its helper tensors (bit weights, H_K) on the inputs' device, so the
+    GPU tests can compare against it: on the meta device any CPU tensor would raise."""
+    meta = torch.device("meta")
+    n, bits = 576, 7
+    assert reference.hadamard(torch.empty(3, n, device=meta), n).device == meta
+    codes = torch.empty(4, n // 2, dtype=torch.int32, device=meta)
+    packed = reference.pack_bits(codes, bits)
+    assert reference.unpack_bits(packed, bits, n // 2).device == meta
+    w = reference.qamw_dequantize(packed, torch.empty(1 << bits, 2, device=meta),
+                                  torch.empty(4, device=meta), torch.empty(n, device=meta),
+                                  torch.empty(n, dtype=torch.int8, device=meta), bits, n, n)
+    assert w.device == meta
+    for nearest, points, book in [(reference.nearest_codeword_2d, (0, 2), (16, 2)),
+                                  (reference.nearest_codeword_1d, (0,), (16,))]:
+        assert nearest(torch.empty(points, device=meta),
+                       torch.empty(book, device=meta)).device == meta
