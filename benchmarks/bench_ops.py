@@ -47,6 +47,7 @@ SMOKE = dict(gemv_shapes=[(256, 512), (512, 256)], batches=[1, 4],
              dtypes=[torch.bfloat16, torch.float16], hadamard_blocks=[128, 1024, 576],
              hadamard_bytes=MiB // 4, copy_bytes=4 * MiB, rotation_bytes=MiB, max_copies=8,
              calls=4, repeats=3, nearest_points=1 << 12)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # A row of the Hadamard benchmark holds whole blocks and at least this many values.
 HADAMARD_MIN_ROW = 4096
 
@@ -479,6 +480,11 @@ def suite_main(args):
     """The GPU suite (or, with --smoke, the same code on tiny shapes)."""
     device = args.device
     s = dict(SMOKE if args.smoke else FULL)
+    if args.dtypes:
+        s["dtypes"] = [DTYPES[d] for d in args.dtypes.split(",")]
+    if args.hadamard_blocks:
+        s["hadamard_blocks"] = ([] if args.hadamard_blocks == "none" else
+                                [int(b) for b in args.hadamard_blocks.split(",")])
     l2 = 0
     if device == "cuda":
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
@@ -539,7 +545,13 @@ def main(argv=None):
     parser.add_argument("--dao-fht-src", metavar="DIR",
                         help="a checkout of Dao-AILab/fast-hadamard-transform: build it and time "
                              "its transform beside ops.hadamard")
+    parser.add_argument("--dtypes", help="activation dtypes of the GPU suite, e.g. bf16 or "
+                        "bf16,fp16 (the default)")
+    parser.add_argument("--hadamard-blocks", metavar="LIST",
+                        help="Hadamard blocks of the GPU suite, e.g. 128,1024, or none")
     args = parser.parse_args(argv)
+    if args.dtypes and not set(args.dtypes.split(",")) <= DTYPES.keys():
+        parser.error(f"--dtypes takes {', '.join(DTYPES)}, got {args.dtypes}")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.device == "cpu" and not args.smoke:
         cpu_main(args)

@@ -4,7 +4,8 @@
 # CUDA op tests against the reference (K * 2^m Hadamard blocks included), compute-sanitizer's
 # memcheck, racecheck and initcheck over small targeted selections of them, Nsight Compute's
 # shared-memory wavefronts of each GEMV (benchmarks/profile_gemv.py), the op benchmarks
-# (benchmarks/bench_ops.py --device cuda) and the decode benchmark (benchmarks/bench_decode.py).
+# (benchmarks/bench_ops.py --device cuda), the decode benchmark (benchmarks/bench_decode.py)
+# and Nsight Compute's stall reasons of each GEMV.
 # Every step's log, a summary and the benchmarks' JSON and markdown go to OUT (default
 # benchmarks/results/gpu-DATE-GPU).
 #   bash scripts/gpu_check.sh [OUT]
@@ -56,9 +57,11 @@ step() {
 }
 
 # Seconds kept for the two benchmarks while the build, the tests and the sanitizer run (the
-# decode benchmark, last, may use whatever is left).
-bench_ops_s=90
-bench_decode_s=120
+# decode benchmark, last, may use whatever is left). BENCH_OPS_ARGS: more bench_ops.py options
+# (e.g. --dtypes bf16 --hadamard-blocks none, for a shorter run).
+bench_ops_s=${BENCH_OPS_S:-90}
+bench_decode_s=${BENCH_DECODE_S:-120}
+read -ra bench_ops_args <<< "${BENCH_OPS_ARGS:-}"
 benches=$((bench_ops_s + bench_decode_s))
 pytest_ops=(python -m pytest tests/test_ops.py -p no:cacheprovider)
 sanitizer=(compute-sanitizer --error-exitcode 1 --print-limit 20)
@@ -96,7 +99,7 @@ if [ -n "${dao_build:-}" ]; then
   grep -q "^dao_fht: ok" "$out/summary.txt" && dao_args=(--dao-fht-src "$DAO_FHT_SRC")
 fi
 step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py --device cuda \
-  "${dao_args[@]}" --out "$out/ops_cuda.json"
+  "${dao_args[@]}" "${bench_ops_args[@]}" --out "$out/ops_cuda.json"
 # Each config's decoder layer compiled once with torch.compile (Inductor fuses the glue between
 # the linears), then the whole step in a CUDA graph. The rows are written as they come, the
 # ones the targets need first (+fused: the conversion with fuse_siblings=true; +head=qamw-5.5:
@@ -105,6 +108,16 @@ step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py -
 step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compile \
   --configs bf16,qamw-4+fused,qamw-4+fused+head=qamw-5.5,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,aaac-int4+fused,qamw-5.5+fused,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
   --out "$out/decode_cuda.json"
+# Where each batch-1 GEMV's warps wait (stall reasons) and how often its schedulers issue: what
+# bounds the kernels beyond bytes. Last, in whatever time is left.
+step ncu_stalls 60 0 ncu --section WarpStateStats --section SchedulerStats -k regex:gemv_kernel \
+  python benchmarks/profile_gemv.py
+# The same, with memory throughput, for the Hadamard transform's blocks of 2^7 (3x clone in the
+# first H100 run) and 2^12 (1.5x), 64 MiB of bf16 each.
+step ncu_hadamard 30 0 ncu --section SpeedOfLight --section WarpStateStats --section Occupancy \
+  -k regex:hadamard python -c "import torch; from qamw_ext import ops
+x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16)
+[ops.hadamard(x, b) for b in (128, 4096)]; torch.cuda.synchronize()"
 
 { echo "device: $gpu"; echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "command: bash scripts/gpu_check.sh $*";
   python -c "import torch; print('torch:', torch.__version__)"; } >> "$out/summary.txt"

@@ -103,6 +103,21 @@ def test_bench_ops_compares_a_hadamard_transform_and_its_agreement(monkeypatch, 
     assert "checkout" in record["dao_fht_error"] and "checkout" in (tmp_path / "ops.md").read_text()
 
 
+def test_bench_ops_dtypes_and_hadamard_blocks_narrow_the_suite(tmp_path, one_thread):
+    out = tmp_path / "ops.json"
+    bench_ops.main(["--smoke", "--dtypes", "fp16", "--hadamard-blocks", "none",
+                    "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert {r["dtype"] for r in results if r["op"] == "gemv"} == {"torch.float16"}
+    assert not [r for r in results if r["op"] == "hadamard"]
+    bench_ops.main(["--smoke", "--dtypes", "bf16", "--hadamard-blocks", "256",
+                    "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["block"] for r in results if r["op"] == "hadamard"] == [256]
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--smoke", "--dtypes", "fp8"])
+
+
 def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
     out = tmp_path / "decode.json"
     bench_decode.main(["--smoke", "--out", str(out)])
