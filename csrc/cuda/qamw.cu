@@ -1,18 +1,20 @@
 // QAM-W fused GEMV and dequantize on the GPU.
 //
 // GEMV: y[b, i] = sum_k scale(i, k) <codebook[code(i, k)], xr[b, 2k:2k+2]>, xr the rotated
-// activation H_block(signs * x / channel_scale). Each CTA first rotates the whole activation
-// into shared memory (fused; when it is small enough) or the launcher rotates it into the
-// caller's workspace with a small kernel; the codebook is staged in shared memory (half2 for
-// fp16 / bf16 activations), in up to 32 copies that spread the lookups over the banks
-// (codebook_copies).
+// activation H_block(signs * x / channel_scale). At batch 1 each CTA first rotates the whole
+// activation into shared memory (fused; when it fits); otherwise, and at larger batches, the
+// launcher rotates it into the caller's workspace with a small kernel and the GEMV reads it
+// through L1. The codebook is staged in shared memory (half2 for fp16 / bf16 activations), in
+// up to 32 copies that spread the lookups over the banks (codebook_copies).
 // A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
 // of 2^m values, then its K runs mixed by H_K (mix_shared).
 // Then a thread decodes a "unit" of codes at a time, with compile-time shifts: 128 consecutive
 // codes of one row (a chunk, exactly `bits` aligned 16-byte vectors), or at batch 1 the same 64
 // codes of two rows, so that each activation pair read serves two codes (rows_per_lane). A
 // power-of-two group of lanes shares the row(s) and reduces with shuffles. CTAs are persistent
-// (one wave) and stride over rows, so each rotates the activation once for many rows.
+// (one wave) and stride over rows, so each rotates the activation once for many rows. A unit
+// inside the row whose pairs share one row scale is decoded without a branch; a row's last,
+// partial unit, and scales over fewer pairs than a unit, take a general loop.
 //
 // The rotated activation is stored with two padding floats after every unit: lanes of a group
 // read pairs a unit apart, which would otherwise all hit the same shared-memory bank.
@@ -54,10 +56,10 @@ struct Identity {
 // copy l % copies, so the data-dependent lookups spread over the banks (one copy: ~3 times the
 // wavefronts). Shared memory serves a wavefront of 128 bytes: 32 lanes of 4-byte codewords, 16
 // of 8-byte ones, so 128 / entry_bytes copies give every lane of a wavefront its own banks. The
-// copies take at most 128 KiB and what the device's shared memory leaves: on an H100, half2
-// codewords get 32 copies up to 10 bits per pair, 16 at 11 and 8 at 12 (float2: 16, 8 and 4),
-// where lanes l and l + copies may share banks. Returns 0 when not even one copy fits in
-// `budget` bytes.
+// copies take at most 128 KiB and `budget` (the launcher's copies_beside: on an H100 at batch
+// 1 with n = 4096, half2 codewords get 32 copies up to 9 bits per pair, 16 at 10, 8 at 11 and
+// 4 at 12), where lanes l and l + copies may share banks. Returns 0 when not even one copy
+// fits in `budget` bytes.
 int codebook_copies(int bits, int entry_bytes, int64_t budget) {
   const int64_t limit = budget < kCodebookCopiesBytes ? budget : kCodebookCopiesBytes;
   int copies = 128 / entry_bytes;
@@ -244,14 +246,26 @@ __device__ __forceinline__ void prefetch_unit(const GemvParams& p, int64_t row, 
   }
 }
 
+// The codeword of `code` from the lane's copy of the codebook (cb_lane: its first entry, as
+// bytes; entry_shift: log2 of the bytes between consecutive entries of one copy).
+template <typename Codeword>
+__device__ __forceinline__ float2 lookup(const unsigned char* cb_lane, uint32_t code,
+                                         int entry_shift) {
+  return codeword_value(*reinterpret_cast<const Codeword*>(cb_lane + (code << entry_shift)));
+}
+
 // Batch 1 asks for two CTAs an SM: ptxas then fits two rows a lane in 128 registers without
 // spilling (left free it took up to 168, one CTA an SM). Larger batches ask for one: without a
 // minimum, ptxas capped some variants at 64 registers and spilled.
+// At batch 1 (NB == 1) the rotated activation is always in shared memory, rotated by the CTA;
+// larger batches read it from the workspace (L1 / L2). Each is then one address space, so the
+// main loop's activation loads are shared (or global) loads, not generic ones.
 template <int BITS, int NB, typename Codeword>
 __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(GemvParams p) {
   constexpr int R = rows_per_lane(NB);  // NB is 1 exactly when the batch is 1: half a chunk
                                         // (64 codes) of each of two rows
   constexpr int kUnit = kChunk / R, kUnitLog2 = R == 1 ? 7 : 6;
+  constexpr bool kSharedX = NB == 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int G = p.group_lanes, units = p.units_per_row, lane = threadIdx.x % 32;
   const LaneRows lr(G, R);
@@ -269,30 +283,31 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   Codeword* cb_s = reinterpret_cast<Codeword*>(smem_raw);
   float* xr_s = reinterpret_cast<float*>(smem_raw + (sizeof(Codeword) << (BITS + copies_log2)));
 
+  // Each warp's lanes write consecutive copies of one entry: its loads are one broadcast.
+#pragma unroll 8
   for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
     const int e = i >> copies_log2;
-    to_codeword(p.codebook[2 * e], p.codebook[2 * e + 1], cb_s + i);
+    to_codeword(__ldg(p.codebook + 2 * e), __ldg(p.codebook + 2 * e + 1), cb_s + i);
   }
   // Rotated activation: pair k of batch row b at xr2[b * xr_row + unit * xr_unit + k % kUnit].
   // In shared memory each unit is followed by one padding pair: the lanes of a row read pairs
   // a unit apart, which would otherwise all hit the same banks.
   const float2* xr2;
   int xr_row, xr_unit;
-  if (p.workspace == nullptr) {
+  if constexpr (kSharedX) {
     const int pad_shift = kUnitLog2 + 1;  // in floats
     xr_row = p.pairs + units;
     int staged_bits = 0;
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
       const float* channel_scale =
           p.channel_scale ? p.channel_scale + int64_t{rows.sibling} * p.n : nullptr;
-      staged_bits = stage_activation(x, p.n, p.batch, channel_scale, p.signs, p.norm, p.x_vec,
-                                     xr_s, 2 * xr_row, PaddedIndex{pad_shift},
+      staged_bits = stage_activation(x, p.n, 1, channel_scale, p.signs, p.norm, p.x_vec, xr_s,
+                                     2 * xr_row, PaddedIndex{pad_shift},
                                      staging_bits(p.pow2, p.n));
     });
     __syncthreads();
-    fwht_shared(xr_s, p.batch, p.n, p.pow2, 2 * xr_row, pad_shift, staged_bits);
-    if (p.order > 1)
-      mix_shared(xr_s, p.batch, p.n, p.order, p.pow2, p.table, 2 * xr_row, pad_shift);
+    fwht_shared(xr_s, 1, p.n, p.pow2, 2 * xr_row, pad_shift, staged_bits);
+    if (p.order > 1) mix_shared(xr_s, 1, p.n, p.order, p.pow2, p.table, 2 * xr_row, pad_shift);
     xr2 = reinterpret_cast<const float2*>(xr_s);
     xr_unit = kUnit + 1;
   } else {
@@ -302,8 +317,12 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_unit = kUnit;
   }
 
-  const Codeword* my_cb = cb_s + (lane & ((1 << copies_log2) - 1));
-  const int seg_mask = (p.seg_log2 < kUnitLog2 ? (1 << p.seg_log2) : kUnit) - 1;
+  const unsigned char* cb_lane =
+      reinterpret_cast<const unsigned char*>(cb_s + (lane & ((1 << copies_log2) - 1)));
+  const int entry_shift = copies_log2 + (sizeof(Codeword) == 4 ? 2 : 3);
+  // Units whose pairs share one row scale and are all inside the row take the unrolled path;
+  // the rest (a row's last, partial unit; scales over fewer pairs than a unit) the general one.
+  const int fast_units = p.seg_log2 >= kUnitLog2 ? p.pairs >> kUnitLog2 : 0;
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
@@ -318,41 +337,60 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
         // One unit ahead: the next of these rows, or the first of the next ones.
         if (u + G < units) prefetch_unit<BITS, R>(p, row, u + G);
         else prefetch_unit<BITS, R>(p, row + rows.stride, sub);
-        uint32_t w[R][4 * BITS / R];
+        const float2* xu = xr2 + u * xr_unit;
+        if (u < fast_units) {
+          uint32_t w[R][4 * BITS / R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
-        const int valid = p.pairs - u * kUnit < kUnit ? p.pairs - u * kUnit : kUnit;
-        float part[R][NB];
+          for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
+          const int segment = (u * kUnit) >> p.seg_log2;
+          float scale[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+          for (int r = 0; r < R; ++r)
+            scale[r] = row + r < p.m ? p.row_scale[(row + r) * p.scales_per_row + segment] : 0.0f;
+          float part[R][NB];
 #pragma unroll
-          for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+          for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int j = 0; j < kUnit; ++j) {
-          if (j < valid) {
+            for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+#pragma unroll
+          for (int j = 0; j < kUnit; ++j) {
             float2 cw[R];
 #pragma unroll
             for (int r = 0; r < R; ++r)
-              cw[r] = codeword_value(my_cb[chunk_code<BITS>(w[r], j) << copies_log2]);
+              cw[r] = lookup<Codeword>(cb_lane, chunk_code<BITS>(w[r], j), entry_shift);
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
-              if (b < p.batch) {
-                const float2 xv = xr2[b * xr_row + u * xr_unit + j];
+              if (NB == 1 || b < p.batch) {
+                const float2 xv = kSharedX ? xu[b * xr_row + j] : __ldg(xu + b * xr_row + j);
 #pragma unroll
                 for (int r = 0; r < R; ++r)
                   part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
               }
             }
-            // Apply the row scales at the end of each scale segment and of the unit.
-            if (((j + 1) & seg_mask) == 0 || j == valid - 1) {
+          }
 #pragma unroll
-              for (int r = 0; r < R; ++r) {
-                const int64_t k = (row + r) * p.scales_per_row + ((u * kUnit + j) >> p.seg_log2);
-                const float scale = row + r < p.m ? p.row_scale[k] : 0.0f;
+          for (int r = 0; r < R; ++r)
 #pragma unroll
-                for (int b = 0; b < NB; ++b) {
-                  acc[r][b] = fmaf(scale, part[r][b], acc[r][b]);
-                  part[r][b] = 0.0f;
+            for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(scale[r], part[r][b], acc[r][b]);
+        } else {
+          // Pair by pair, codes and scales read from global memory.
+          const int first = u * kUnit;
+          const int valid = p.pairs - first < kUnit ? p.pairs - first : kUnit;
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            if (row + r >= p.m) continue;
+            const uint32_t* rowp =
+                reinterpret_cast<const uint32_t*>(p.packed) + (row + r) * p.words_per_row;
+            const float* scales = p.row_scale + (row + r) * p.scales_per_row;
+            for (int j = 0; j < valid; ++j) {
+              const float2 cw =
+                  lookup<Codeword>(cb_lane, packed_code(rowp, first + j, BITS), entry_shift);
+              const float scale = scales[(first + j) >> p.seg_log2];
+#pragma unroll
+              for (int b = 0; b < NB; ++b) {
+                if (NB == 1 || b < p.batch) {
+                  const float2 xv = xu[b * xr_row + j];
+                  acc[r][b] = fmaf(scale, fmaf(cw.x, xv.x, cw.y * xv.y), acc[r][b]);
                 }
               }
             }
@@ -538,11 +576,6 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.m = w.m;
   p.n = static_cast<int>(w.n);
   p.pairs = static_cast<int>(w.n / 2);
-  p.units_per_row = static_cast<int>(ceil_div(p.pairs, kChunk / rows_per_lane(batch)));
-  // At most 16 lanes a row: the two or more rows of a warp then read the same activation pairs,
-  // which shared memory broadcasts (one wavefront for the warp's activation load, not two).
-  p.group_lanes = 1;
-  while (p.group_lanes < 16 && p.group_lanes < p.units_per_row) p.group_lanes *= 2;
   p.x = x;
   p.dtype = dtype;
   p.channel_scale = w.channel_scale;
@@ -558,16 +591,32 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.x_vec = stage_vectors(x, w.channel_scale, w.signs, w.n);
 
   const int optin = shared_per_block_optin();
-  const int64_t xr_bytes = int64_t{sizeof(float)} * batch * (p.n + 2 * p.units_per_row);
-  // The activation in shared memory beside the codebook copies when both fit, else rotated
-  // into the workspace by its own kernel.
+  // At batch 1 each CTA rotates the activation into shared memory, beside the codebook copies,
+  // when both fit. Otherwise, and at larger batches, a small kernel rotates it once into the
+  // workspace, and a batch of 1 runs the kernel for batches up to 4.
+  const int64_t fused_units = ceil_div(p.pairs, kChunk / rows_per_lane(1));
+  const int64_t xr_bytes = int64_t{sizeof(float)} * (p.n + 2 * fused_units);
   const int entry_bytes = dtype == DType::F32 ? sizeof(float2) : sizeof(__half2);
-  int copies = xr_bytes <= kFusedActivationBytes
-                   ? codebook_copies(w.bits, entry_bytes, optin - xr_bytes)
-                   : 0;
+  // Two CTAs an SM where the copies allow it (16 warps to hide latency, not 8): the copies get
+  // what half an SM's shared memory leaves beside `other` bytes, or where not one copy fits
+  // there, what a whole SM's leaves. An SM holds the opt-in per block plus 1 KiB per CTA.
+  const int64_t half_sm = (int64_t{optin} + 1024) / 2 - 1024;
+  const auto copies_beside = [&](int64_t other) {
+    const int c = codebook_copies(w.bits, entry_bytes, half_sm - other);
+    return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
+  };
+  int copies = batch == 1 && xr_bytes <= kFusedActivationBytes ? copies_beside(xr_bytes) : 0;
   const bool fused = copies > 0;
-  if (!fused) copies = codebook_copies(w.bits, entry_bytes, optin);
+  if (!fused) copies = copies_beside(0);
   p.copies_log2 = log2_of(copies);
+  const int64_t kernel_batch = fused ? 1 : (batch < 2 ? int64_t{2} : batch);
+  p.units_per_row = static_cast<int>(ceil_div(p.pairs, kChunk / rows_per_lane(kernel_batch)));
+  // A row's units spread over a group of up to 32 lanes at batch 1 (twice the CTAs of 16, for
+  // the 4096-row layers) and 16 at larger batches, where the two rows of a warp then read the
+  // same activation pairs, which shared memory or L1 broadcasts.
+  const int max_group = fused ? 32 : 16;
+  p.group_lanes = 1;
+  while (p.group_lanes < max_group && p.group_lanes < p.units_per_row) p.group_lanes *= 2;
   const size_t cb_bytes = size_t(entry_bytes) * copies << w.bits;
   const size_t smem = cb_bytes + (fused ? xr_bytes : 0);
   if (!fused) {
@@ -594,7 +643,8 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     }
     p.workspace = workspace;
   }
-  const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
+  const int64_t rows_per_cta =
+      gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(kernel_batch));
   const auto launch = [&](auto kernel) {
     allow_smem(kernel, smem);
     unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
@@ -602,7 +652,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     launch_overlapped(kernel, dim3(grid), kThreads, smem, s, p);
   };
   dispatch_qamw_bits(w.bits, [&](auto bits) {
-    dispatch_gemv_batch(batch, [&](auto nb) {
+    dispatch_gemv_batch(kernel_batch, [&](auto nb) {
       constexpr int kBits = decltype(bits)::value, kRows = decltype(nb)::value;
       if (dtype == DType::F32) launch(qamw_gemv_kernel<kBits, kRows, float2>);
       else launch(qamw_gemv_kernel<kBits, kRows, __half2>);
