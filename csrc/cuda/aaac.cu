@@ -4,11 +4,14 @@
 // GEMV: a thread owns one 16-byte vector of a row at a time (32 codes, consecutive lanes on
 // consecutive vectors: coalesced), at batch 1 the same vector of two rows (rows_per_lane), and
 // keeps the next one in flight; a power-of-two group of lanes shares the row(s) and reduces
-// with shuffles; CTAs are persistent and stride over rows. Both codebooks are copied once per lane
-// into shared memory (entry e of lane l at e * 32 + l): each lane always reads its own bank, so
-// the data-dependent lookups are free of bank conflicts. The activation, divided by the channel
-// scale, is staged in shared memory as fp32 with 4 padding floats per 32 values (lanes read
-// 16-byte vectors 36 floats apart: no conflicts); when it does not fit, it is read from global.
+// with shuffles; CTAs are persistent and stride over rows. A byte of two codes is looked up at
+// once in a pair table in shared memory: entry (c, v) = (codebook c [v & 15], codebook c
+// [v >> 4]) as a float2, one load and two FMAs for two weights. The table has up to 16 copies,
+// entry e of copy k at e * copies + k, and lane l reads copy l % copies: 16 give every lane of
+// a half-warp (one wavefront of 8-byte loads) its own banks. The activation, divided by the
+// channel scale, is staged in shared memory as fp32 with 4 padding floats per 32 values (lanes
+// read 16-byte vectors 36 floats apart: no conflicts); when it does not fit, it is read from
+// global.
 #include "common.cuh"
 
 namespace qamw::cuda {
@@ -17,6 +20,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kChunk = 32;          // codes in one 16-byte vector
 constexpr int kChunkStride = 36;    // floats per chunk of the staged activation
+constexpr int kPairEntries = 512;   // two codebooks x 256 bytes
 
 // |s| of an e4m3fn byte without its sign bit: bias 7, subnormals, 0x7F is NaN (no infinities).
 __device__ __forceinline__ float e4m3_magnitude(uint32_t m) {
@@ -53,6 +57,7 @@ struct GemvParams {
   void* out;
   bool packed_vec;  // packed rows are 16-byte aligned
   bool x_vec;       // stage_activation may use vector loads
+  int copies_log2;  // log2 of the pair table's copies in shared memory
   CtaSplit split;   // the CTAs of each sibling (one for a plain weight)
 };
 
@@ -62,8 +67,9 @@ template <int NB, bool XS>
 __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   constexpr int R = rows_per_lane(NB);  // at batch 1 an activation vector serves 8 weights
   extern __shared__ __align__(16) float smem[];
-  float* cb_s = smem;               // [32 entries][32 lanes]
-  float* x_s = smem + 32 * 32;      // [batch][chunks_per_row * kChunkStride]
+  const int copies_log2 = p.copies_log2;
+  float2* pairs_s = reinterpret_cast<float2*>(smem);      // [kPairEntries][copies]
+  float* x_s = smem + (2 * kPairEntries << copies_log2);  // [batch][chunks_per_row * kChunkStride]
   const int n = static_cast<int>(p.w.n);
   const int x_row = p.chunks_per_row * kChunkStride;
 
@@ -103,7 +109,13 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   uint4 q[R];
   load_vectors(first_row, sub, q);
 
-  for (int i = threadIdx.x; i < 32 * 32; i += kThreads) cb_s[i] = w.codebooks[i / 32];
+  // Each warp's lanes write consecutive copies of one entry: its loads are broadcasts.
+#pragma unroll 8
+  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kThreads) {
+    const int e = i >> copies_log2;
+    const float* book = w.codebooks + 16 * (e >> 8);
+    pairs_s[i] = make_float2(__ldg(book + (e & 15)), __ldg(book + ((e >> 4) & 15)));
+  }
   if constexpr (XS) {
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
       stage_activation(x, n, p.batch, w.channel_scale, nullptr, 1.0f, p.x_vec, x_s, x_row,
@@ -115,7 +127,9 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int64_t groups = w.n / w.group;
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
-  const float* my_cb = cb_s + lane;
+  const unsigned char* pair_lane =
+      reinterpret_cast<const unsigned char*>(pairs_s + (lane & ((1 << copies_log2) - 1)));
+  const int entry_shift = copies_log2 + 3;  // bytes between entries of one copy, log2
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
@@ -137,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
           const int j0 = c * kChunk + 16 * h;
           if (j0 >= n) continue;  // n is a multiple of 16: the last vector may hold one half
           float magnitude[R];
-          const float* cb[R];
+          uint32_t book[R];  // the pair table's first entry of the row's codebook
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             int choice = 0;
@@ -145,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
             if (row + r < w.m)
               decode_scale(w.scales, w.scale_type, (row + r) * groups + (j0 >> group_log2),
                            choice, magnitude[r]);
-            cb[r] = my_cb + choice * 16 * 32;
+            book[r] = static_cast<uint32_t>(choice) << 8;
           }
           float part[R][NB];
 #pragma unroll
@@ -154,22 +168,23 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
             for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
 #pragma unroll
           for (int quad = 0; quad < 4; ++quad) {
-            float wv[R][4];
+            float2 wv[R][2];  // weights 4 * quad .. 4 * quad + 3 of the half, two a byte
 #pragma unroll
             for (int r = 0; r < R; ++r) {
 #pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int jj = 16 * h + 4 * quad + e;
-                const uint32_t word = jj < 8    ? q[r].x
-                                      : jj < 16 ? q[r].y
-                                      : jj < 24 ? q[r].z
-                                                : q[r].w;
-                wv[r][e] = cb[r][((word >> (4 * (jj % 8))) & 15u) * 32];
+              for (int t = 0; t < 2; ++t) {
+                const int byte = 8 * h + 2 * quad + t;  // of the 16-byte vector
+                const uint32_t word = byte < 4    ? q[r].x
+                                      : byte < 8  ? q[r].y
+                                      : byte < 12 ? q[r].z
+                                                  : q[r].w;
+                const uint32_t entry = book[r] | ((word >> (8 * (byte % 4))) & 0xFFu);
+                wv[r][t] = *reinterpret_cast<const float2*>(pair_lane + (entry << entry_shift));
               }
             }
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
-              if (b < p.batch) {
+              if (NB == 1 || b < p.batch) {
                 float4 xv;
                 if constexpr (XS) {
                   xv = *reinterpret_cast<const float4*>(x_s + b * x_row + c * kChunkStride +
@@ -186,10 +201,10 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
-                  part[r][b] = fmaf(wv[r][0], xv.x, part[r][b]);
-                  part[r][b] = fmaf(wv[r][1], xv.y, part[r][b]);
-                  part[r][b] = fmaf(wv[r][2], xv.z, part[r][b]);
-                  part[r][b] = fmaf(wv[r][3], xv.w, part[r][b]);
+                  part[r][b] = fmaf(wv[r][0].x, xv.x, part[r][b]);
+                  part[r][b] = fmaf(wv[r][0].y, xv.y, part[r][b]);
+                  part[r][b] = fmaf(wv[r][1].x, xv.z, part[r][b]);
+                  part[r][b] = fmaf(wv[r][1].y, xv.w, part[r][b]);
                 }
               }
             }
@@ -241,18 +256,39 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   GemvParams p{};
   p.w = w;
   p.chunks_per_row = static_cast<int>(ceil_div(w.n, kChunk));
-  // At most 16 lanes a row: the two or more rows of a warp then read the same activation
-  // vectors, which shared memory broadcasts (half the wavefronts of 32 lanes on one row).
+  // A row's vectors spread over a group of up to 32 lanes at batch 1 (twice the CTAs of 16, for
+  // the 4096-row layers) and 16 at larger batches, where the two rows of a warp then read the
+  // same activation vectors, which shared memory broadcasts.
+  const int max_group = batch == 1 ? 32 : 16;
   p.group_lanes = 1;
-  while (p.group_lanes < 16 && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
+  while (p.group_lanes < max_group && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
   p.batch = static_cast<int>(batch);
   p.x = x;
   p.dtype = dtype;
   p.out = out;
   p.packed_vec = aligned16(w.packed);
   p.x_vec = stage_vectors(x, w.channel_scale, nullptr, w.n);
-  const size_t x_bytes = sizeof(float) * batch * p.chunks_per_row * kChunkStride;
-  const int optin = shared_per_block_optin();
+  const int64_t x_bytes = int64_t{sizeof(float)} * batch * p.chunks_per_row * kChunkStride;
+  const int64_t optin = shared_per_block_optin();
+  // The activation is staged whenever the device's shared memory holds it beside one copy of
+  // the pair table: even at one CTA an SM, one 16-byte shared load per 4 weights beats two
+  // global loads and a division per weight.
+  const auto table_bytes = [](int copies) {
+    return int64_t{sizeof(float2)} * kPairEntries * copies;
+  };
+  const bool staged = table_bytes(1) + x_bytes <= optin;
+  const int64_t beside = staged ? x_bytes : 0;
+  // Copies: 16, or down to 4 so that two CTAs share an SM (16 warps to hide latency, not 8;
+  // an SM holds the opt-in per block plus 1 KiB per CTA), else as many as one CTA holds.
+  const int64_t half_sm = (optin + 1024) / 2 - 1024;
+  int copies = 16;
+  while (copies > 4 && table_bytes(copies) + beside > half_sm) copies /= 2;
+  if (table_bytes(copies) + beside > half_sm) {
+    copies = 16;
+    while (copies > 1 && table_bytes(copies) + beside > optin) copies /= 2;
+  }
+  p.copies_log2 = __builtin_ctz(copies);
+  const size_t smem = static_cast<size_t>(table_bytes(copies) + beside);
   const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
   dispatch_batch(batch, [&](auto nb) {
     auto launch = [&](auto kernel, size_t smem) {
@@ -261,13 +297,8 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
       p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
       launch_overlapped(kernel, dim3(grid), kThreads, smem, as_stream(stream), p);
     };
-    const size_t cb_bytes = sizeof(float) * 32 * 32;
-    // Staged whenever the device's shared memory holds it: even at one CTA per SM, one 16-byte
-    // shared load per 4 weights beats two global loads and a division per weight.
-    if (cb_bytes + x_bytes <= static_cast<size_t>(optin))
-      launch(aaac_gemv_kernel<decltype(nb)::value, true>, cb_bytes + x_bytes);
-    else
-      launch(aaac_gemv_kernel<decltype(nb)::value, false>, cb_bytes);
+    if (staged) launch(aaac_gemv_kernel<decltype(nb)::value, true>, smem);
+    else launch(aaac_gemv_kernel<decltype(nb)::value, false>, smem);
   });
 }
 
