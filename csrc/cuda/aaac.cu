@@ -129,7 +129,9 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   const unsigned char* pair_lane =
       reinterpret_cast<const unsigned char*>(pairs_s + (lane & ((1 << copies_log2) - 1)));
-  const int entry_shift = copies_log2 + 3;  // bytes between entries of one copy, log2
+  // Bytes between entries of one copy: a multiply, not a shift by the runtime copy count, so
+  // that the address is one IMAD.
+  const uint32_t entry_stride = sizeof(float2) << copies_log2;
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
@@ -179,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
                                       : byte < 12 ? q[r].z
                                                   : q[r].w;
                 const uint32_t entry = book[r] | ((word >> (8 * (byte % 4))) & 0xFFu);
-                wv[r][t] = *reinterpret_cast<const float2*>(pair_lane + (entry << entry_shift));
+                wv[r][t] = *reinterpret_cast<const float2*>(pair_lane + entry * entry_stride);
               }
             }
 #pragma unroll
