@@ -4,8 +4,8 @@
 // activation H_block(signs * x / channel_scale). At batch 1 each CTA first rotates the whole
 // activation into shared memory (fused; when it fits); otherwise, and at larger batches, the
 // launcher rotates it into the caller's workspace with a small kernel and the GEMV reads it
-// through L1. The codebook is staged in shared memory (half2 for fp16 / bf16 activations), in
-// up to 32 copies that spread the lookups over the banks (codebook_copies).
+// through L1. The codebook is staged in shared memory (half2 for bf16 activations, float2 for
+// the others), in copies that spread the lookups over the banks (codebook_copies).
 // A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
 // of 2^m values, then its K runs mixed by H_K (mix_shared).
 // Then a thread decodes a "unit" of codes at a time, with compile-time shifts: 128 consecutive
@@ -67,10 +67,11 @@ int codebook_copies(int bits, int entry_bytes, int64_t budget) {
   return copies;
 }
 
-// Codewords as the GEMV holds them: float2 for fp32 activations, half2 for fp16 / bf16 ones. A
-// half2 load is 4 bytes, so a warp's lookups take one wavefront instead of two and twice the
-// copies fit. Rounding a codeword (|c| < 5 for the shipped codebooks) to fp16 changes it by at
-// most 2^-11 relative, the size of the fp16 output's own rounding and 1/8 of bf16's.
+// Codewords as the GEMV holds them: half2 for bf16 activations, float2 for fp16 and fp32 ones.
+// A half2 load is 4 bytes, so a warp's lookups take one wavefront instead of two and twice the
+// copies fit. Rounding a codeword to fp16 changes it by up to 2^-11 relative, 1/4 of a bf16
+// output's own rounding; against an fp16 output's it is as large, and on an H100 two of the
+// op tests' fp16 cases then erred by just over twice PyTorch's own rounding.
 __device__ __forceinline__ void to_codeword(float a, float b, float2* c) {
   *c = make_float2(a, b);
 }
@@ -195,36 +196,42 @@ __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
   return v & ((1u << BITS) - 1u);
 }
 
-// Unit u of `row`: the R-th part of a chunk, 128 / R codes in 4 * BITS / R words, read as BITS
-// 16-byte (R = 1) or 8-byte (R = 2) loads. Words past the row's end, and rows past the last,
-// read as zeros.
-template <int BITS, int R>
-__device__ __forceinline__ void load_unit(const GemvParams& p, int64_t row, int u,
-                                          uint32_t (&w)[4 * BITS / R]) {
-  constexpr int kVec = 4 / R;  // words a load
-  const uint32_t* rowp = reinterpret_cast<const uint32_t*>(p.packed) + row * p.words_per_row;
+// A run of 32 codes of `row` (exactly BITS words) from word `first`, read with the widest loads
+// its alignment allows: runs start a multiple of BITS words into 16-byte aligned rows, so 16
+// bytes when BITS is a multiple of 4, 8 when it is even, else 4. Rows past the last read as
+// zeros.
+template <int BITS>
+__device__ __forceinline__ void load_run(const GemvParams& p, int64_t row, int64_t first,
+                                         uint32_t (&w)[BITS]) {
+  constexpr int kVec = BITS % 4 == 0 ? 4 : BITS % 2 == 0 ? 2 : 1;
+  const uint32_t* src =
+      reinterpret_cast<const uint32_t*>(p.packed) + row * p.words_per_row + first;
+  if (row >= p.m) {
 #pragma unroll
-  for (int v = 0; v < BITS; ++v) {
-    const int64_t word = (int64_t{u} * BITS + v) * kVec;
-    uint32_t* q = w + kVec * v;
+    for (int k = 0; k < BITS; ++k) w[k] = 0;
+    return;
+  }
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) q[k] = 0;
-    if (row < p.m && word < p.words_per_row) {
-      if (!p.packed_vec) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) q[k] = __ldg(rowp + word + k);
-      } else if constexpr (R == 1) {
-        const uint4 t = __ldg(reinterpret_cast<const uint4*>(rowp + word));
-        q[0] = t.x;
-        q[1] = t.y;
-        q[2] = t.z;
-        q[3] = t.w;
-      } else {
-        const uint2 t = __ldg(reinterpret_cast<const uint2*>(rowp + word));
-        q[0] = t.x;
-        q[1] = t.y;
+  for (int v = 0; v < BITS; v += kVec) {
+    if constexpr (kVec == 4) {
+      if (p.packed_vec) {
+        const uint4 t = __ldg(reinterpret_cast<const uint4*>(src + v));
+        w[v] = t.x;
+        w[v + 1] = t.y;
+        w[v + 2] = t.z;
+        w[v + 3] = t.w;
+        continue;
+      }
+    } else if constexpr (kVec == 2) {
+      if (p.packed_vec) {
+        const uint2 t = __ldg(reinterpret_cast<const uint2*>(src + v));
+        w[v] = t.x;
+        w[v + 1] = t.y;
+        continue;
       }
     }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) w[v + k] = __ldg(src + v + k);
   }
 }
 
@@ -247,11 +254,12 @@ __device__ __forceinline__ void prefetch_unit(const GemvParams& p, int64_t row, 
 }
 
 // The codeword of `code` from the lane's copy of the codebook (cb_lane: its first entry, as
-// bytes; entry_shift: log2 of the bytes between consecutive entries of one copy).
+// bytes; entry_stride: the bytes between consecutive entries of one copy). A multiply, not a
+// shift by the runtime copy count: with the add it is one IMAD.
 template <typename Codeword>
 __device__ __forceinline__ float2 lookup(const unsigned char* cb_lane, uint32_t code,
-                                         int entry_shift) {
-  return codeword_value(*reinterpret_cast<const Codeword*>(cb_lane + (code << entry_shift)));
+                                         uint32_t entry_stride) {
+  return codeword_value(*reinterpret_cast<const Codeword*>(cb_lane + code * entry_stride));
 }
 
 // Batch 1 asks for two CTAs an SM: ptxas then fits two rows a lane in 128 registers without
@@ -265,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   constexpr int R = rows_per_lane(NB);  // NB is 1 exactly when the batch is 1: half a chunk
                                         // (64 codes) of each of two rows
   constexpr int kUnit = kChunk / R, kUnitLog2 = R == 1 ? 7 : 6;
+  constexpr int kRun = 32, kRuns = kUnit / kRun;  // a run's codes fill exactly BITS words
   constexpr bool kSharedX = NB == 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int G = p.group_lanes, units = p.units_per_row, lane = threadIdx.x % 32;
@@ -319,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
 
   const unsigned char* cb_lane =
       reinterpret_cast<const unsigned char*>(cb_s + (lane & ((1 << copies_log2) - 1)));
-  const int entry_shift = copies_log2 + (sizeof(Codeword) == 4 ? 2 : 3);
+  const uint32_t entry_stride = sizeof(Codeword) << copies_log2;
   // Units whose pairs share one row scale and are all inside the row take the unrolled path;
   // the rest (a row's last, partial unit; scales over fewer pairs than a unit) the general one.
   const int fast_units = p.seg_log2 >= kUnitLog2 ? p.pairs >> kUnitLog2 : 0;
@@ -339,9 +348,6 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
         else prefetch_unit<BITS, R>(p, row + rows.stride, sub);
         const float2* xu = xr2 + u * xr_unit;
         if (u < fast_units) {
-          uint32_t w[R][4 * BITS / R];
-#pragma unroll
-          for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
           const int segment = (u * kUnit) >> p.seg_log2;
           float scale[R];
 #pragma unroll
@@ -352,19 +358,30 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
           for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
-#pragma unroll
-          for (int j = 0; j < kUnit; ++j) {
-            float2 cw[R];
+          // The unit in runs of 32 codes, the loop over them rolled: unrolled, a unit of two
+          // rows was ~18 KiB of SASS, and its warps waited on instruction fetch (Nsight
+          // Compute, NOTES GPU v8). The unit is in L2 already (prefetch_unit).
+#pragma unroll 1
+          for (int run = 0; run < kRuns; ++run) {
+            uint32_t w[R][BITS];
 #pragma unroll
             for (int r = 0; r < R; ++r)
-              cw[r] = lookup<Codeword>(cb_lane, chunk_code<BITS>(w[r], j), entry_shift);
+              load_run<BITS>(p, row + r, (int64_t{u} * kRuns + run) * BITS, w[r]);
+            const float2* xs = xu + run * kRun;
 #pragma unroll
-            for (int b = 0; b < NB; ++b) {
-              if (NB == 1 || b < p.batch) {
-                const float2 xv = kSharedX ? xu[b * xr_row + j] : __ldg(xu + b * xr_row + j);
+            for (int j = 0; j < kRun; ++j) {
+              float2 cw[R];
 #pragma unroll
-                for (int r = 0; r < R; ++r)
-                  part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
+              for (int r = 0; r < R; ++r)
+                cw[r] = lookup<Codeword>(cb_lane, chunk_code<BITS>(w[r], j), entry_stride);
+#pragma unroll
+              for (int b = 0; b < NB; ++b) {
+                if (NB == 1 || b < p.batch) {
+                  const float2 xv = kSharedX ? xs[b * xr_row + j] : __ldg(xs + b * xr_row + j);
+#pragma unroll
+                  for (int r = 0; r < R; ++r)
+                    part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
+                }
               }
             }
           }
@@ -384,7 +401,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
             const float* scales = p.row_scale + (row + r) * p.scales_per_row;
             for (int j = 0; j < valid; ++j) {
               const float2 cw =
-                  lookup<Codeword>(cb_lane, packed_code(rowp, first + j, BITS), entry_shift);
+                  lookup<Codeword>(cb_lane, packed_code(rowp, first + j, BITS), entry_stride);
               const float scale = scales[(first + j) >> p.seg_log2];
 #pragma unroll
               for (int b = 0; b < NB; ++b) {
@@ -596,7 +613,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   // workspace, and a batch of 1 runs the kernel for batches up to 4.
   const int64_t fused_units = ceil_div(p.pairs, kChunk / rows_per_lane(1));
   const int64_t xr_bytes = int64_t{sizeof(float)} * (p.n + 2 * fused_units);
-  const int entry_bytes = dtype == DType::F32 ? sizeof(float2) : sizeof(__half2);
+  const int entry_bytes = dtype == DType::BF16 ? sizeof(__half2) : sizeof(float2);
   // Two CTAs an SM where the copies allow it (16 warps to hide latency, not 8): the copies get
   // what half an SM's shared memory leaves beside `other` bytes, or where not one copy fits
   // there, what a whole SM's leaves. An SM holds the opt-in per block plus 1 KiB per CTA.
@@ -654,8 +671,8 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(kernel_batch, [&](auto nb) {
       constexpr int kBits = decltype(bits)::value, kRows = decltype(nb)::value;
-      if (dtype == DType::F32) launch(qamw_gemv_kernel<kBits, kRows, float2>);
-      else launch(qamw_gemv_kernel<kBits, kRows, __half2>);
+      if (dtype == DType::BF16) launch(qamw_gemv_kernel<kBits, kRows, __half2>);
+      else launch(qamw_gemv_kernel<kBits, kRows, float2>);
     });
   });
 }
