@@ -9,7 +9,8 @@
 // through shared memory so that every thread holds the values that differ in the next 5 bits,
 // and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
 // padded by one word every 32 so that both the strided writes of pass 0 and the reads are
-// free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads.
+// free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads;
+// such a CTA stores its blocks together, from shared memory, in 8-value chunks.
 //
 // Blocks of 2^14 and 2^15 fill the registers of an SM (one CTA an SM), so no other CTA's loads
 // overlap a block's transform. For 16-bit values a persistent CTA therefore stages the input of
@@ -178,12 +179,41 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
                                                    stage, t);
       }
       shared_passes<L, 1>(v, s, t);
-      if (valid) {
+      if constexpr (S::blocks_per_cta == 1) {
+        // The last pass leaves a warp's lanes on 32 consecutive values: whole sectors.
+        if (valid) {
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) {
-          const int idx = pass_index<L, S::passes - 1>(t, sl);
-          const float f = (sg && inverse) ? static_cast<float>(sg[idx]) : 1.0f;
-          out[base + idx] = from_float<T>(v[sl] * f);
+          for (int sl = 0; sl < E; ++sl) {
+            const int idx = pass_index<L, S::passes - 1>(t, sl);
+            const float f = (sg && inverse) ? static_cast<float>(sg[idx]) : 1.0f;
+            out[base + idx] = from_float<T>(v[sl] * f);
+          }
+        }
+      } else {
+        // Small blocks (2^6 - 2^9) leave a block's lanes on 2 - 16 consecutive values, so
+        // storing from registers writes parts of sectors (on an H100 2^7 moved ~3.5x its bytes
+        // through L2, NOTES GPU v8). The values go back to shared memory and the CTA stores
+        // its blocks, contiguous in memory, as 8-value chunks, consecutive lanes on
+        // consecutive chunks.
+        if (valid) {
+#pragma unroll
+          for (int sl = 0; sl < E; ++sl) {
+            const int idx = pass_index<L, S::passes - 1>(t, sl);
+            const float f = (sg && inverse) ? static_cast<float>(sg[idx]) : 1.0f;
+            s[padded(idx)] = v[sl] * f;
+          }
+        }
+        __syncthreads();
+        const int64_t first = grp * S::blocks_per_cta;
+        const int64_t blocks = nblocks - first < S::blocks_per_cta ? nblocks - first
+                                                                    : S::blocks_per_cta;
+        for (int q = threadIdx.x; q < blocks * (S::block / 8); q += S::threads) {
+          const int j = 8 * q, b = j >> L, jb = j & (S::block - 1);
+          const float* src = smem + b * S::smem_per_block;
+          float w[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) w[e] = src[padded(jb + e)];
+          store_floats<T, 8>(out + first * S::block + j, w, vec);
         }
       }
     }

@@ -74,6 +74,9 @@ void test_hadamard() {
                         {256, 3, 512},   {2048, 2, 4096}, {32768, 1, 32768}, {12, 4, 36},
                         {24, 3, 72},     {96, 3, 192},    {576, 2, 1152},  {480, 2, 480},
                         {1536, 1, 3072}, {44, 3, 88},
+                        // Blocks of 2^6 - 2^9 share a CTA, which stores them together: CTAs
+                        // whose last blocks are missing, and (3 rows) unaligned fp32 rows.
+                        {128, 5, 384},   {128, 3, 256},   {512, 9, 1024},
                         // Staged 16-bit blocks: CTAs striding over several blocks, and (3 rows,
                         // unaligned) the unstaged kernel.
                         {16384, 7, 16384}, {16384, 3, 16384}, {32768, 4, 65536}};
