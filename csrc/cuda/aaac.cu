@@ -147,6 +147,14 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
         const bool same_row = c + G < p.chunks_per_row;
         uint4 q_next[R];
         load_vectors(same_row ? row : row + rows.stride, same_row ? c + G : sub, q_next);
+        // And bring the ones after those into L2, so that their loads wait for L2, not DRAM.
+        const int c2 = c + 2 * G;
+        const int64_t row2 = c2 < p.chunks_per_row ? row : row + rows.stride;
+        const int vec2 = c2 < p.chunks_per_row ? c2 : same_row ? sub : sub + G;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (row2 + r < w.m && vec2 < p.chunks_per_row)
+            prefetch_l2(w.packed + (row2 + r) * w.words_per_row + 4 * vec2);
         // Two halves of 16 codes: a group has at least 16 codes, so a half has one scale.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
