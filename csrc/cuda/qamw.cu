@@ -196,42 +196,36 @@ __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
   return v & ((1u << BITS) - 1u);
 }
 
-// A run of 32 codes of `row` (exactly BITS words) from word `first`, read with the widest loads
-// its alignment allows: runs start a multiple of BITS words into 16-byte aligned rows, so 16
-// bytes when BITS is a multiple of 4, 8 when it is even, else 4. Rows past the last read as
-// zeros.
-template <int BITS>
-__device__ __forceinline__ void load_run(const GemvParams& p, int64_t row, int64_t first,
-                                         uint32_t (&w)[BITS]) {
-  constexpr int kVec = BITS % 4 == 0 ? 4 : BITS % 2 == 0 ? 2 : 1;
-  const uint32_t* src =
-      reinterpret_cast<const uint32_t*>(p.packed) + row * p.words_per_row + first;
+// Unit u of `row`, a whole one: 128 / R codes in 4 * BITS / R words, read as BITS 16-byte
+// (R = 1) or 8-byte (R = 2) loads. Rows past the last read as zeros.
+template <int BITS, int R>
+__device__ __forceinline__ void load_unit(const GemvParams& p, int64_t row, int u,
+                                          uint32_t (&w)[4 * BITS / R]) {
+  constexpr int kVec = 4 / R;  // words a load
   if (row >= p.m) {
 #pragma unroll
-    for (int k = 0; k < BITS; ++k) w[k] = 0;
+    for (int k = 0; k < 4 * BITS / R; ++k) w[k] = 0;
     return;
   }
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(p.packed) + row * p.words_per_row +
+                        int64_t{u} * (4 * BITS / R);
 #pragma unroll
-  for (int v = 0; v < BITS; v += kVec) {
-    if constexpr (kVec == 4) {
-      if (p.packed_vec) {
-        const uint4 t = __ldg(reinterpret_cast<const uint4*>(src + v));
-        w[v] = t.x;
-        w[v + 1] = t.y;
-        w[v + 2] = t.z;
-        w[v + 3] = t.w;
-        continue;
-      }
-    } else if constexpr (kVec == 2) {
-      if (p.packed_vec) {
-        const uint2 t = __ldg(reinterpret_cast<const uint2*>(src + v));
-        w[v] = t.x;
-        w[v + 1] = t.y;
-        continue;
-      }
+  for (int v = 0; v < BITS; ++v) {
+    uint32_t* q = w + kVec * v;
+    if (!p.packed_vec) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) q[k] = __ldg(src + kVec * v + k);
+    } else if constexpr (R == 1) {
+      const uint4 t = __ldg(reinterpret_cast<const uint4*>(src) + v);
+      q[0] = t.x;
+      q[1] = t.y;
+      q[2] = t.z;
+      q[3] = t.w;
+    } else {
+      const uint2 t = __ldg(reinterpret_cast<const uint2*>(src) + v);
+      q[0] = t.x;
+      q[1] = t.y;
     }
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) w[v + k] = __ldg(src + v + k);
   }
 }
 
@@ -358,15 +352,15 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
           for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
-          // The unit in runs of 32 codes, the loop over them rolled: unrolled, a unit of two
-          // rows was ~18 KiB of SASS, and its warps waited on instruction fetch (Nsight
-          // Compute, NOTES GPU v8). The unit is in L2 already (prefetch_unit).
+          // The unit in runs of 32 codes, each exactly BITS words, in a rolled loop: unrolled,
+          // a unit of two rows was ~18 KiB of SASS, and its warps waited on instruction fetch
+          // (Nsight Compute, NOTES GPU v8). The run decoded is always the first BITS words:
+          // after each, the rest move down.
+          uint32_t w[R][4 * BITS / R];
+#pragma unroll
+          for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
 #pragma unroll 1
           for (int run = 0; run < kRuns; ++run) {
-            uint32_t w[R][BITS];
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-              load_run<BITS>(p, row + r, (int64_t{u} * kRuns + run) * BITS, w[r]);
             const float2* xs = xu + run * kRun;
 #pragma unroll
             for (int j = 0; j < kRun; ++j) {
@@ -383,6 +377,12 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
                     part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
                 }
               }
+            }
+            if (run + 1 < kRuns) {
+#pragma unroll
+              for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int k = 0; k + BITS < 4 * BITS / R; ++k) w[r][k] = w[r][k + BITS];
             }
           }
 #pragma unroll
