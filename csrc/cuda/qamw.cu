@@ -323,8 +323,9 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   const unsigned char* cb_lane =
       reinterpret_cast<const unsigned char*>(cb_s + (lane & ((1 << copies_log2) - 1)));
   const uint32_t entry_stride = sizeof(Codeword) << copies_log2;
-  // Units whose pairs share one row scale and are all inside the row take the unrolled path;
-  // the rest (a row's last, partial unit; scales over fewer pairs than a unit) the general one.
+  // Units whose pairs share one row scale and are all inside the row are decoded run by run,
+  // without a branch; the rest (a row's last, partial unit; scales over fewer pairs than a
+  // unit) by the general loop.
   const int fast_units = p.seg_log2 >= kUnitLog2 ? p.pairs >> kUnitLog2 : 0;
   let_next_kernel_launch();
 
