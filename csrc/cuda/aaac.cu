@@ -266,12 +266,7 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   GemvParams p{};
   p.w = w;
   p.chunks_per_row = static_cast<int>(ceil_div(w.n, kChunk));
-  // A row's vectors spread over a group of up to 32 lanes at batch 1 (twice the CTAs of 16, for
-  // the 4096-row layers) and 16 at larger batches, where the two rows of a warp then read the
-  // same activation vectors, which shared memory broadcasts.
-  const int max_group = batch == 1 ? 32 : 16;
-  p.group_lanes = 1;
-  while (p.group_lanes < max_group && p.group_lanes < p.chunks_per_row) p.group_lanes *= 2;
+  p.group_lanes = gemv_group_lanes(p.chunks_per_row, batch);
   p.batch = static_cast<int>(batch);
   p.x = x;
   p.dtype = dtype;
@@ -288,9 +283,8 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   };
   const bool staged = table_bytes(1) + x_bytes <= optin;
   const int64_t beside = staged ? x_bytes : 0;
-  // Copies: 16, or down to 4 so that two CTAs share an SM (16 warps to hide latency, not 8;
-  // an SM holds the opt-in per block plus 1 KiB per CTA), else as many as one CTA holds.
-  const int64_t half_sm = (optin + 1024) / 2 - 1024;
+  // Copies: 16, or down to 4 so that two CTAs share an SM, else as many as one CTA holds.
+  const int64_t half_sm = shared_per_block_two_an_sm();
   int copies = 16;
   while (copies > 4 && table_bytes(copies) + beside > half_sm) copies /= 2;
   if (table_bytes(copies) + beside > half_sm) {
@@ -301,14 +295,14 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   const size_t smem = static_cast<size_t>(table_bytes(copies) + beside);
   const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
   dispatch_batch(batch, [&](auto nb) {
-    auto launch = [&](auto kernel, size_t smem) {
+    auto launch = [&](auto kernel) {
       allow_smem(kernel, smem);
       unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
       p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
       launch_overlapped(kernel, dim3(grid), kThreads, smem, as_stream(stream), p);
     };
-    if (staged) launch(aaac_gemv_kernel<decltype(nb)::value, true>, smem);
-    else launch(aaac_gemv_kernel<decltype(nb)::value, false>, smem);
+    if (staged) launch(aaac_gemv_kernel<decltype(nb)::value, true>);
+    else launch(aaac_gemv_kernel<decltype(nb)::value, false>);
   });
 }
 

@@ -157,6 +157,12 @@ inline int shared_per_block_optin() {
   return optin;
 }
 
+// Shared memory per block that still lets two CTAs share an SM (16 warps of 256-thread CTAs
+// to hide latency, not 8): an SM holds the opt-in per block plus 1 KiB per CTA.
+inline int64_t shared_per_block_two_an_sm() {
+  return (int64_t{shared_per_block_optin()} + 1024) / 2 - 1024;
+}
+
 // Shared memory a kernel may use, raising the 48 KiB default when needed; false when the
 // device has less.
 template <typename K>
@@ -172,6 +178,17 @@ bool allow_smem(K kernel, size_t bytes) {
 // from shared memory serves two rows' codes (shared loads per code bound both GEMVs); larger
 // batches have the registers for one row.
 constexpr int rows_per_lane(int64_t batch) { return batch == 1 ? 2 : 1; }
+
+// Lanes that share a GEMV row (or R rows): a power of two, no more than the row's `units` (the
+// pieces a lane decodes at a time), and at most 32 when the kernel serves batch 1 (twice the
+// CTAs of 16, for the 4096-row layers) or 16 for larger batches, where the two rows of a warp
+// then read the same activation values, which shared memory or L1 broadcasts.
+inline int gemv_group_lanes(int64_t units, int64_t kernel_batch) {
+  const int most = kernel_batch == 1 ? 32 : 16;
+  int lanes = 1;
+  while (lanes < most && lanes < units) lanes *= 2;
+  return lanes;
+}
 
 // Rows one step of a GEMV CTA of `threads` covers, when groups of G lanes share R rows.
 constexpr int64_t gemv_rows_per_cta(int threads, int G, int R) {

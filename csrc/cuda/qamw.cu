@@ -615,10 +615,9 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   const int64_t fused_units = ceil_div(p.pairs, kChunk / rows_per_lane(1));
   const int64_t xr_bytes = int64_t{sizeof(float)} * (p.n + 2 * fused_units);
   const int entry_bytes = dtype == DType::BF16 ? sizeof(__half2) : sizeof(float2);
-  // Two CTAs an SM where the copies allow it (16 warps to hide latency, not 8): the copies get
-  // what half an SM's shared memory leaves beside `other` bytes, or where not one copy fits
-  // there, what a whole SM's leaves. An SM holds the opt-in per block plus 1 KiB per CTA.
-  const int64_t half_sm = (int64_t{optin} + 1024) / 2 - 1024;
+  // Two CTAs an SM where the copies allow it: the copies get what half an SM's shared memory
+  // leaves beside `other` bytes, or where not one copy fits there, what a whole SM's leaves.
+  const int64_t half_sm = shared_per_block_two_an_sm();
   const auto copies_beside = [&](int64_t other) {
     const int c = codebook_copies(w.bits, entry_bytes, half_sm - other);
     return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
@@ -629,12 +628,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.copies_log2 = log2_of(copies);
   const int64_t kernel_batch = fused ? 1 : (batch < 2 ? int64_t{2} : batch);
   p.units_per_row = static_cast<int>(ceil_div(p.pairs, kChunk / rows_per_lane(kernel_batch)));
-  // A row's units spread over a group of up to 32 lanes at batch 1 (twice the CTAs of 16, for
-  // the 4096-row layers) and 16 at larger batches, where the two rows of a warp then read the
-  // same activation pairs, which shared memory or L1 broadcasts.
-  const int max_group = fused ? 32 : 16;
-  p.group_lanes = 1;
-  while (p.group_lanes < max_group && p.group_lanes < p.units_per_row) p.group_lanes *= 2;
+  p.group_lanes = gemv_group_lanes(p.units_per_row, kernel_batch);
   const size_t cb_bytes = size_t(entry_bytes) * copies << w.bits;
   const size_t smem = cb_bytes + (fused ? xr_bytes : 0);
   if (!fused) {
