@@ -20,3 +20,4 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{static_cast<unsigned short>(u >> 16)};
 }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }

@@ -28,6 +28,8 @@
 #include <functional>
 #include <type_traits>
 
+// csrc/cuda/common.cuh hands the tensor-core instructions to the emulator.
+#define QAMW_CUDA_EMULATOR 1
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -57,6 +59,7 @@ struct alignas(16) uint4 {
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 // The running thread's coordinates: the scheduler sets them before it resumes a thread.
@@ -67,6 +70,7 @@ constexpr int warpSize = 32;
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>(((uint64_t{hi} << 32) | lo) >> (shift & 31));
 }
@@ -124,6 +128,9 @@ void sync_block(const char* file, int line);
 // Exchanges `bytes` bytes of every lane of `mask` in the running thread's warp; returns those
 // of lane `src` (or the caller's own when src is outside the warp).
 void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes, int src);
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA fragment layout) for the running
+// thread's warp: every lane must call it; each gets its own d += A B once all have.
+void warp_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 void* dynamic_shared_memory();
 void set_max_dynamic_shared(const void* kernel, int bytes);
 int max_dynamic_shared(const void* kernel);

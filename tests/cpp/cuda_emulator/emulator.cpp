@@ -71,9 +71,16 @@ struct Exchange {  // one warp's shuffle in progress
   int src[32];
 };
 
+struct Mma {  // one warp's mma in progress
+  unsigned arrived = 0;
+  uint32_t a[32][4], b[32][2];
+  float* d[32];
+};
+
 struct BlockRun {
   std::vector<Thread> threads;
   std::vector<Exchange> warps;
+  std::vector<Mma> mmas;
   const std::function<void()>* body = nullptr;
   bool overlapped = false;  // launched with programmatic stream serialization
   int current = -1, done = 0;
@@ -147,6 +154,7 @@ void thread_exit(BlockRun& r, int i) {
   const Exchange& e = r.warps[i / warpSize];
   if (e.arrived != 0 && (e.mask >> (i % warpSize) & 1))
     fail("thread exited while its warp waits for it in a shuffle");
+  if (r.mmas[i / warpSize].arrived != 0) fail("thread exited while its warp waits in an mma");
   if (r.overlapped && !r.threads[i].waited)
     fail("thread of an overlapped launch exited without cudaGridDependencySynchronize");
 }
@@ -194,6 +202,7 @@ void run_block(BlockRun& r, int nthreads) {
   r.done = 0;
   r.arrived = 0;
   for (Exchange& e : r.warps) e = Exchange{};
+  for (Mma& m : r.mmas) m.arrived = 0;
   while (r.done < nthreads) {
     bool progressed = false;
     for (int k = 0; k < nthreads; ++k) {
@@ -277,6 +286,49 @@ void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes,
   yield();
 }
 
+void warp_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  BlockRun& r = *g_run;
+  const int i = r.current, lane = i % warpSize, first = i - lane;
+  if (first + warpSize > static_cast<int>(r.threads.size()))
+    fail("mma in a warp of fewer than 32 threads");
+  for (int l = 0; l < warpSize; ++l)
+    if (r.threads[first + l].state == State::Done) fail("mma by a warp one of whose lanes exited");
+  if (r.warps[i / warpSize].arrived != 0) fail("lanes of a warp are in a shuffle and an mma");
+  Mma& m = r.mmas[i / warpSize];
+  std::memcpy(m.a[lane], a, sizeof a);
+  std::memcpy(m.b[lane], b, sizeof b);
+  m.d[lane] = d;
+  m.arrived |= 1u << lane;
+  r.threads[i].state = State::AtExchange;
+  if (m.arrived == 0xffffffffu) {
+    const auto low = [](uint32_t v) { return __uint_as_float(v << 16); };
+    const auto high = [](uint32_t v) { return __uint_as_float(v & 0xffff0000u); };
+    const auto dot = [&](uint32_t x, uint32_t y) { return low(x) * low(y) + high(x) * high(y); };
+    float out[32][4];
+    for (int l = 0; l < warpSize; ++l) {
+      const int g = l / 4, t = l % 4;
+      for (int c = 0; c < 4; ++c) out[l][c] = m.d[l][c];
+      for (int kp = 0; kp < 8; ++kp) {  // k = 2 kp, 2 kp + 1: lanes with t = kp % 4 hold it
+        const int src = kp % 4, upper = kp / 4;
+        const uint32_t row_g = m.a[4 * g + src][2 * upper];
+        const uint32_t row_g8 = m.a[4 * g + src][2 * upper + 1];
+        const uint32_t col0 = m.b[4 * (2 * t) + src][upper];
+        const uint32_t col1 = m.b[4 * (2 * t + 1) + src][upper];
+        out[l][0] += dot(row_g, col0);
+        out[l][1] += dot(row_g, col1);
+        out[l][2] += dot(row_g8, col0);
+        out[l][3] += dot(row_g8, col1);
+      }
+    }
+    for (int l = 0; l < warpSize; ++l) {
+      for (int c = 0; c < 4; ++c) m.d[l][c] = out[l][c];
+      r.threads[first + l].state = State::Ready;
+    }
+    m.arrived = 0;
+  }
+  yield();
+}
+
 void grid_dependency_wait() { g_run->threads[g_run->current].waited = true; }
 
 void pipeline_copy(void* dst, const void* src, size_t bytes) {
@@ -327,6 +379,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
   BlockRun run;
   run.threads.resize(nthreads);
   run.warps.resize((nthreads + warpSize - 1) / warpSize);
+  run.mmas.resize(run.warps.size());
   run.body = &thread_body;
   run.overlapped = overlapped;
   g_run = &run;
