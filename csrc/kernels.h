@@ -159,10 +159,12 @@ void pack_bits(const int32_t* codes, int64_t rows, int64_t count, int bits, int3
                void* stream);
 void unpack_bits(const int32_t* packed, int64_t rows, int64_t count, int bits, int32_t* codes,
                  void* stream);
-// `workspace` holds siblings.count * batch * n floats: room for the rotated activation (one
-// per sibling of a fused weight with channel scales) when it does not fit in shared memory.
-// The GEMV needs n / 2 / scales_per_row (pairs per row scale) to be a power of two, or
+// `workspace` holds qamw_gemv_workspace_floats(w, batch) floats: room for the rotated
+// activation (one per sibling of a fused weight with channel scales) when it does not fit in
+// shared memory, and for the tensor-core kernel's copy of it. At most 16 activation rows a
+// call. The GEMV needs n / 2 / scales_per_row (pairs per row scale) to be a power of two, or
 // scales_per_row = 1.
+int64_t qamw_gemv_workspace_floats(const QamwWeight& w, int64_t batch);
 void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out,
                float* workspace, void* stream);
 void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream);

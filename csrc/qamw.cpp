@@ -102,8 +102,9 @@ static at::Tensor qamw_gemv(const at::Tensor& x, const at::Tensor& packed,
     // The kernel serves up to 16 activation rows per launch; the workspace holds them rotated
     // once per sibling.
     const int64_t step = 16;
-    at::Tensor workspace = at::empty({view.siblings.count * std::min(batch, step), n},
-                                     x.options().dtype(at::kFloat));
+    at::Tensor workspace =
+        at::empty({cuda::qamw_gemv_workspace_floats(view, std::min(batch, step))},
+                  x.options().dtype(at::kFloat));
     const int64_t elem = x.element_size();
     for (int64_t b = 0; b < batch; b += step) {
       const int64_t rows = std::min(step, batch - b);

@@ -19,22 +19,15 @@
 // The rotated activation is stored with two padding floats after every unit: lanes of a group
 // read pairs a unit apart, which would otherwise all hit the same shared-memory bank.
 #include "../hadamard_tables.h"
-#include "common.cuh"
+#include "qamw.cuh"
 
 namespace qamw::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kChunk = 128;                     // codes a thread decodes at once
-constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
 constexpr int64_t kFusedActivationBytes = 64 * 1024;
 constexpr int kRotateTile = 2048;               // floats a rotation CTA handles at least
-
-int log2_of(int64_t v) {
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
-}
 
 float inv_sqrt(int64_t block) { return static_cast<float>(1.0 / __builtin_sqrt(double(block))); }
 
@@ -51,21 +44,6 @@ struct PaddedIndex {
 struct Identity {
   __device__ int operator()(int j) const { return j; }
 };
-
-// Copies of the codebook in shared memory: entry e of copy r at e * copies + r, and lane l reads
-// copy l % copies, so the data-dependent lookups spread over the banks (one copy: ~3 times the
-// wavefronts). Shared memory serves a wavefront of 128 bytes: 32 lanes of 4-byte codewords, 16
-// of 8-byte ones, so 128 / entry_bytes copies give every lane of a wavefront its own banks. The
-// copies take at most 128 KiB and `budget` (the launcher's copies_beside: on an H100 at batch
-// 1 with n = 4096, half2 codewords get 32 copies up to 9 bits per pair, 16 at 10, 8 at 11 and
-// 4 at 12), where lanes l and l + copies may share banks. Returns 0 when not even one copy
-// fits in `budget` bytes.
-int codebook_copies(int bits, int entry_bytes, int64_t budget) {
-  const int64_t limit = budget < kCodebookCopiesBytes ? budget : kCodebookCopiesBytes;
-  int copies = 128 / entry_bytes;
-  while (copies > 0 && (int64_t{entry_bytes} * copies << bits) > limit) copies /= 2;
-  return copies;
-}
 
 // Codewords as the GEMV holds them: half2 for bf16 activations, float2 for fp16 and fp32 ones.
 // A half2 load is 4 bytes, so a warp's lookups take one wavefront instead of two and twice the
@@ -555,29 +533,26 @@ int rotate_tile(int64_t n, int64_t block) {
 
 }  // namespace
 
-// QAM-W widths only (4..12 bits per pair, checked by the wrapper): every width and batch
-// variant is a fully unrolled kernel, and each costs compile time.
-template <typename F>
-void dispatch_qamw_bits(int bits, F&& f) {
-  switch (bits) {
-    case 4: f(IntC<4>{}); break;
-    case 5: f(IntC<5>{}); break;
-    case 6: f(IntC<6>{}); break;
-    case 7: f(IntC<7>{}); break;
-    case 8: f(IntC<8>{}); break;
-    case 9: f(IntC<9>{}); break;
-    case 10: f(IntC<10>{}); break;
-    case 11: f(IntC<11>{}); break;
-    default: f(IntC<12>{}); break;
-  }
-}
-
 // Accumulators for 1, 4 or 16 activation rows: extra rows are idle registers, not traffic.
 template <typename F>
 void dispatch_gemv_batch(int64_t batch, F&& f) {
   if (batch <= 1) f(IntC<1>{});
   else if (batch <= 4) f(IntC<4>{});
   else f(IntC<16>{});
+}
+
+// The tensor-core GEMV (qamw_mma.cu) serves batches of 2 to 16 where qamw_mma_supported.
+// QAMW_GEMV_MMA=0 keeps them on the CUDA-core kernels, and QAMW_GEMV_MMA=1 gives it batch 1
+// too, for side-by-side benchmarks. Read at each launch, as QAMW_PDL is.
+bool use_mma_gemv(const QamwWeight& w, int64_t batch) {
+  const char* env = std::getenv("QAMW_GEMV_MMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (batch == 1 && !(env != nullptr && std::strcmp(env, "1") == 0)) return false;
+  return qamw_mma_supported(w);
+}
+
+int64_t qamw_gemv_workspace_floats(const QamwWeight& w, int64_t batch) {
+  return w.siblings.count * (batch * w.n + 2 * qamw_mma_fragment_entries(w.n, batch));
 }
 
 void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out,
@@ -622,7 +597,9 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     const int c = codebook_copies(w.bits, entry_bytes, half_sm - other);
     return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
   };
-  int copies = batch == 1 && xr_bytes <= kFusedActivationBytes ? copies_beside(xr_bytes) : 0;
+  const bool mma = use_mma_gemv(w, batch);
+  int copies = !mma && batch == 1 && xr_bytes <= kFusedActivationBytes
+                   ? copies_beside(xr_bytes) : 0;
   const bool fused = copies > 0;
   if (!fused) copies = copies_beside(0);
   p.copies_log2 = log2_of(copies);
@@ -631,12 +608,12 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.group_lanes = gemv_group_lanes(p.units_per_row, kernel_batch);
   const size_t cb_bytes = size_t(entry_bytes) * copies << w.bits;
   const size_t smem = cb_bytes + (fused ? xr_bytes : 0);
+  // One rotated activation per sibling, each divided by its own channel scale; without
+  // channel scales, one for all.
+  const int rotations = w.channel_scale ? w.siblings.count : 1;
   if (!fused) {
     const int tile = rotate_tile(w.n, w.block);
     const size_t tile_bytes = sizeof(float) * tile;
-    // One rotated activation per sibling, each divided by its own channel scale; without
-    // channel scales, one for all.
-    const int rotations = w.channel_scale ? w.siblings.count : 1;
     p.workspace_stride = rotations > 1 ? batch * w.n : 0;
     if (allow_smem(rotate_kernel, tile_bytes)) {
       launch_overlapped(rotate_kernel,
@@ -654,6 +631,12 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
       }
     }
     p.workspace = workspace;
+  }
+  if (mma) {
+    // Its fragments follow the rotated activations (qamw_gemv_workspace_floats).
+    uint2* fragments = reinterpret_cast<uint2*>(workspace + w.siblings.count * batch * w.n);
+    qamw_gemv_mma(w, workspace, p.workspace_stride, rotations, batch, fragments, out, dtype, s);
+    return;
   }
   const int64_t rows_per_cta =
       gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(kernel_batch));

@@ -8,6 +8,7 @@
 // device with 99 KiB of shared memory per block instead of an H100's 227 KiB.
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <utility>
 #include <cstdio>
 #include <vector>
@@ -216,17 +217,24 @@ void test_qamw() {
                              c.scaled ? signs.data() : nullptr, c.block, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        // `unaligned`: the activation starts one element in too (the scalar staging path).
-        std::vector<float> workspace(siblings.count * batch * c.n, NAN);
-        const double err = gemv_difference(
-            d, batch, c.m, c.n, off,
-            [&](const void* x, void* y) {
-              qamw::cuda::qamw_gemv(w, x, d, batch, y, workspace.data(), nullptr);
-            },
-            [&](const void* x, void* y) { qamw::cpu::qamw_gemv(w, x, d, batch, y); });
-        EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d siblings %d: error %g",
-               c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch, int(d),
-               siblings.count, err);
+        // Both kernel families: by default tensor cores from batch 2 (where the row scales
+        // allow) and CUDA cores at batch 1; QAMW_GEMV_MMA swaps them.
+        for (const char* mma : {static_cast<const char*>(nullptr), batch == 1 ? "1" : "0"}) {
+          if (mma) setenv("QAMW_GEMV_MMA", mma, 1);
+          else unsetenv("QAMW_GEMV_MMA");
+          // `unaligned`: the activation starts one element in too (the scalar staging path).
+          std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(w, batch), NAN);
+          const double err = gemv_difference(
+              d, batch, c.m, c.n, off,
+              [&](const void* x, void* y) {
+                qamw::cuda::qamw_gemv(w, x, d, batch, y, workspace.data(), nullptr);
+              },
+              [&](const void* x, void* y) { qamw::cpu::qamw_gemv(w, x, d, batch, y); });
+          EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d siblings %d QAMW_GEMV_MMA=%s: error %g",
+                 c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch,
+                 int(d), siblings.count, mma ? mma : "unset", err);
+        }
+        unsetenv("QAMW_GEMV_MMA");
       }
       const double err = dequantize_difference(
           d, c.m * c.n, [&](void* out) { qamw::cuda::qamw_dequantize(w, out, d, nullptr); },

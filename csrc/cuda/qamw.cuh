@@ -1,0 +1,63 @@
+// What the two QAM-W GEMV files share: qamw.cu (the launcher, the CUDA-core kernels, the
+// rotation) and qamw_mma.cu (the tensor-core kernel).
+#pragma once
+#include "common.cuh"
+
+namespace qamw::cuda {
+
+inline int log2_of(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+// QAM-W widths only (4..12 bits per pair, checked by the wrapper): every width is a kernel of
+// its own, with compile-time shifts, and each costs compile time.
+template <typename F>
+void dispatch_qamw_bits(int bits, F&& f) {
+  switch (bits) {
+    case 4: f(IntC<4>{}); break;
+    case 5: f(IntC<5>{}); break;
+    case 6: f(IntC<6>{}); break;
+    case 7: f(IntC<7>{}); break;
+    case 8: f(IntC<8>{}); break;
+    case 9: f(IntC<9>{}); break;
+    case 10: f(IntC<10>{}); break;
+    case 11: f(IntC<11>{}); break;
+    default: f(IntC<12>{}); break;
+  }
+}
+
+constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
+
+// Copies of the codebook in shared memory: entry e of copy r at e * copies + r, and lane l reads
+// copy l % copies, so the data-dependent lookups spread over the banks (one copy: ~3 times the
+// wavefronts). Shared memory serves a wavefront of 128 bytes: 32 lanes of 4-byte codewords, 16
+// of 8-byte ones, so 128 / entry_bytes copies give every lane of a wavefront its own banks. The
+// copies take at most 128 KiB and `budget` (the launcher's copies_beside: on an H100 at batch
+// 1 with n = 4096, half2 codewords get 32 copies up to 9 bits per pair, 16 at 10, 8 at 11 and
+// 4 at 12), where lanes l and l + copies may share banks. Returns 0 when not even one copy
+// fits in `budget` bytes.
+inline int codebook_copies(int bits, int entry_bytes, int64_t budget) {
+  const int64_t limit = budget < kCodebookCopiesBytes ? budget : kCodebookCopiesBytes;
+  int copies = 128 / entry_bytes;
+  while (copies > 0 && (int64_t{entry_bytes} * copies << bits) > limit) copies /= 2;
+  return copies;
+}
+
+// Whether the tensor-core GEMV serves `w` on this device: sm_80 or later, and row scales
+// that cover whole k-blocks of 128 pairs (one scale a row, or blocks of 256 values and more).
+bool qamw_mma_supported(const QamwWeight& w);
+
+// uint2 entries of the B fragments of one rotated activation of `batch` rows (<= 16) and n
+// values (qamw_mma.cu).
+int64_t qamw_mma_fragment_entries(int64_t n, int64_t batch);
+
+// The tensor-core GEMV of `batch` (<= 16) activation rows already rotated (fp32, [batch][n] at
+// rotated + r * rotated_stride for each of `rotations`: one per sibling, or one for all):
+// formats them into `fragments` (rotations * qamw_mma_fragment_entries) and runs the GEMV.
+void qamw_gemv_mma(const QamwWeight& w, const float* rotated, int64_t rotated_stride,
+                   int rotations, int64_t batch, uint2* fragments, void* out, DType dtype,
+                   cudaStream_t stream);
+
+}  // namespace qamw::cuda
