@@ -211,18 +211,32 @@ def time_calls(fns, device, calls, repeats):
 
 
 @contextlib.contextmanager
-def plain_launches():
-    """Within it, the GEMV kernels launch without programmatic dependent launch (QAMW_PDL=0,
-    read at each launch, so also by a graph captured within), for the figures with and without."""
-    before = os.environ.get("QAMW_PDL")
-    os.environ["QAMW_PDL"] = "0"
+def environment(name, value):
+    """Within it, os.environ[name] is value; the kernels' launchers read their switches at each
+    launch, so also a graph captured within keeps them."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ["QAMW_PDL"]
+            del os.environ[name]
         else:
-            os.environ["QAMW_PDL"] = before
+            os.environ[name] = before
+
+
+def plain_launches():
+    """The GEMV kernels launched without programmatic dependent launch (QAMW_PDL=0), for the
+    figures with and without."""
+    return environment("QAMW_PDL", "0")
+
+
+def other_qamw_kernel(batch):
+    """The QAM-W GEMV kernel family that is not the default at this batch (QAMW_GEMV_MMA):
+    tensor cores at batch 1, CUDA cores at larger batches; its name and the switch."""
+    if batch == 1:
+        return "tensor cores", environment("QAMW_GEMV_MMA", "1")
+    return "CUDA cores", environment("QAMW_GEMV_MMA", "0")
 
 
 def copies_for(nbytes, s):
@@ -287,6 +301,12 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
             with plain_launches():
                 t_plain, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl = dict(no_pdl_ms=t_plain * 1e3, pdl_speedup=t_plain / t)
+        if codec.startswith("qamw"):   # the other kernel family, side by side
+            name, switch = other_qamw_kernel(batch)
+            with switch:
+                t_other, _ = time_calls(calls, device, s["calls"], s["repeats"])
+            pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
+                       other_kernel_speedup_vs_dense=t_dense / t_other)
         moved = buffer_bytes(layers[0]) + io_bytes
         rows.append(dict(op="gemv", codec=codec, bits_per_weight=layers[0].bits_per_weight(),
                          shape=[m, n], batch=batch, dtype=str(dtype), copies=len(layers),
@@ -450,6 +470,18 @@ def markdown(record):
                 cells.append(f"{r['speedup_vs_dense']:.2f}x" if r else "")
             rows.append(cells)
         lines += md_table(["shape", "codec", "dtype"] + [f"batch {b}" for b in batches], rows)
+    other = [r for r in gemv if "other_kernel" in r]
+    if other:
+        lines += ["## QAM-W GEMV: tensor-core and CUDA-core kernels", "",
+                  "The default kernel (tensor cores from batch 2, CUDA cores at batch 1) and the "
+                  "other family (QAMW_GEMV_MMA=1 or 0), each as a multiple of F.linear's speed.",
+                  ""]
+        lines += md_table(["shape", "codec", "dtype", "batch", "default x F.linear", "other",
+                           "other x F.linear"],
+                          [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
+                            short_dtype(r["dtype"]), r["batch"], f"{r['speedup_vs_dense']:.2f}x",
+                            r["other_kernel"], f"{r['other_kernel_speedup_vs_dense']:.2f}x"]
+                           for r in other])
     had = [r for r in res if r["op"] == "hadamard"]
     if had:
         lines += ["## Block Hadamard transform against torch.clone", ""]

@@ -1,9 +1,12 @@
-"""One batch-1 GEMV of each codec at the shapes of benchmarks/NOTES.md, for Nsight Compute:
-scripts/gpu_check.sh runs it under `ncu` to count the kernels' shared-memory wavefronts
-(l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld) against the predictions of
-benchmarks/smem_wavefronts.py. Each layer is called twice; the second call is the one to read.
+"""One GEMV of each codec at the shapes of benchmarks/NOTES.md (batch 1 unless --batches),
+for Nsight Compute: scripts/gpu_check.sh runs it under `ncu` to count the kernels'
+shared-memory wavefronts (l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld) against the
+predictions of benchmarks/smem_wavefronts.py, and for their stall reasons. Each layer is called
+twice; the second call is the one to read.
 
     ncu --metrics ... -k regex:gemv_kernel python benchmarks/profile_gemv.py
+    QAMW_GEMV_MMA=1 ncu ... -k regex:gemv_mma python benchmarks/profile_gemv.py \
+        --batches 1,16 --codecs qamw-4   # the tensor-core QAM-W kernel
     python benchmarks/profile_gemv.py --smoke --device cpu   # the same calls, tiny, on the CPU
 """
 import argparse
@@ -24,23 +27,32 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes")
+    parser.add_argument("--batches", default="1", help="comma-separated activation rows")
+    parser.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs")
     args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    codecs = args.codecs.split(",")
+    unknown = sorted(set(codecs) - set(CODECS))
+    if unknown:
+        parser.error(f"unknown codecs {unknown}; choose from {CODECS}")
     generator = torch.Generator(device=args.device).manual_seed(0)
     calls = []
     for out_features, in_features in SMOKE_SHAPES if args.smoke else SHAPES:
-        x = torch.randn(1, in_features, device=args.device, dtype=torch.bfloat16,
-                        generator=generator)
-        for codec in CODECS:
+        for codec in codecs:
             layer = random_layer(codec, in_features, out_features, args.device, generator)
-            with torch.no_grad():
-                for _ in range(2):
-                    y = layer(x)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            if not torch.isfinite(y).all():
-                raise SystemExit(f"{codec} {out_features}x{in_features}: non-finite output")
-            calls.append(f"{codec} {out_features}x{in_features}")
-            print(f"{codec:>9} {out_features:>5} x {in_features:<5} (second call is the one to read)")
+            for batch in batches:
+                x = torch.randn(batch, in_features, device=args.device, dtype=torch.bfloat16,
+                                generator=generator)
+                with torch.no_grad():
+                    for _ in range(2):
+                        y = layer(x)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                name = f"{codec} {out_features}x{in_features} batch {batch}"
+                if not torch.isfinite(y).all():
+                    raise SystemExit(f"{name}: non-finite output")
+                calls.append(name)
+                print(f"{name} (second call is the one to read)")
     return calls
 
 

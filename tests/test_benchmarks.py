@@ -50,6 +50,11 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
         assert ("no_pdl_ms" in r) == (r["batch"] == 1)   # timed with and without PDL
         if r["batch"] == 1:
             assert positive(r["no_pdl_ms"]) and positive(r["pdl_speedup"])
+        # QAM-W is timed with both kernel families: the other is CUDA cores from batch 2
+        assert ("other_kernel" in r) == r["codec"].startswith("qamw")
+        if "other_kernel" in r:
+            assert r["other_kernel"] == ("tensor cores" if r["batch"] == 1 else "CUDA cores")
+            assert positive(r["other_kernel_ms"]) and positive(r["other_kernel_speedup_vs_dense"])
         m, n = r["shape"]
         io = r["batch"] * (m + n) * 2     # fp16 / bf16 activation and output
         assert r["dense_bytes"] == m * n * 2 + io
@@ -69,7 +74,8 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
     assert all(0 <= t["met"] <= t["of"] and t["of"] > 0 for t in record["targets"])
     table = (tmp_path / "ops.md").read_text()
     for heading in ("## GEMV, batch 1", "without programmatic dependent launch",
-                    "## GEMV, batches > 1", "## Block Hadamard", "## Targets"):
+                    "## GEMV, batches > 1", "## QAM-W GEMV: tensor-core and CUDA-core kernels",
+                    "## Block Hadamard", "## Targets"):
         assert heading in table
 
 
@@ -308,7 +314,12 @@ def test_bank_model_counts_conflicts_and_broadcasts():
 
 def test_profile_gemv_smoke_calls_every_codec(one_thread):
     calls = profile_gemv.main(["--smoke", "--device", "cpu"])
-    assert calls == [f"{codec} 64x256" for codec in profile_gemv.CODECS]
+    assert calls == [f"{codec} 64x256 batch 1" for codec in profile_gemv.CODECS]
+    calls = profile_gemv.main(["--smoke", "--device", "cpu", "--batches", "1,16",
+                               "--codecs", "qamw-4"])
+    assert calls == ["qamw-4 64x256 batch 1", "qamw-4 64x256 batch 16"]
+    with pytest.raises(SystemExit):
+        profile_gemv.main(["--smoke", "--device", "cpu", "--codecs", "qamw-9"])
 
 
 def test_quality_fusion_configs_resolve():
