@@ -9,6 +9,9 @@
 //   shared-limit     60 KiB of dynamic shared memory without cudaFuncSetAttribute
 //   no-wait          a kernel launched overlapped (programmatic dependent launch) whose
 //                    threads never call cudaGridDependencySynchronize
+//   mma-exited       half a warp returns before the mma the other half calls
+// `ok` also multiplies two small integer matrices with the emulated mma.m16n8k16, each lane's
+// fragment elements placed by the PTX ISA's per-element formulas.
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -81,6 +84,35 @@ void launch_overlapped_doubles(float* out, bool wait) {
   cudaLaunchKernelEx(&config, doubles, out, wait);
 }
 
+// D = A B (16 x 16 times 16 x 8, row-major; one warp). Element i of a lane's A fragment (4
+// registers, 2 bf16 each) is A[g + 8 * ((i / 2) % 2)][2 t + i % 2 + 8 * (i / 4)], element i of
+// B's (2 registers) is B[2 t + i % 2 + 8 * (i / 2)][g], element i of D's is
+// D[g + 8 * (i / 2)][2 t + i % 2], for lane 4 g + t.
+__global__ void mma_product(const float* a, const float* b, float* d) {
+  const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const auto bf16 = [](float v) {  // exact for the small integers used here
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    return u >> 16;
+  };
+  uint32_t fa[4] = {}, fb[2] = {};
+  for (int i = 0; i < 8; ++i)
+    fa[i / 2] |= bf16(a[(g + 8 * ((i / 2) % 2)) * 16 + 2 * t + i % 2 + 8 * (i / 4)]) << 16 * (i % 2);
+  for (int i = 0; i < 4; ++i)
+    fb[i / 2] |= bf16(b[(2 * t + i % 2 + 8 * (i / 2)) * 8 + g]) << 16 * (i % 2);
+  float fd[4] = {};
+  qamw_emu::warp_mma_bf16_16816(fd, fa, fb);
+  for (int i = 0; i < 4; ++i) d[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = fd[i];
+}
+
+__global__ void mma_exited(float* out) {
+  if (threadIdx.x % 32 >= 16) return;
+  float d[4] = {};
+  const uint32_t a[4] = {}, b[2] = {};
+  qamw_emu::warp_mma_bf16_16816(d, a, b);
+  out[threadIdx.x] = d[0];
+}
+
 std::vector<float> sums(const std::vector<float>& in, bool with_barrier,
                         qamw_emu::Schedule schedule) {
   qamw_emu::set_schedule(schedule);
@@ -115,7 +147,20 @@ int main(int argc, char** argv) {
         return 1;
       }
     }
-    std::printf("block sums match in both schedules; an overlapped launch ran\n");
+    std::vector<float> a(16 * 16), b(16 * 8), d(16 * 8, -1.0f);
+    for (int i = 0; i < 16 * 16; ++i) a[i] = static_cast<float>(i % 13 - 6);
+    for (int i = 0; i < 16 * 8; ++i) b[i] = static_cast<float>(i % 11 - 5);
+    qamw_emu::launch(mma_product, 1, 32)(a.data(), b.data(), d.data());
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 8; ++c) {
+        float want = 0;
+        for (int k = 0; k < 16; ++k) want += a[r * 16 + k] * b[k * 8 + c];
+        if (d[r * 8 + c] != want) {
+          std::printf("mma: D[%d][%d] = %g, want %g\n", r, c, d[r * 8 + c], want);
+          return 1;
+        }
+      }
+    std::printf("block sums match in both schedules; an overlapped launch ran; mma multiplies\n");
     return 0;
   }
   if (std::strcmp(mode, "divergent") == 0) qamw_emu::launch(divergent, 1, kThreads)(out.data());
@@ -126,6 +171,8 @@ int main(int argc, char** argv) {
     qamw_emu::launch(uses_shared, 1, kThreads, 60 * 1024)(out.data());
   else if (std::strcmp(mode, "no-wait") == 0)
     launch_overlapped_doubles(out.data(), false);
+  else if (std::strcmp(mode, "mma-exited") == 0)
+    qamw_emu::launch(mma_exited, 1, 32)(out.data());
   else {
     std::printf("unknown mode %s\n", mode);
     return 2;
