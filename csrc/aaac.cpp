@@ -85,10 +85,14 @@ static at::Tensor aaac_gemv(const at::Tensor& x, const at::Tensor& packed,
 #ifdef QAMW_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     const int64_t step = 16, elem = x.element_size();
+    at::Tensor workspace =
+        at::empty({cuda::aaac_gemv_workspace_floats(a.view, std::min(batch, step))},
+                  x.options().dtype(at::kFloat));
     for (int64_t b = 0; b < batch; b += step) {
       cuda::aaac_gemv(a.view, static_cast<const char*>(input.data_ptr()) + b * a.view.n * elem,
                       dtype, std::min(step, batch - b),
-                      static_cast<char*>(out.data_ptr()) + b * m * elem, cuda_stream(x));
+                      static_cast<char*>(out.data_ptr()) + b * m * elem,
+                      workspace.data_ptr<float>(), cuda_stream(x));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
 #endif

@@ -168,8 +168,11 @@ int64_t qamw_gemv_workspace_floats(const QamwWeight& w, int64_t batch);
 void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out,
                float* workspace, void* stream);
 void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream);
+// `workspace` holds aaac_gemv_workspace_floats(w, batch) floats: the tensor-core kernel's copy
+// of the activation. At most 16 activation rows a call.
+int64_t aaac_gemv_workspace_floats(const AaacWeight& w, int64_t batch);
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
-               void* stream);
+               float* workspace, void* stream);
 void aaac_dequantize(const AaacWeight& w, void* out, DType dtype, void* stream);
 }  // namespace cuda
 

@@ -12,7 +12,9 @@
 // channel scale, is staged in shared memory as fp32 with 4 padding floats per 32 values (lanes
 // read 16-byte vectors 36 floats apart: no conflicts); when it does not fit, it is read from
 // global.
-#include "common.cuh"
+// From batch 2 a tensor-core kernel takes over where groups hold 128 values or a multiple
+// (aaac_gemv_mma_kernel, below).
+#include "mma.cuh"
 
 namespace qamw::cuda {
 namespace {
@@ -258,11 +260,178 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Tensor cores (batches 2 to 16, mma.cuh). A byte of two codes is one register of an A
+// fragment: the pair table holds the (hi, lo) bf16x2 parts of each (codebook, byte) entry, and
+// A rows g and g + 8 are the high and low parts of one weight row, as in qamw_mma.cu. A k-block
+// is 128 values (RUN = 16 pairs a lane: one 16-byte vector), inside one group when groups are
+// multiples of 128 (the INT4 setting; NVFP4's groups of 16 keep the CUDA-core kernel), so its
+// scale applies after its 8 steps. The work is split as in mma.cuh.
+constexpr int kMmaRun = 16, kMmaSteps = kMmaRun / 2, kMmaBlockValues = 8 * kMmaRun;
+
+struct MmaParams {
+  AaacWeight w;
+  int kblocks, batch;
+  const uint2* fragments;
+  int64_t fragments_stride;  // entries from one sibling's fragments to the next's (0: shared)
+  void* out;
+  DType dtype;
+  bool packed_vec;
+  int copies_log2;
+  CtaSplit split;
+};
+
+template <int NT>
+__global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_kernel(MmaParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
+  AaacWeight w = p.w;  // the CTA's sibling, as in aaac_gemv_kernel
+  w.m = rows.end;
+  w.codebooks += 32 * rows.sibling;
+  if (w.tensor_scale) w.tensor_scale += rows.sibling;
+  // Vector kb * 4 + t of `row` (zeros past the sibling's rows or the row's words).
+  const auto load_vector = [&](int64_t row, int kb) {
+    const int64_t word = (int64_t{kb} * 4 + t) * 4;
+    if (row >= w.m || word >= w.words_per_row) return make_uint4(0, 0, 0, 0);
+    const int32_t* src = w.packed + row * w.words_per_row + word;
+    if (p.packed_vec) return __ldg(reinterpret_cast<const uint4*>(src));
+    const uint32_t* r32 = reinterpret_cast<const uint32_t*>(src);
+    return make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
+  };
+  const auto prefetch_vector = [&](int64_t row, int kb) {
+    const int64_t word = (int64_t{kb} * 4 + t) * 4;
+    if (row < w.m && kb < p.kblocks && word < w.words_per_row)
+      prefetch_l2(w.packed + row * w.words_per_row + word);
+  };
+#pragma unroll
+  for (int i = 0; i < kMmaGroups; ++i) prefetch_vector(rows.first + 8 * i + g, warp);
+  wait_for_prior_kernels();
+
+  const int copies_log2 = p.copies_log2;
+  uint2* pairs_s = reinterpret_cast<uint2*>(smem_raw);
+  float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
+#pragma unroll 4
+  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kMmaThreads) {
+    const int e = i >> copies_log2;
+    const float* book = w.codebooks + 16 * (e >> 8);
+    pairs_s[i] = split_pair(__ldg(book + (e & 15)), __ldg(book + ((e >> 4) & 15)));
+  }
+  __syncthreads();
+  const int64_t groups = w.n / w.group;
+  const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
+  const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
+  const unsigned char* pair_lane =
+      reinterpret_cast<const unsigned char*>(pairs_s + (lane & ((1 << copies_log2) - 1)));
+  const uint32_t entry_stride = sizeof(uint2) << copies_log2;
+  const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
+  let_next_kernel_launch();
+
+  for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
+    float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
+    for (int kb = warp; kb < p.kblocks; kb += kMmaWarps) {
+      uint32_t q[kMmaGroups][4];
+      float magnitude[kMmaGroups];
+      uint32_t book[kMmaGroups];  // the pair table's first entry of the group's codebook
+#pragma unroll
+      for (int i = 0; i < kMmaGroups; ++i) {
+        const int64_t row = row0 + 8 * i + g;
+        const uint4 v = load_vector(row, kb);
+        q[i][0] = v.x;
+        q[i][1] = v.y;
+        q[i][2] = v.z;
+        q[i][3] = v.w;
+        int choice = 0;
+        magnitude[i] = 0.0f;  // a row past the sibling's last: zero codes, zero scale
+        if (row < w.m)
+          decode_scale(w.scales, w.scale_type,
+                       row * groups + ((int64_t{kb} * kMmaBlockValues) >> group_log2), choice,
+                       magnitude[i]);
+        book[i] = static_cast<uint32_t>(choice) << 8;
+      }
+      // The warp's next k-block of these rows, or its first of the next ones.
+      const bool last = kb + kMmaWarps >= p.kblocks;
+#pragma unroll
+      for (int i = 0; i < kMmaGroups; ++i)
+        prefetch_vector((last ? row0 + rows.stride : row0) + 8 * i + g, last ? warp : kb + kMmaWarps);
+      float part[kMmaGroups][NT][4] = {};
+      const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
+#pragma unroll
+      for (int s = 0; s < kMmaSteps; ++s) {
+        uint32_t b[NT][2];
+        load_b_step<NT>(fk, s, b);
+#pragma unroll
+        for (int i = 0; i < kMmaGroups; ++i) {
+          // Bytes 2 s and 2 s + 1 of the vector: pairs 2 s and 2 s + 1 of the lane's run.
+          const uint32_t word = q[i][s / 2] >> (16 * (s % 2));
+          const uint2 c0 = *reinterpret_cast<const uint2*>(
+              pair_lane + (book[i] | (word & 0xFFu)) * entry_stride);
+          const uint2 c1 = *reinterpret_cast<const uint2*>(
+              pair_lane + (book[i] | ((word >> 8) & 0xFFu)) * entry_stride);
+          const uint32_t a[4] = {c0.x, c0.y, c1.x, c1.y};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
+        }
+      }
+      add_scaled_block<NT>(acc, part, magnitude);
+    }
+    store_row_sums<NT>(acc, sums_s, row0, w.m, p.w.m, p.batch, tensor_scale, p.out, p.dtype);
+  }
+}
+
+// Whether the tensor-core GEMV serves this call (mma_wanted): groups of whole k-blocks, on
+// sm_80 and later.
+bool use_mma_gemv(const AaacWeight& w, int64_t batch) {
+  return mma_wanted(batch) && w.group % kMmaBlockValues == 0 &&
+         mma_allowed(aaac_gemv_mma_kernel<1>);
+}
+
+void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
+                   uint2* fragments, cudaStream_t stream) {
+  const int versions = w.channel_scale ? w.siblings.count : 1;
+  format_fragments<kMmaRun>(x, dtype, 0, w.channel_scale, versions, w.n, batch, fragments,
+                            stream);
+  MmaParams p{};
+  p.w = w;
+  p.kblocks = static_cast<int>(fragment_steps<kMmaRun>(w.n) / kMmaSteps);
+  p.batch = static_cast<int>(batch);
+  p.fragments = fragments;
+  p.fragments_stride = versions > 1 ? fragment_entries<kMmaRun>(w.n, batch) : 0;
+  p.out = out;
+  p.dtype = dtype;
+  p.packed_vec = aligned16(w.packed);
+  const int tiles = fragment_tiles(batch);
+  const int64_t sums_bytes = mma_sums_bytes(tiles);
+  const int64_t table_bytes = int64_t{sizeof(uint2)} * kPairEntries;
+  // 16 copies (a half-warp's 8-byte lookups on their own banks) where two CTAs an SM allow them
+  // at one B tile, else where one does.
+  const int64_t budget =
+      (tiles == 1 ? shared_per_block_two_an_sm() : int64_t{shared_per_block_optin()}) -
+      sums_bytes;
+  int copies = 16;
+  while (copies > 1 && table_bytes * copies > budget) copies /= 2;
+  p.copies_log2 = __builtin_ctz(copies);
+  const size_t smem = static_cast<size_t>(table_bytes * copies + sums_bytes);
+  dispatch_tiles(tiles, [&](auto nt) {
+    const auto kernel = aaac_gemv_mma_kernel<decltype(nt)::value>;
+    allow_smem(kernel, smem);
+    unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
+    p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
+    launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+  });
+}
+
 }  // namespace
 
+int64_t aaac_gemv_workspace_floats(const AaacWeight& w, int64_t batch) {
+  return w.siblings.count * 2 * fragment_entries<kMmaRun>(w.n, batch);
+}
+
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
-               void* stream) {
+               float* workspace, void* stream) {
   if (batch == 0 || w.m == 0) return;
+  if (use_mma_gemv(w, batch))
+    return aaac_gemv_mma(w, x, dtype, batch, out, reinterpret_cast<uint2*>(workspace),
+                         as_stream(stream));
   GemvParams p{};
   p.w = w;
   p.chunks_per_row = static_cast<int>(ceil_div(w.n, kChunk));

@@ -275,27 +275,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
-// d += A B for one m16n8k16 tile of the warp: bf16 operands in the PTX fragment layout (lane
-// l = 4 g + t holds A rows g and g + 8 at k-pairs t and t + 4 in a[0..3] = (g, t), (g + 8, t),
-// (g, t + 4), (g + 8, t + 4); B column g at k-pairs t and t + 4 in b[0..1]; D rows g, g + 8 at
-// columns 2 t, 2 t + 1 in d[0..3]), fp32 accumulators. sm_80 and later: launchers check
-// (qamw_mma_supported). The CUDA emulator computes it from every lane's fragments, so that the
-// emulated tests check the layout the kernels assume. Every lane of the warp calls it.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
-                                               const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#elif defined(__CUDA_ARCH__)
-  __trap();
-#elif defined(QAMW_CUDA_EMULATOR)
-  qamw_emu::warp_mma_bf16_16816(d, a, b);
-#endif
-}
-
 // Programmatic dependent launch (sm_90 and later). A kernel started by launch_overlapped may be
 // scheduled while the kernel before it in the stream finishes, so that its launch and its
 // first weight prefetches overlap that kernel's tail: a decode step is a chain of short

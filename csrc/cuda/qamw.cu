@@ -19,6 +19,7 @@
 // The rotated activation is stored with two padding floats after every unit: lanes of a group
 // read pairs a unit apart, which would otherwise all hit the same shared-memory bank.
 #include "../hadamard_tables.h"
+#include "mma.cuh"
 #include "qamw.cuh"
 
 namespace qamw::cuda {
@@ -541,16 +542,6 @@ void dispatch_gemv_batch(int64_t batch, F&& f) {
   else f(IntC<16>{});
 }
 
-// The tensor-core GEMV (qamw_mma.cu) serves batches of 2 to 16 where qamw_mma_supported.
-// QAMW_GEMV_MMA=0 keeps them on the CUDA-core kernels, and QAMW_GEMV_MMA=1 gives it batch 1
-// too, for side-by-side benchmarks. Read at each launch, as QAMW_PDL is.
-bool use_mma_gemv(const QamwWeight& w, int64_t batch) {
-  const char* env = std::getenv("QAMW_GEMV_MMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  if (batch == 1 && !(env != nullptr && std::strcmp(env, "1") == 0)) return false;
-  return qamw_mma_supported(w);
-}
-
 int64_t qamw_gemv_workspace_floats(const QamwWeight& w, int64_t batch) {
   return w.siblings.count * (batch * w.n + 2 * qamw_mma_fragment_entries(w.n, batch));
 }
@@ -597,7 +588,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     const int c = codebook_copies(w.bits, entry_bytes, half_sm - other);
     return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
   };
-  const bool mma = use_mma_gemv(w, batch);
+  const bool mma = mma_wanted(batch) && qamw_mma_supported(w);  // qamw_mma.cu
   int copies = !mma && batch == 1 && xr_bytes <= kFusedActivationBytes
                    ? copies_beside(xr_bytes) : 0;
   const bool fused = copies > 0;

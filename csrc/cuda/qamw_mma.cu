@@ -5,82 +5,27 @@
 // the codewords to the tensor cores as they are. The decode then costs the same at batch 16 as
 // at batch 1, where the CUDA-core kernel (qamw.cu) pays two FMAs per code for every batch row.
 //
-// Exactness: operands are bf16, so both are split into a high and a low bf16 part (hi = bf16(v),
-// lo = bf16(v - hi): 16 significant bits). The activation's parts are B columns side by side,
-// column 2b the high part of batch row b and 2b + 1 its low part. The weight's parts are A
-// rows: rows g and g + 8 of a tile are the high and low parts of one weight row, so that one
-// 8-byte lookup of a (hi, lo) codeword fills two registers of the fragment as they are. The
-// four D values a lane holds (rows g, g + 8; columns 2t, 2t + 1) are then the four partial
-// products of one output: their sum has the error of an fp32 dot product, whatever the
-// activation's dtype.
+// Exactness: operands are bf16, so both are split into a high and a low bf16 part (mma.cuh).
+// The weight's parts are A rows: rows g and g + 8 of a tile are the high and low parts of one
+// weight row, so that one 8-byte lookup of a (hi, lo) codeword fills two registers of the
+// fragment as they are. The four D values a lane holds (rows g, g + 8; columns 2t, 2t + 1: the
+// activation's high and low parts) are then the four partial products of one output: their sum
+// has the error of an fp32 dot product, whatever the activation's dtype.
 //
-// Layout. k is ordered as the lanes read it, not as the fragment suggests: any permutation of
-// k applied to A and B alike leaves the product unchanged. A k-block is 128 pairs; lane (g, t)
-// of a warp (g = lane / 4, t = lane % 4) decodes the run of 32 codes at pairs 32 t ... 32 t + 31
-// of the block in row g of each group of 8 rows: exactly BITS packed words, loaded whole, their
-// shifts compile-time. At mma step s its A registers hold pairs 32 t + 2 s (fragment k-pair t)
-// and 32 t + 2 s + 1 (k-pair t + 4). The B operand is prepared once per call in that order
-// (format_fragments_kernel): a warp's load of one step is 256 consecutive bytes.
+// Layout: k-blocks of 128 pairs, a lane's run 32 codes of row g of each group of 8 rows
+// (mma.cuh, RUN = 32): exactly BITS packed words, loaded whole, their shifts compile-time.
 //
-// Work: a CTA owns 32 rows (four groups of 8 a warp, which share each B load) and its 8 warps
-// split the k-blocks, then add their sums in shared memory. Each k-block applies its rows'
-// scale after its 16 steps, so a row scale must cover whole k-blocks (qamw_mma_supported).
+// Work is split as mma.cuh says. Each k-block applies its rows' scale after its 16 steps, so a
+// row scale must cover whole k-blocks (qamw_mma_supported).
+#include "mma.cuh"
 #include "qamw.cuh"
 
 namespace qamw::cuda {
 namespace {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kBlockPairs = 128;            // pairs of a k-block
 constexpr int kRunCodes = 32;               // codes a lane decodes per row and k-block
 constexpr int kSteps = kRunCodes / 2;       // mma steps per k-block
-constexpr int kGroups = 4;                  // 8-row groups a warp: each B load serves all
-constexpr int kRowsPerCta = 8 * kGroups;
-
-// The bf16 value nearest v, and that value widened back.
-__device__ __forceinline__ uint32_t bf16_bits(float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-__device__ __forceinline__ float bf16_value(uint32_t bits) {
-  return __uint_as_float(bits << 16);
-}
-
-// (a, b) as two bf16x2 registers: the high parts, then the low parts (a - hi(a), b - hi(b)).
-__device__ __forceinline__ uint2 split_pair(float a, float b) {
-  const uint32_t ha = bf16_bits(a), hb = bf16_bits(b);
-  const uint32_t la = bf16_bits(a - bf16_value(ha)), lb = bf16_bits(b - bf16_value(hb));
-  return make_uint2(ha | hb << 16, la | lb << 16);
-}
-
-// B fragments of the rotated activation (fp32 at xr + z * xr_stride, [batch][n]) for sibling z:
-// entry ((z * steps + step) * tiles + tile) * 32 + lane holds, for column c = 8 * tile + lane / 4
-// (batch row c / 2, the high part when c is even, else the low one) the pairs
-// 128 * (step / 16) + 32 * (lane % 4) + 2 * (step % 16) and the next, as bf16x2 each. Rows past
-// the batch and pairs past n are zeros.
-__global__ void __launch_bounds__(kThreads)
-    format_fragments_kernel(const float* xr, int64_t xr_stride, int64_t n, int batch, int tiles,
-                            int64_t steps, int64_t total, uint2* frag) {
-  wait_for_prior_kernels();
-  let_next_kernel_launch();
-  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < total;
-       i += int64_t{gridDim.x} * kThreads) {
-    const int lane = static_cast<int>(i % 32);
-    const int64_t rest = i / 32;
-    const int tile = static_cast<int>(rest % tiles);
-    const int64_t step = rest / tiles % steps, z = rest / tiles / steps;
-    const int column = 8 * tile + lane / 4, b = column / 2;
-    const int64_t pair = step / kSteps * kBlockPairs + kRunCodes * (lane % 4) + 2 * (step % kSteps);
-    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (b < batch) {
-      const float* row = xr + z * xr_stride + b * n;
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (2 * pair + e < n) v[e] = row[2 * pair + e];
-    }
-    const uint2 p0 = split_pair(v[0], v[1]), p1 = split_pair(v[2], v[3]);
-    frag[i] = column % 2 == 0 ? make_uint2(p0.x, p1.x) : make_uint2(p0.y, p1.y);
-  }
-}
 
 struct MmaParams {
   const int32_t* packed;
@@ -161,21 +106,21 @@ __device__ __forceinline__ uint2 lookup_split(const unsigned char* cb_lane, uint
 
 // NT: 8-column B tiles, each 4 batch rows (high and low parts).
 template <int BITS, int NT>
-__global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kernel(MmaParams p) {
+__global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const CtaRows rows = cta_rows(p.split, kRowsPerCta);
+  const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
   // The lane's row of group i (of 8 rows) in the CTA's rows from row0.
   const auto lane_row = [&](int64_t row0, int i) { return row0 + 8 * i + g; };
 #pragma unroll
-  for (int i = 0; i < kGroups; ++i) prefetch_run<BITS>(p, lane_row(rows.first, i), warp, t);
+  for (int i = 0; i < kMmaGroups; ++i) prefetch_run<BITS>(p, lane_row(rows.first, i), warp, t);
   wait_for_prior_kernels();
 
   const int copies_log2 = p.copies_log2;
   uint2* cb_s = reinterpret_cast<uint2*>(smem_raw);
   float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) << (BITS + copies_log2)));
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
+  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kMmaThreads) {
     const int e = i >> copies_log2;
     cb_s[i] = split_pair(__ldg(p.codebook + 2 * e), __ldg(p.codebook + 2 * e + 1));
   }
@@ -187,36 +132,31 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kerne
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
-    float acc[kGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += kWarps) {
-      uint32_t w[kGroups][BITS];
-      float scale[kGroups];
+    float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
+    for (int kb = warp; kb < p.kblocks; kb += kMmaWarps) {
+      uint32_t w[kMmaGroups][BITS];
+      float scale[kMmaGroups];
       const int segment = (kb * kBlockPairs) >> p.seg_log2;
 #pragma unroll
-      for (int i = 0; i < kGroups; ++i) {
+      for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = lane_row(row0, i);
         load_run<BITS>(p, row, kb, t, w[i]);
         scale[i] = row < p.m ? p.row_scale[row * p.scales_per_row + segment] : 0.0f;
       }
       // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + kWarps >= p.kblocks;
+      const bool last = kb + kMmaWarps >= p.kblocks;
 #pragma unroll
-      for (int i = 0; i < kGroups; ++i)
+      for (int i = 0; i < kMmaGroups; ++i)
         prefetch_run<BITS>(p, lane_row(last ? row0 + rows.stride : row0, i),
-                           last ? warp : kb + kWarps, t);
-      float part[kGroups][NT][4] = {};
+                           last ? warp : kb + kMmaWarps, t);
+      float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kSteps * NT * 32;
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
         uint32_t b[NT][2];
+        load_b_step<NT>(fk, s, b);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const uint2 v = __ldg(fk + (s * NT + nt) * 32);
-          b[nt][0] = v.x;
-          b[nt][1] = v.y;
-        }
-#pragma unroll
-        for (int i = 0; i < kGroups; ++i) {
+        for (int i = 0; i < kMmaGroups; ++i) {
           // A rows g and g + 8 are the high and low parts of the lane's row: each lookup fills
           // two registers of the fragment as they are.
           const uint2 c0 = lookup_split(cb_lane, run_code<BITS>(w[i], 2 * s), entry_stride);
@@ -226,74 +166,30 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kerne
           for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
         }
       }
-      // D holds (high, low) of the weight times (high, low) of the activation: their sum.
-#pragma unroll
-      for (int i = 0; i < kGroups; ++i)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-          acc[i][nt] = fmaf(scale[i],
-                            (part[i][nt][0] + part[i][nt][1]) + (part[i][nt][2] + part[i][nt][3]),
-                            acc[i][nt]);
+      add_scaled_block<NT>(acc, part, scale);
     }
-#pragma unroll
-    for (int i = 0; i < kGroups; ++i)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) sums_s[((warp * kGroups + i) * NT + nt) * 32 + lane] = acc[i][nt];
-    __syncthreads();
-    // Output (row r, batch row b), summed over the warps; consecutive threads store
-    // consecutive rows.
-    for (int o = threadIdx.x; o < kRowsPerCta * p.batch; o += kThreads) {
-      const int r = o % kRowsPerCta, b = o / kRowsPerCta;
-      const int i = r / 8, src = (r % 8) * 4 + b % 4, nt = b / 4;
-      float y = 0.0f;
-#pragma unroll
-      for (int v = 0; v < kWarps; ++v) y += sums_s[((v * kGroups + i) * NT + nt) * 32 + src];
-      const int64_t row = row0 + r;
-      if (row < rows.end) store_from_float(p.out, p.dtype, b * p.m + row, y);
-    }
-    __syncthreads();  // the sums are read before the next rows write them
+    store_row_sums<NT>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
   }
-}
-
-// B tiles of 8 columns for `batch` rows: 1, 2 or 4.
-int fragment_tiles(int64_t batch) { return batch <= 4 ? 1 : batch <= 8 ? 2 : 4; }
-
-int64_t fragment_steps(int64_t n) { return ceil_div(n / 2, kBlockPairs) * kSteps; }
-
-template <typename F>
-void dispatch_tiles(int tiles, F&& f) {
-  if (tiles == 1) f(IntC<1>{});
-  else if (tiles == 2) f(IntC<2>{});
-  else f(IntC<4>{});
 }
 
 }  // namespace
 
 int64_t qamw_mma_fragment_entries(int64_t n, int64_t batch) {
-  return fragment_steps(n) * fragment_tiles(batch) * 32;
+  return fragment_entries<kRunCodes>(n, batch);
 }
 
 bool qamw_mma_supported(const QamwWeight& w) {
   // A row scale must cover whole k-blocks.
   if (w.scales_per_row > 1 && (w.n / 2 / w.scales_per_row) % kBlockPairs != 0) return false;
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaFuncAttributes attributes{};
-  return major >= 8 &&
-         cudaFuncGetAttributes(&attributes, qamw_gemv_mma_kernel<8, 1>) == cudaSuccess &&
-         attributes.ptxVersion >= 80;
+  return mma_allowed(qamw_gemv_mma_kernel<8, 1>);
 }
 
 void qamw_gemv_mma(const QamwWeight& w, const float* rotated, int64_t rotated_stride,
                    int rotations, int64_t batch, uint2* fragments, void* out, DType dtype,
                    cudaStream_t stream) {
+  format_fragments<kRunCodes>(rotated, DType::F32, rotated_stride, nullptr, rotations, w.n,
+                              batch, fragments, stream);
   const int tiles = fragment_tiles(batch);
-  const int64_t steps = fragment_steps(w.n);
-  const int64_t per_rotation = steps * tiles * 32, total = rotations * per_rotation;
-  launch_overlapped(format_fragments_kernel, dim3(capped_grid(ceil_div(total, kThreads))),
-                    kThreads, 0, stream, rotated, rotated_stride, w.n, static_cast<int>(batch),
-                    tiles, steps, total, fragments);
 
   MmaParams p{};
   p.packed = w.packed;
@@ -304,13 +200,13 @@ void qamw_gemv_mma(const QamwWeight& w, const float* rotated, int64_t rotated_st
   p.scales_per_row = w.scales_per_row;
   p.seg_log2 = w.scales_per_row == 1 ? 30 : log2_of(w.n / 2 / w.scales_per_row);
   p.m = w.m;
-  p.kblocks = static_cast<int>(steps / kSteps);
+  p.kblocks = static_cast<int>(fragment_steps<kRunCodes>(w.n) / kSteps);
   p.fragments = fragments;
-  p.fragments_stride = rotations > 1 ? per_rotation : 0;
+  p.fragments_stride = rotations > 1 ? fragment_entries<kRunCodes>(w.n, batch) : 0;
   p.batch = static_cast<int>(batch);
   p.out = out;
   p.dtype = dtype;
-  const int64_t sums_bytes = int64_t{sizeof(float)} * kWarps * kGroups * tiles * 32;
+  const int64_t sums_bytes = mma_sums_bytes(tiles);
   // Two CTAs an SM for one B tile (the kernel's registers allow it), else one.
   const int64_t budget =
       (tiles == 1 ? shared_per_block_two_an_sm() : int64_t{shared_per_block_optin()}) -
@@ -323,9 +219,9 @@ void qamw_gemv_mma(const QamwWeight& w, const float* rotated, int64_t rotated_st
     dispatch_tiles(tiles, [&](auto nt) {
       const auto kernel = qamw_gemv_mma_kernel<decltype(bits)::value, decltype(nt)::value>;
       allow_smem(kernel, smem);
-      unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, kRowsPerCta);
-      p.split = split_ctas(w.siblings, w.m, kRowsPerCta, grid);
-      launch_overlapped(kernel, dim3(grid), kThreads, smem, stream, p);
+      unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
+      p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
+      launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
     });
   });
 }

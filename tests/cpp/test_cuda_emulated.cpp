@@ -150,6 +150,18 @@ void test_pack() {
     }
 }
 
+// Calls f(setting) once with each GEMV kernel family in force for `batch` activation rows: the
+// default (tensor cores from batch 2, where the weight allows; CUDA cores at batch 1) and the
+// other one (QAMW_GEMV_MMA=0 from batch 2, =1 at batch 1).
+template <typename F>
+void for_each_gemv_family(int64_t batch, F&& f) {
+  unsetenv("QAMW_GEMV_MMA");
+  f("unset");
+  setenv("QAMW_GEMV_MMA", batch == 1 ? "1" : "0", 1);
+  f(batch == 1 ? "1" : "0");
+  unsetenv("QAMW_GEMV_MMA");
+}
+
 struct QamwCase {
   int bits;
   int64_t m, n, block;
@@ -217,11 +229,7 @@ void test_qamw() {
                              c.scaled ? signs.data() : nullptr, c.block, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        // Both kernel families: by default tensor cores from batch 2 (where the row scales
-        // allow) and CUDA cores at batch 1; QAMW_GEMV_MMA swaps them.
-        for (const char* mma : {static_cast<const char*>(nullptr), batch == 1 ? "1" : "0"}) {
-          if (mma) setenv("QAMW_GEMV_MMA", mma, 1);
-          else unsetenv("QAMW_GEMV_MMA");
+        for_each_gemv_family(batch, [&](const char* mma) {
           // `unaligned`: the activation starts one element in too (the scalar staging path).
           std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(w, batch), NAN);
           const double err = gemv_difference(
@@ -232,9 +240,8 @@ void test_qamw() {
               [&](const void* x, void* y) { qamw::cpu::qamw_gemv(w, x, d, batch, y); });
           EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d siblings %d QAMW_GEMV_MMA=%s: error %g",
                  c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch,
-                 int(d), siblings.count, mma ? mma : "unset", err);
-        }
-        unsetenv("QAMW_GEMV_MMA");
+                 int(d), siblings.count, mma, err);
+        });
       }
       const double err = dequantize_difference(
           d, c.m * c.n, [&](void* out) { qamw::cuda::qamw_dequantize(w, out, d, nullptr); },
@@ -263,12 +270,15 @@ void test_aaac() {
       {32, 37, 96, qamw::ScaleType::F16, true, false, {1, 3, 16}},
       {64, 70, 1024, qamw::ScaleType::F16, true, true, {1, 5}},
       {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}},  // 16: x from global
+      {128, 70, 1024, qamw::ScaleType::F16, true, true, {1, 3, 16}},  // tensor cores: groups
+      {256, 45, 768, qamw::ScaleType::F16, false, false, {1, 5}},      // of 128 and more
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
       {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 6 slots: strides
       // Fused siblings with their own codebooks, tensor and channel scales.
       {64, 97, 1024, qamw::ScaleType::F16, true, false, {1, 3}, {64, 17, 16}},
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 16}, {1, 296, 2, 1}},
       {128, 41, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4}, {21, 20}},  // x from global
+      {128, 97, 1024, qamw::ScaleType::F16, true, false, {1, 3}, {64, 17, 16}},
       {32, 64, 96, qamw::ScaleType::F16, false, false, {1, 2}, {32, 32}},
   };
   for (const AaacCase& c : cases) {
@@ -290,13 +300,18 @@ void test_aaac() {
                              c.scaled ? channel.data() : nullptr, c.group, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        const double err = gemv_difference(
-            d, batch, c.m, c.n, off,
-            [&](const void* x, void* y) { qamw::cuda::aaac_gemv(w, x, d, batch, y, nullptr); },
-            [&](const void* x, void* y) { qamw::cpu::aaac_gemv(w, x, d, batch, y); });
-        EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d siblings %d: error %g",
-               (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d),
-               siblings.count, err);
+        for_each_gemv_family(batch, [&](const char* mma) {
+          std::vector<float> workspace(qamw::cuda::aaac_gemv_workspace_floats(w, batch), NAN);
+          const double err = gemv_difference(
+              d, batch, c.m, c.n, off,
+              [&](const void* x, void* y) {
+                qamw::cuda::aaac_gemv(w, x, d, batch, y, workspace.data(), nullptr);
+              },
+              [&](const void* x, void* y) { qamw::cpu::aaac_gemv(w, x, d, batch, y); });
+          EXPECT(err < tolerance(d), "aaac_gemv group=%lld m=%lld n=%lld batch=%lld dtype %d siblings %d QAMW_GEMV_MMA=%s: error %g",
+                 (long long)c.group, (long long)c.m, (long long)c.n, (long long)batch, int(d),
+                 siblings.count, mma, err);
+        });
       }
       const double err = dequantize_difference(
           d, c.m * c.n, [&](void* out) { qamw::cuda::aaac_dequantize(w, out, d, nullptr); },

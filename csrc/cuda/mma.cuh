@@ -1,0 +1,204 @@
+// What the tensor-core GEMVs (qamw_mma.cu, aaac.cu) share: the mma instruction, operands
+// split into high and low bf16 parts, and the B fragments of the activation.
+//
+// B fragments. The GEMVs order k as their lanes read the codes: a k-block is 4 * RUN pairs of
+// values, lane (g, t) of a warp (g = lane / 4, t = lane % 4) holds the pairs RUN * t ...
+// RUN * t + RUN - 1 of it, and at mma step s of the block its registers hold pairs RUN * t + 2 s
+// (fragment k-pair t) and RUN * t + 2 s + 1 (k-pair t + 4). Any permutation of k applied to A
+// and B alike leaves the product unchanged. Column c of a B tile of 8 is batch row c / 2: its
+// high part when c is even, else its low one, so that the lane holding one (D columns 2t and
+// 2t + 1) holds both and adds them. format_fragments writes them once per call: entry
+// ((z * steps + step) * tiles + tile) * 32 + lane, so that a warp's load of one step and tile
+// is 256 consecutive bytes.
+#pragma once
+#include "common.cuh"
+
+namespace qamw::cuda {
+
+// d += A B for one m16n8k16 tile of the warp: bf16 operands in the PTX fragment layout (lane
+// l = 4 g + t holds A rows g and g + 8 at k-pairs t and t + 4 in a[0..3] = (g, t), (g + 8, t),
+// (g, t + 4), (g + 8, t + 4); B column g at k-pairs t and t + 4 in b[0..1]; D rows g, g + 8 at
+// columns 2 t, 2 t + 1 in d[0..3]), fp32 accumulators. sm_80 and later: launchers check
+// (mma_allowed). The CUDA emulator computes it from every lane's fragments, so that the
+// emulated tests check the layout the kernels assume. Every lane of the warp calls it.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4],
+                                               const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(QAMW_CUDA_EMULATOR)
+  qamw_emu::warp_mma_bf16_16816(d, a, b);
+#endif
+}
+
+// Whether a GEMV of `batch` rows should take the tensor-core kernel where the weight allows:
+// from batch 2. QAMW_GEMV_MMA=0 keeps every batch on the CUDA-core kernels, QAMW_GEMV_MMA=1
+// gives batch 1 to tensor cores too, for side-by-side benchmarks. Read at each launch, as
+// QAMW_PDL is.
+inline bool mma_wanted(int64_t batch) {
+  const char* env = std::getenv("QAMW_GEMV_MMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return batch > 1 || (env != nullptr && std::strcmp(env, "1") == 0);
+}
+
+// Whether `kernel`, which uses mma_bf16_16816, runs here: the device is sm_80 or later and the
+// kernel was compiled for it.
+template <typename K>
+bool mma_allowed(K kernel) {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaFuncAttributes attributes{};
+  return major >= 8 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+         attributes.ptxVersion >= 80;
+}
+
+// The bf16 value nearest v, and that value widened back.
+__device__ __forceinline__ uint32_t bf16_bits(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float bf16_value(uint32_t bits) { return __uint_as_float(bits << 16); }
+
+// (a, b) as two bf16x2 registers: the high parts, then the low parts (a - hi(a), b - hi(b)):
+// 16 significant bits between them.
+__device__ __forceinline__ uint2 split_pair(float a, float b) {
+  const uint32_t ha = bf16_bits(a), hb = bf16_bits(b);
+  const uint32_t la = bf16_bits(a - bf16_value(ha)), lb = bf16_bits(b - bf16_value(hb));
+  return make_uint2(ha | hb << 16, la | lb << 16);
+}
+
+// The tensor-core GEMVs' work: a CTA of 8 warps owns 32 rows, four groups of 8 a warp (lane
+// (g, t) decodes row g of each; the groups share each B load); the warps split the k-blocks
+// and add their sums in shared memory (mma_sums_bytes) when the rows are done.
+constexpr int kMmaThreads = 256, kMmaWarps = kMmaThreads / 32, kMmaGroups = 4;
+constexpr int kMmaRowsPerCta = 8 * kMmaGroups;
+
+inline int64_t mma_sums_bytes(int tiles) {
+  return int64_t{sizeof(float)} * kMmaWarps * kMmaGroups * tiles * 32;
+}
+
+// B registers of mma step `step` for NT tiles (frag: the lane's entry of the k-block's first).
+template <int NT>
+__device__ __forceinline__ void load_b_step(const uint2* frag, int step,
+                                            uint32_t (&b)[NT][2]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const uint2 v = __ldg(frag + (step * NT + nt) * 32);
+    b[nt][0] = v.x;
+    b[nt][1] = v.y;
+  }
+}
+
+// acc[i][nt] += scale[i] times the k-block's D: (high, low) of the weight times (high, low) of
+// the activation, the four partial products of one output.
+template <int NT>
+__device__ __forceinline__ void add_scaled_block(float (&acc)[kMmaGroups][NT],
+                                                 const float (&part)[kMmaGroups][NT][4],
+                                                 const float (&scale)[kMmaGroups]) {
+#pragma unroll
+  for (int i = 0; i < kMmaGroups; ++i)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      acc[i][nt] = fmaf(scale[i],
+                        (part[i][nt][0] + part[i][nt][1]) + (part[i][nt][2] + part[i][nt][3]),
+                        acc[i][nt]);
+}
+
+// Ends a row step of the CTA: every warp's acc (row g of group i, batch row 4 nt + t) added in
+// shared memory, and out[b * m + row0 + r] = factor * sum for the rows below `end` and the
+// batch rows below `batch`, consecutive threads on consecutive rows. Every thread calls it.
+template <int NT>
+__device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s, int64_t row0,
+                               int64_t end, int64_t m, int batch, float factor, void* out,
+                               DType dtype) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < kMmaGroups; ++i)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      sums_s[((warp * kMmaGroups + i) * NT + nt) * 32 + lane] = acc[i][nt];
+  __syncthreads();
+  for (int o = threadIdx.x; o < kMmaRowsPerCta * batch; o += kMmaThreads) {
+    const int r = o % kMmaRowsPerCta, b = o / kMmaRowsPerCta;
+    const int i = r / 8, src = (r % 8) * 4 + b % 4, nt = b / 4;
+    float y = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kMmaWarps; ++v) y += sums_s[((v * kMmaGroups + i) * NT + nt) * 32 + src];
+    if (row0 + r < end) store_from_float(out, dtype, b * m + row0 + r, factor * y);
+  }
+  __syncthreads();  // the sums are read before the next rows write them
+}
+
+// B tiles of 8 columns for `batch` (<= 16) rows: 1, 2 or 4.
+inline int fragment_tiles(int64_t batch) { return batch <= 4 ? 1 : batch <= 8 ? 2 : 4; }
+
+// mma steps of all k-blocks of n values.
+template <int RUN>
+int64_t fragment_steps(int64_t n) {
+  return ceil_div(n / 2, 4 * RUN) * (RUN / 2);
+}
+
+// uint2 entries of the B fragments of one activation of `batch` rows.
+template <int RUN>
+int64_t fragment_entries(int64_t n, int64_t batch) {
+  return fragment_steps<RUN>(n) * fragment_tiles(batch) * 32;
+}
+
+template <typename F>
+void dispatch_tiles(int tiles, F&& f) {
+  if (tiles == 1) f(IntC<1>{});
+  else if (tiles == 2) f(IntC<2>{});
+  else f(IntC<4>{});
+}
+
+// The fragments of activation z (x + z * x_stride, [batch][n], divided by channel_scale +
+// z * n when given), for z < versions. Rows past the batch and pairs past n are zeros.
+template <int RUN, typename T>
+__global__ void __launch_bounds__(256)
+    format_fragments_kernel(const T* x, int64_t x_stride, const float* channel_scale, int64_t n,
+                            int batch, int tiles, int64_t steps, int64_t total, uint2* frag) {
+  wait_for_prior_kernels();
+  let_next_kernel_launch();
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int lane = static_cast<int>(i % 32);
+    const int64_t rest = i / 32;
+    const int tile = static_cast<int>(rest % tiles);
+    const int64_t step = rest / tiles % steps, z = rest / tiles / steps;
+    const int column = 8 * tile + lane / 4, b = column / 2;
+    const int64_t pair =
+        step / (RUN / 2) * (4 * RUN) + RUN * (lane % 4) + 2 * (step % (RUN / 2));
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (b < batch) {
+      const T* row = x + z * x_stride + b * n;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = 2 * pair + e;
+        if (j < n) v[e] = channel_scale ? to_float(row[j]) / channel_scale[z * n + j]
+                                        : to_float(row[j]);
+      }
+    }
+    const uint2 p0 = split_pair(v[0], v[1]), p1 = split_pair(v[2], v[3]);
+    frag[i] = column % 2 == 0 ? make_uint2(p0.x, p1.x) : make_uint2(p0.y, p1.y);
+  }
+}
+
+template <int RUN>
+void format_fragments(const void* x, DType dtype, int64_t x_stride, const float* channel_scale,
+                      int versions, int64_t n, int64_t batch, uint2* frag, cudaStream_t stream) {
+  const int tiles = fragment_tiles(batch);
+  const int64_t steps = fragment_steps<RUN>(n), total = versions * steps * tiles * 32;
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_overlapped(format_fragments_kernel<RUN, T>, dim3(capped_grid(ceil_div(total, 256))),
+                      256, 0, stream, static_cast<const T*>(x), x_stride, channel_scale, n,
+                      static_cast<int>(batch), tiles, steps, total, frag);
+  });
+}
+
+}  // namespace qamw::cuda
