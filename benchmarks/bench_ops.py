@@ -38,6 +38,8 @@ from random_layers import WEIGHT_STD, buffer_bytes, random_layer  # noqa: E402
 
 MiB = 1 << 20
 GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
+# Codecs with a tensor-core GEMV (AAAC's needs groups of 128 and more: not NVFP4's 16).
+MMA_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4")
 FULL = dict(gemv_shapes=[(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
             batches=[1, 2, 4, 8, 16], dtypes=[torch.bfloat16, torch.float16],
             hadamard_blocks=[2 ** k for k in range(7, 16)] + [576, 1536],
@@ -231,9 +233,9 @@ def plain_launches():
     return environment("QAMW_PDL", "0")
 
 
-def other_qamw_kernel(batch):
-    """The QAM-W GEMV kernel family that is not the default at this batch (QAMW_GEMV_MMA):
-    tensor cores at batch 1, CUDA cores at larger batches; its name and the switch."""
+def other_gemv_kernel(batch):
+    """The GEMV kernel family that is not the default at this batch (QAMW_GEMV_MMA): tensor
+    cores at batch 1, CUDA cores at larger batches; its name and the switch."""
     if batch == 1:
         return "tensor cores", environment("QAMW_GEMV_MMA", "1")
     return "CUDA cores", environment("QAMW_GEMV_MMA", "0")
@@ -301,8 +303,8 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
             with plain_launches():
                 t_plain, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl = dict(no_pdl_ms=t_plain * 1e3, pdl_speedup=t_plain / t)
-        if codec.startswith("qamw"):   # the other kernel family, side by side
-            name, switch = other_qamw_kernel(batch)
+        if codec in MMA_CODECS:   # the other kernel family, side by side
+            name, switch = other_gemv_kernel(batch)
             with switch:
                 t_other, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
@@ -472,7 +474,7 @@ def markdown(record):
         lines += md_table(["shape", "codec", "dtype"] + [f"batch {b}" for b in batches], rows)
     other = [r for r in gemv if "other_kernel" in r]
     if other:
-        lines += ["## QAM-W GEMV: tensor-core and CUDA-core kernels", "",
+        lines += ["## GEMV: tensor-core and CUDA-core kernels", "",
                   "The default kernel (tensor cores from batch 2, CUDA cores at batch 1) and the "
                   "other family (QAMW_GEMV_MMA=1 or 0), each as a multiple of F.linear's speed.",
                   ""]

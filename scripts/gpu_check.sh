@@ -5,7 +5,7 @@
 # memcheck, racecheck and initcheck over small targeted selections of them, Nsight Compute's
 # shared-memory wavefronts of each GEMV (benchmarks/profile_gemv.py), the op benchmarks
 # (benchmarks/bench_ops.py --device cuda), the decode benchmark (benchmarks/bench_decode.py)
-# and Nsight Compute's stall reasons of each GEMV, the tensor-core QAM-W GEMV's and the Hadamard
+# and Nsight Compute's stall reasons of each GEMV, the tensor-core GEMVs' and the Hadamard
 # transform's.
 # Every step's log, a summary and the benchmarks' JSON and markdown go to OUT (default
 # benchmarks/results/gpu-DATE-GPU).
@@ -114,11 +114,11 @@ step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compil
 # bounds the kernels beyond bytes. Last, in whatever time is left.
 step ncu_stalls 60 0 ncu --section WarpStateStats --section SchedulerStats -k regex:gemv_kernel \
   python benchmarks/profile_gemv.py
-# The tensor-core QAM-W GEMV (the default from batch 2; QAMW_GEMV_MMA=1 gives it batch 1 too):
+# The tensor-core GEMVs (the default from batch 2; QAMW_GEMV_MMA=1 gives them batch 1 too):
 # throughput, stalls and issue rate at batches 1 and 16.
 step ncu_mma 45 0 env QAMW_GEMV_MMA=1 ncu --section SpeedOfLight --section WarpStateStats \
   --section SchedulerStats -k regex:gemv_mma python benchmarks/profile_gemv.py --batches 1,16 \
-  --codecs qamw-4,qamw-5.5
+  --codecs qamw-4,qamw-5.5,aaac-int4
 # The same, with memory throughput, for the Hadamard transform's blocks of 2^7 (3x clone in the
 # first H100 run) and 2^12 (1.5x), 64 MiB of bf16 each.
 step ncu_hadamard 30 0 ncu --section SpeedOfLight --section WarpStateStats --section Occupancy \
