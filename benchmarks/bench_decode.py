@@ -9,7 +9,8 @@ bf16+fused is the dense baseline with the same fusion); "+head" quantizes lm_hea
 one, as layer_options can give it). Otherwise the embeddings and lm_head stay bf16, as
 qamw_ext.convert leaves them. The GEMV kernels launch overlapped with the kernel before them
 (programmatic dependent launch, sm_90+): "+nopdl" launches them plainly (QAMW_PDL=0), and
-"+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl). Reports
+"+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl); "+mma" runs
+the batch-1 GEMVs on the tensor-core kernels (QAMW_GEMV_MMA=1) where a weight allows. Reports
 tokens/s, the bytes read per token, the bandwidth they imply and its fraction of the
 device-to-device copy bandwidth measured in the same run; JSON to --out and a markdown table
 beside it.
@@ -37,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_ops import bench_copy, command_line, md_table, plain_launches, time_calls  # noqa: E402
+from bench_ops import (bench_copy, command_line, environment, md_table, plain_launches,  # noqa: E402
+                       time_calls)
 from random_layers import CODECS, buffer_bytes, random_fused_layer, random_layer  # noqa: E402
 
 from qamw_ext.calibration import set_submodule  # noqa: E402
@@ -227,10 +229,10 @@ def step_linear_names(model):
 
 def parse_config(name):
     """(codec or "bf16", {"fused": bool, "head": lm_head's codec or None, "pdl": bool,
-    "glue_pdl": bool}) of a config name such as qamw-4+fused+head (lm_head as qamw-4),
-    qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
+    "glue_pdl": bool, "mma": bool}) of a config name such as qamw-4+fused+head (lm_head as
+    qamw-4), qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
     codec, *suffixes = name.split("+")
-    flags = {"fused": False, "head": None, "pdl": True, "glue_pdl": False}
+    flags = {"fused": False, "head": None, "pdl": True, "glue_pdl": False, "mma": False}
     for suffix in suffixes:
         key, eq, value = suffix.partition("=")
         if key == "fused" and not eq:
@@ -239,13 +241,15 @@ def parse_config(name):
             flags["pdl"] = False
         elif key == "gluepdl" and not eq:
             flags["glue_pdl"] = True
+        elif key == "mma" and not eq:
+            flags["mma"] = True
         elif key == "head" and codec != "bf16" and (value if eq else codec) in CODECS:
             flags["head"] = value if eq else codec
         else:
             codec = None
     if codec not in ("bf16", *CODECS):
         raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, then "
-                         f"optionally +fused, +nopdl, +gluepdl, and for a codec +head or "
+                         f"optionally +fused, +nopdl, +gluepdl, +mma, and for a codec +head or "
                          f"+head=CODEC")
     return codec, flags
 
@@ -397,7 +401,11 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
     linear_names = step_linear_names(model)
     codec, flags = parse_config(name)
     try:
-        with contextlib.nullcontext() if flags["pdl"] else plain_launches():
+        with contextlib.ExitStack() as switches:
+            if not flags["pdl"]:
+                switches.enter_context(plain_launches())
+            if flags["mma"]:
+                switches.enter_context(environment("QAMW_GEMV_MMA", "1"))
             row = time_config(name, model, linear_names, args, copy_gbps, codec, flags)
     finally:
         restore(model, replaced)
@@ -481,7 +489,7 @@ def main(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
                              " each optionally with +fused (q/k/v and gate/up as one layer "
-                             "each), +nopdl or +gluepdl (see above) and, for a codec, +head or "
+                             "each), +nopdl, +gluepdl or +mma (see above) and, for a codec, +head or "
                              "+head=CODEC (lm_head quantized too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)

@@ -172,11 +172,12 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
     assert with_head["bytes"]["linears"] == rows["qamw-4+fused"]["bytes"]["linears"]
     assert with_head["bytes"]["lm_head"] > rows["qamw-4+fused"]["bytes"]["lm_head"] * 5.5 / 16
     assert bench_decode.parse_config("aaac-int4+head+fused") == (
-        "aaac-int4", {"fused": True, "head": "aaac-int4", "pdl": True, "glue_pdl": False})
-    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl") == (
-        "qamw-4", {"fused": True, "head": None, "pdl": False, "glue_pdl": True})
+        "aaac-int4", {"fused": True, "head": "aaac-int4", "pdl": True, "glue_pdl": False,
+                      "mma": False})
+    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl+mma") == (
+        "qamw-4", {"fused": True, "head": None, "pdl": False, "glue_pdl": True, "mma": True})
     for bad in ("bf16+head", "qamw-4+head=bf16", "qamw-4+fast", "int4", "qamw-4+fused=1",
-                "qamw-4+nopdl=1"):
+                "qamw-4+nopdl=1", "qamw-4+mma=1"):
         with pytest.raises(ValueError, match="unknown config"):
             bench_decode.parse_config(bad)
     assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
@@ -254,6 +255,25 @@ def test_bench_decode_compile_records_its_check(tmp_path, one_thread):
         # bf16 logits of order 1: fused kernels round differently, by a few bf16 ulps.
         assert 0 <= r["compiled_vs_eager_max_abs_diff"] < 0.1
     assert "torch.compile" in (tmp_path / "decode.md").read_text()
+
+
+def test_bench_decode_mma_times_with_tensor_core_gemvs(monkeypatch, tmp_path, one_thread):
+    """+mma: QAMW_GEMV_MMA=1 while the config is built, compiled and timed, and the
+    environment as it was afterwards."""
+    monkeypatch.delenv("QAMW_GEMV_MMA", raising=False)
+    seen = []
+    time_decode = bench_decode.time_decode
+
+    def spy(*args):
+        seen.append(os.environ.get("QAMW_GEMV_MMA"))
+        return time_decode(*args)
+
+    monkeypatch.setattr(bench_decode, "time_decode", spy)
+    bench_decode.main(["--smoke", "--configs", "qamw-4+fused+mma,aaac-int4",
+                       "--out", str(tmp_path / "decode.json")])
+    assert seen == ["1", None] and "QAMW_GEMV_MMA" not in os.environ
+    rows = json.loads((tmp_path / "decode.json").read_text())["results"]
+    assert [r["mma"] for r in rows] == [True, False]
 
 
 def test_bench_decode_nopdl_times_with_plain_launches(monkeypatch, tmp_path, one_thread):
