@@ -7,7 +7,8 @@
 // (fragment k-pair t) and RUN * t + 2 s + 1 (k-pair t + 4). Any permutation of k applied to A
 // and B alike leaves the product unchanged. Column c of a B tile of 8 is batch row c / 2: its
 // high part when c is even, else its low one, so that the lane holding one (D columns 2t and
-// 2t + 1) holds both and adds them. format_fragments writes them once per call: entry
+// 2t + 1) holds both and adds them. They are written once per call (format_fragments, or
+// store_fragment_pairs from a kernel that has the values at hand): entry
 // ((z * steps + step) * tiles + tile) * 32 + lane, so that a warp's load of one step and tile
 // is 256 consecutive bytes.
 #pragma once
@@ -156,8 +157,30 @@ void dispatch_tiles(int tiles, F&& f) {
   else f(IntC<4>{});
 }
 
+// The entry of column `column` of activation z that holds pairs `pair` (even) and pair + 1:
+// the mapping format_fragments_kernel inverts.
+template <int RUN>
+__device__ __forceinline__ int64_t fragment_entry(int64_t pair, int column, int tiles,
+                                                  int64_t steps, int64_t z) {
+  const int64_t step = pair / (4 * RUN) * (RUN / 2) + pair % RUN / 2;
+  const int t = static_cast<int>(pair % (4 * RUN) / RUN);
+  return ((z * steps + step) * tiles + column / 8) * 32 + column % 8 * 4 + t;
+}
+
+// Stores values 2 pair ... 2 pair + 3 (pair even) of batch row b of activation z: their high
+// parts in column 2b, their low parts in column 2b + 1.
+template <int RUN>
+__device__ __forceinline__ void store_fragment_pairs(uint2* frag, int64_t pair, int b,
+                                                     const float (&v)[4], int tiles,
+                                                     int64_t steps, int64_t z) {
+  const uint2 p0 = split_pair(v[0], v[1]), p1 = split_pair(v[2], v[3]);
+  frag[fragment_entry<RUN>(pair, 2 * b, tiles, steps, z)] = make_uint2(p0.x, p1.x);
+  frag[fragment_entry<RUN>(pair, 2 * b + 1, tiles, steps, z)] = make_uint2(p0.y, p1.y);
+}
+
 // The fragments of activation z (x + z * x_stride, [batch][n], divided by channel_scale +
-// z * n when given), for z < versions. Rows past the batch and pairs past n are zeros.
+// z * n when given), for z < versions. Pairs past n are zeros (as are the columns of rows past
+// the batch, which only reach D's same columns).
 template <int RUN, typename T>
 __global__ void __launch_bounds__(256)
     format_fragments_kernel(const T* x, int64_t x_stride, const float* channel_scale, int64_t n,

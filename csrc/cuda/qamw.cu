@@ -400,20 +400,36 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   }
 }
 
-// Rotates `tile` values (whole blocks of order * pow2) of one activation row into the
-// workspace, divided by the channel scale of sibling z (a fused weight's siblings each get
-// their own rotated activation, [siblings][batch][n]): grid (n / tile, batch, siblings).
+// Where rotate_kernel writes: fp32 rows into the workspace, or (frag not null) the tensor-core
+// GEMV's B fragments (mma.cuh), zeros past n up to the last k-block. The columns of batch rows
+// past the last are left as they are: a column of B only reaches the same column of D.
+struct RotateOut {
+  float* xr;
+  uint2* frag;
+  int tiles;
+  int64_t steps;
+};
+
+// Rotates `tile` values (whole blocks of order * pow2) of activation row blockIdx.y, divided by
+// the channel scale of sibling z (a fused weight's siblings each get their own rotated
+// activation): grid (n / tile, batch, siblings). For fragments, tiles hold whole pairs of
+// pairs (tile % 4 == 0).
 __global__ void __launch_bounds__(kThreads)
     rotate_kernel(const void* x, DType dtype, int n, int order, int pow2, int table, int tile,
                   const float* channel_scale, const int8_t* signs, float norm, bool vec,
-                  float* xr) {
+                  RotateOut o) {
   extern __shared__ float tile_s[];
   wait_for_prior_kernels();
   let_next_kernel_launch();  // the GEMV, which prefetches its codes while this runs
-  const int64_t first = int64_t{blockIdx.y} * n + int64_t{blockIdx.x} * tile;
+  const int b = blockIdx.y, z = blockIdx.z;
+  const int64_t first = int64_t{b} * n + int64_t{blockIdx.x} * tile;
   const int j0 = blockIdx.x * tile;
-  if (channel_scale) channel_scale += int64_t{blockIdx.z} * n;
-  xr += int64_t{blockIdx.z} * gridDim.y * n;
+  if (o.frag && blockIdx.x + 1 == gridDim.x) {  // the row's last CTA: zeros past n
+    const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t d = n / 4 + threadIdx.x; d < 4 * o.steps; d += kThreads)
+      store_fragment_pairs<kQamwMmaRun>(o.frag, 2 * d, b, zeros, o.tiles, o.steps, z);
+  }
+  if (channel_scale) channel_scale += int64_t{z} * n;
   int staged_bits = 0;
   with_typed_activation(x, dtype, [&](auto* xt) {
     staged_bits = stage_activation(xt + first, tile, 1,
@@ -424,7 +440,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   fwht_shared(tile_s, 1, tile, pow2, tile, kNoPadding, staged_bits);
   if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, kNoPadding);
-  for (int i = threadIdx.x; i < tile; i += kThreads) xr[first + i] = tile_s[i];
+  if (o.frag) {
+    for (int d = threadIdx.x; d < tile / 4; d += kThreads) {
+      const float v[4] = {tile_s[4 * d], tile_s[4 * d + 1], tile_s[4 * d + 2], tile_s[4 * d + 3]};
+      store_fragment_pairs<kQamwMmaRun>(o.frag, j0 / 2 + 2 * d, b, v, o.tiles, o.steps, z);
+    }
+  } else {
+    float* xr = o.xr + int64_t{z} * gridDim.y * n;
+    for (int i = threadIdx.x; i < tile; i += kThreads) xr[first + i] = tile_s[i];
+  }
 }
 
 // Dequantizes one tile (a whole number of Hadamard blocks) of one row per iteration. The row is
@@ -543,7 +567,7 @@ void dispatch_gemv_batch(int64_t batch, F&& f) {
 }
 
 int64_t qamw_gemv_workspace_floats(const QamwWeight& w, int64_t batch) {
-  return w.siblings.count * (batch * w.n + 2 * qamw_mma_fragment_entries(w.n, batch));
+  return w.siblings.count * (batch * w.n + 2 * fragment_entries<kQamwMmaRun>(w.n, batch));
 }
 
 void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, void* out,
@@ -600,18 +624,27 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   const size_t cb_bytes = size_t(entry_bytes) * copies << w.bits;
   const size_t smem = cb_bytes + (fused ? xr_bytes : 0);
   // One rotated activation per sibling, each divided by its own channel scale; without
-  // channel scales, one for all.
+  // channel scales, one for all. The tensor-core kernel's B fragments follow them in the
+  // workspace (qamw_gemv_workspace_floats).
   const int rotations = w.channel_scale ? w.siblings.count : 1;
+  uint2* fragments =
+      mma ? reinterpret_cast<uint2*>(workspace + w.siblings.count * batch * w.n) : nullptr;
+  bool formatted = false;
   if (!fused) {
     const int tile = rotate_tile(w.n, w.block);
     const size_t tile_bytes = sizeof(float) * tile;
     p.workspace_stride = rotations > 1 ? batch * w.n : 0;
     if (allow_smem(rotate_kernel, tile_bytes)) {
+      // For tensor cores, the rotation writes the fragments where its tiles hold whole pairs
+      // of pairs (every tile but of blocks of 2 in rows of 4 k + 2 values).
+      formatted = mma && tile % 4 == 0;
+      const RotateOut o{workspace, formatted ? fragments : nullptr, fragment_tiles(batch),
+                        fragment_steps<kQamwMmaRun>(w.n)};
       launch_overlapped(rotate_kernel,
                         dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch),
                              static_cast<unsigned>(rotations)),
                         kThreads, tile_bytes, s, x, dtype, p.n, p.order, p.pow2, p.table, tile,
-                        w.channel_scale, w.signs, p.norm, p.x_vec && tile % 8 == 0, workspace);
+                        w.channel_scale, w.signs, p.norm, p.x_vec && tile % 8 == 0, o);
     } else {
       for (int r = 0; r < rotations; ++r) {
         float* xr = workspace + r * batch * w.n;
@@ -624,9 +657,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     p.workspace = workspace;
   }
   if (mma) {
-    // Its fragments follow the rotated activations (qamw_gemv_workspace_floats).
-    uint2* fragments = reinterpret_cast<uint2*>(workspace + w.siblings.count * batch * w.n);
-    qamw_gemv_mma(w, workspace, p.workspace_stride, rotations, batch, fragments, out, dtype, s);
+    if (!formatted)
+      format_fragments<kQamwMmaRun>(workspace, DType::F32, p.workspace_stride, nullptr,
+                                    rotations, w.n, batch, fragments, s);
+    qamw_gemv_mma(w, rotations, batch, fragments, out, dtype, s);
     return;
   }
   const int64_t rows_per_cta =

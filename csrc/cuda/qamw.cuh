@@ -49,15 +49,13 @@ inline int codebook_copies(int bits, int entry_bytes, int64_t budget) {
 // that cover whole k-blocks of 128 pairs (one scale a row, or blocks of 256 values and more).
 bool qamw_mma_supported(const QamwWeight& w);
 
-// uint2 entries of the B fragments of one rotated activation of `batch` rows (<= 16) and n
-// values (qamw_mma.cu).
-int64_t qamw_mma_fragment_entries(int64_t n, int64_t batch);
+// The pairs a lane of the tensor-core GEMV decodes per row and k-block (mma.cuh's RUN).
+constexpr int kQamwMmaRun = 32;
 
-// The tensor-core GEMV of `batch` (<= 16) activation rows already rotated (fp32, [batch][n] at
-// rotated + r * rotated_stride for each of `rotations`: one per sibling, or one for all):
-// formats them into `fragments` (rotations * qamw_mma_fragment_entries) and runs the GEMV.
-void qamw_gemv_mma(const QamwWeight& w, const float* rotated, int64_t rotated_stride,
-                   int rotations, int64_t batch, uint2* fragments, void* out, DType dtype,
-                   cudaStream_t stream);
+// The tensor-core GEMV of `batch` (<= 16) activation rows, rotated and formatted into B
+// `fragments` (mma.cuh, RUN = kQamwMmaRun) for each of `rotations`: one per sibling, or one
+// for all.
+void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
+                   void* out, DType dtype, cudaStream_t stream);
 
 }  // namespace qamw::cuda

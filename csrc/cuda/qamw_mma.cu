@@ -24,7 +24,7 @@ namespace qamw::cuda {
 namespace {
 
 constexpr int kBlockPairs = 128;            // pairs of a k-block
-constexpr int kRunCodes = 32;               // codes a lane decodes per row and k-block
+constexpr int kRunCodes = kQamwMmaRun;      // codes a lane decodes per row and k-block
 constexpr int kSteps = kRunCodes / 2;       // mma steps per k-block
 
 struct MmaParams {
@@ -174,21 +174,14 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
 
 }  // namespace
 
-int64_t qamw_mma_fragment_entries(int64_t n, int64_t batch) {
-  return fragment_entries<kRunCodes>(n, batch);
-}
-
 bool qamw_mma_supported(const QamwWeight& w) {
   // A row scale must cover whole k-blocks.
   if (w.scales_per_row > 1 && (w.n / 2 / w.scales_per_row) % kBlockPairs != 0) return false;
   return mma_allowed(qamw_gemv_mma_kernel<8, 1>);
 }
 
-void qamw_gemv_mma(const QamwWeight& w, const float* rotated, int64_t rotated_stride,
-                   int rotations, int64_t batch, uint2* fragments, void* out, DType dtype,
-                   cudaStream_t stream) {
-  format_fragments<kRunCodes>(rotated, DType::F32, rotated_stride, nullptr, rotations, w.n,
-                              batch, fragments, stream);
+void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
+                   void* out, DType dtype, cudaStream_t stream) {
   const int tiles = fragment_tiles(batch);
 
   MmaParams p{};
