@@ -257,22 +257,28 @@ def test_bench_decode_compile_records_its_check(tmp_path, one_thread):
     assert "torch.compile" in (tmp_path / "decode.md").read_text()
 
 
-def test_bench_decode_mma_times_with_tensor_core_gemvs(monkeypatch, tmp_path, one_thread):
-    """+mma: QAMW_GEMV_MMA=1 while the config is built, compiled and timed, and the
-    environment as it was afterwards."""
-    monkeypatch.delenv("QAMW_GEMV_MMA", raising=False)
+def decode_rows_and_switch_seen(monkeypatch, tmp_path, configs, name):
+    """bench_decode's rows for `configs`, and the value of os.environ[name] while each was
+    timed."""
     seen = []
     time_decode = bench_decode.time_decode
 
     def spy(*args):
-        seen.append(os.environ.get("QAMW_GEMV_MMA"))
+        seen.append(os.environ.get(name))
         return time_decode(*args)
 
     monkeypatch.setattr(bench_decode, "time_decode", spy)
-    bench_decode.main(["--smoke", "--configs", "qamw-4+fused+mma,aaac-int4",
-                       "--out", str(tmp_path / "decode.json")])
+    bench_decode.main(["--smoke", "--configs", configs, "--out", str(tmp_path / "decode.json")])
+    return json.loads((tmp_path / "decode.json").read_text())["results"], seen
+
+
+def test_bench_decode_mma_times_with_tensor_core_gemvs(monkeypatch, tmp_path, one_thread):
+    """+mma: QAMW_GEMV_MMA=1 while the config is built, compiled and timed, and the
+    environment as it was afterwards."""
+    monkeypatch.delenv("QAMW_GEMV_MMA", raising=False)
+    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path, "qamw-4+fused+mma,aaac-int4",
+                                             "QAMW_GEMV_MMA")
     assert seen == ["1", None] and "QAMW_GEMV_MMA" not in os.environ
-    rows = json.loads((tmp_path / "decode.json").read_text())["results"]
     assert [r["mma"] for r in rows] == [True, False]
 
 
@@ -280,18 +286,9 @@ def test_bench_decode_nopdl_times_with_plain_launches(monkeypatch, tmp_path, one
     """+nopdl: QAMW_PDL=0 while the config is built, compiled and timed (the launchers read
     it at each launch), and the environment as it was afterwards."""
     monkeypatch.setenv("QAMW_PDL", "1")
-    seen = []
-    time_decode = bench_decode.time_decode
-
-    def spy(*args):
-        seen.append(os.environ.get("QAMW_PDL"))
-        return time_decode(*args)
-
-    monkeypatch.setattr(bench_decode, "time_decode", spy)
-    bench_decode.main(["--smoke", "--configs", "qamw-4,qamw-4+nopdl,aaac-int4",
-                       "--out", str(tmp_path / "decode.json")])
+    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path,
+                                             "qamw-4,qamw-4+nopdl,aaac-int4", "QAMW_PDL")
     assert seen == ["1", "0", "1"] and os.environ["QAMW_PDL"] == "1"
-    rows = json.loads((tmp_path / "decode.json").read_text())["results"]
     assert [r["pdl"] for r in rows] == [True, False, True]
 
 
