@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_ops import (bench_copy, command_line, environment, md_table, plain_launches,  # noqa: E402
-                       time_calls)
+from bench_ops import (bench_copy, command_line, environment, md_table,  # noqa: E402
+                       plain_launches, time_calls)
 from random_layers import CODECS, buffer_bytes, random_fused_layer, random_layer  # noqa: E402
 
 from qamw_ext.calibration import set_submodule  # noqa: E402
@@ -489,8 +489,8 @@ def main(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
                              " each optionally with +fused (q/k/v and gate/up as one layer "
-                             "each), +nopdl, +gluepdl or +mma (see above) and, for a codec, +head or "
-                             "+head=CODEC (lm_head quantized too)")
+                             "each), +nopdl, +gluepdl or +mma (see above) and, for a codec, "
+                             "+head or +head=CODEC (lm_head quantized too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")

@@ -309,7 +309,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
 
   const int copies_log2 = p.copies_log2;
   uint2* pairs_s = reinterpret_cast<uint2*>(smem_raw);
-  float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
+  float* sums_s =
+      reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
 #pragma unroll 4
   for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kMmaThreads) {
     const int e = i >> copies_log2;
@@ -352,7 +353,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
       const bool last = kb + kMmaWarps >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
-        prefetch_vector((last ? row0 + rows.stride : row0) + 8 * i + g, last ? warp : kb + kMmaWarps);
+        prefetch_vector((last ? row0 + rows.stride : row0) + 8 * i + g,
+                        last ? warp : kb + kMmaWarps);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
 #pragma unroll

@@ -166,15 +166,6 @@ struct GemvParams {
   CtaSplit split;          // the CTAs of each sibling (one for a plain weight)
 };
 
-// Code j of a unit held as N little-endian words.
-template <int BITS, int N>
-__device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
-  const int bit = j * BITS, word = bit >> 5, sh = bit & 31;
-  uint32_t v = w[word] >> sh;
-  if (sh + BITS > 32) v = __funnelshift_r(w[word], w[word + 1], sh);
-  return v & ((1u << BITS) - 1u);
-}
-
 // Unit u of `row`, a whole one: 128 / R codes in 4 * BITS / R words, read as BITS 16-byte
 // (R = 1) or 8-byte (R = 2) loads. Rows past the last read as zeros.
 template <int BITS, int R>

@@ -28,6 +28,16 @@ void dispatch_qamw_bits(int bits, F&& f) {
   }
 }
 
+// Code j of a unit held as N little-endian words (j compile-time in the kernels' unrolled
+// loops: the shifts are constants).
+template <int BITS, int N>
+__device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
+  const int bit = j * BITS, word = bit >> 5, sh = bit & 31;
+  uint32_t v = w[word] >> sh;
+  if (sh + BITS > 32) v = __funnelshift_r(w[word], w[word + 1], sh);
+  return v & ((1u << BITS) - 1u);
+}
+
 constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
 
 // Copies of the codebook in shared memory: entry e of copy r at e * copies + r, and lane l reads

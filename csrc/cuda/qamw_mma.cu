@@ -89,15 +89,6 @@ __device__ __forceinline__ void prefetch_run(const MmaParams& p, int64_t row, in
   prefetch_l2(rowp + last);
 }
 
-// Code j (compile-time) of a run of 32 codes held in BITS words.
-template <int BITS>
-__device__ __forceinline__ uint32_t run_code(const uint32_t (&w)[BITS], int j) {
-  const int bit = j * BITS, word = bit >> 5, sh = bit & 31;
-  uint32_t v = w[word] >> sh;
-  if (sh + BITS > 32) v = __funnelshift_r(w[word], w[word + 1], sh);
-  return v & ((1u << BITS) - 1u);
-}
-
 // The (hi, lo) codeword of `code` from the lane's copy of the codebook.
 __device__ __forceinline__ uint2 lookup_split(const unsigned char* cb_lane, uint32_t code,
                                               uint32_t entry_stride) {
@@ -159,8 +150,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
         for (int i = 0; i < kMmaGroups; ++i) {
           // A rows g and g + 8 are the high and low parts of the lane's row: each lookup fills
           // two registers of the fragment as they are.
-          const uint2 c0 = lookup_split(cb_lane, run_code<BITS>(w[i], 2 * s), entry_stride);
-          const uint2 c1 = lookup_split(cb_lane, run_code<BITS>(w[i], 2 * s + 1), entry_stride);
+          const uint2 c0 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s), entry_stride);
+          const uint2 c1 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s + 1), entry_stride);
           const uint32_t a[4] = {c0.x, c0.y, c1.x, c1.y};
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);

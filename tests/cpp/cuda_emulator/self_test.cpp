@@ -96,8 +96,10 @@ __global__ void mma_product(const float* a, const float* b, float* d) {
     return u >> 16;
   };
   uint32_t fa[4] = {}, fb[2] = {};
-  for (int i = 0; i < 8; ++i)
-    fa[i / 2] |= bf16(a[(g + 8 * ((i / 2) % 2)) * 16 + 2 * t + i % 2 + 8 * (i / 4)]) << 16 * (i % 2);
+  for (int i = 0; i < 8; ++i) {
+    const int row = g + 8 * ((i / 2) % 2), col = 2 * t + i % 2 + 8 * (i / 4);
+    fa[i / 2] |= bf16(a[row * 16 + col]) << 16 * (i % 2);
+  }
   for (int i = 0; i < 4; ++i)
     fb[i / 2] |= bf16(b[(2 * t + i % 2 + 8 * (i / 2)) * 8 + g]) << 16 * (i % 2);
   float fd[4] = {};
