@@ -425,7 +425,8 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
 }  // namespace
 
 int64_t aaac_gemv_workspace_floats(const AaacWeight& w, int64_t batch) {
-  return w.siblings.count * 2 * fragment_entries<kMmaRun>(w.n, batch);
+  return use_mma_gemv(w, batch) ? w.siblings.count * 2 * fragment_entries<kMmaRun>(w.n, batch)
+                                : 0;
 }
 
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
