@@ -1,7 +1,8 @@
 // Every CUDA launcher (csrc/cuda, run by the CPU emulation in cuda_emulator/) against the CPU
 // kernel of the same op on the same random inputs: Hadamard blocks of 2^m (2 ... 2^15, one to
 // three shared-memory passes) and K * 2^m, nearest codewords, bit packing, QAM-W and AAAC GEMV
-// (fused and workspace activation paths, batches 1 ... 16, per-block scales) and dequantize,
+// (fused and workspace activation paths, batches 1 ... 16, per-block scales; the CUDA-core and
+// the tensor-core kernels at every batch, through QAMW_GEMV_MMA) and dequantize,
 // in every activation dtype, at odd sizes and with unaligned pointers. Outputs are NaN until
 // written. The whole run is repeated with each step's threads scheduled in reverse order, so
 // that a result depending on a missing barrier differs between the two runs, and again on a
