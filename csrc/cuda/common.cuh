@@ -293,6 +293,18 @@ __device__ __forceinline__ void let_next_kernel_launch() {
 #endif
 }
 
+// Whether the device is sm_<arch> or later and `kernel` was compiled from code for it (arch as
+// 90 for sm_90): what the device-specific instructions a kernel uses need.
+template <typename K>
+bool runs_as_sm(K kernel, int arch) {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaFuncAttributes attributes{};
+  return major >= arch / 10 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+         attributes.ptxVersion >= arch;
+}
+
 // Whether `kernel` may be launched overlapped: the device is sm_90 or later, the kernel was
 // compiled for it (from sm_90 code: older code has no wait), and QAMW_PDL is not 0. QAMW_PDL is
 // read at each launch, so that a CUDA graph keeps the choice it was captured with.
@@ -300,12 +312,7 @@ template <typename K>
 bool overlap_allowed(K kernel) {
   const char* env = std::getenv("QAMW_PDL");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaFuncAttributes attributes{};
-  return major >= 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
-         attributes.ptxVersion >= 90;
+  return runs_as_sm(kernel, 90);
 }
 
 // kernel<<<grid, threads, smem, stream>>>(args...), overlapped with the kernel before it where

@@ -51,12 +51,7 @@ inline bool mma_wanted(int64_t batch) {
 // kernel was compiled for it.
 template <typename K>
 bool mma_allowed(K kernel) {
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaFuncAttributes attributes{};
-  return major >= 8 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
-         attributes.ptxVersion >= 80;
+  return runs_as_sm(kernel, 80);
 }
 
 // The bf16 value nearest v, and that value widened back.
