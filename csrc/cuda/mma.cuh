@@ -152,8 +152,7 @@ void dispatch_tiles(int tiles, F&& f) {
   else f(IntC<4>{});
 }
 
-// The entry of column `column` of activation z that holds pairs `pair` (even) and pair + 1:
-// the mapping format_fragments_kernel inverts.
+// The entry of column `column` of activation z that holds pairs `pair` (even) and pair + 1.
 template <int RUN>
 __device__ __forceinline__ int64_t fragment_entry(int64_t pair, int column, int tiles,
                                                   int64_t steps, int64_t z) {
@@ -163,7 +162,8 @@ __device__ __forceinline__ int64_t fragment_entry(int64_t pair, int column, int 
 }
 
 // Stores values 2 pair ... 2 pair + 3 (pair even) of batch row b of activation z: their high
-// parts in column 2b, their low parts in column 2b + 1.
+// parts in column 2b, their low parts in column 2b + 1. The columns of batch rows past the last
+// are never written: a column of B only reaches the same column of D.
 template <int RUN>
 __device__ __forceinline__ void store_fragment_pairs(uint2* frag, int64_t pair, int b,
                                                      const float (&v)[4], int tiles,
@@ -174,48 +174,40 @@ __device__ __forceinline__ void store_fragment_pairs(uint2* frag, int64_t pair, 
 }
 
 // The fragments of activation z (x + z * x_stride, [batch][n], divided by channel_scale +
-// z * n when given), for z < versions. Pairs past n are zeros (as are the columns of rows past
-// the batch, which only reach D's same columns).
+// z * n when given), for z < versions, a thread per 4 values (pairs past n up to the last
+// k-block are zeros).
 template <int RUN, typename T>
 __global__ void __launch_bounds__(256)
     format_fragments_kernel(const T* x, int64_t x_stride, const float* channel_scale, int64_t n,
                             int batch, int tiles, int64_t steps, int64_t total, uint2* frag) {
   wait_for_prior_kernels();
   let_next_kernel_launch();
+  const int64_t per_row = 4 * steps;  // groups of 4 values a row, up to the last k-block
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const int lane = static_cast<int>(i % 32);
-    const int64_t rest = i / 32;
-    const int tile = static_cast<int>(rest % tiles);
-    const int64_t step = rest / tiles % steps, z = rest / tiles / steps;
-    const int column = 8 * tile + lane / 4, b = column / 2;
-    const int64_t pair =
-        step / (RUN / 2) * (4 * RUN) + RUN * (lane % 4) + 2 * (step % (RUN / 2));
-    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (b < batch) {
-      const T* row = x + z * x_stride + b * n;
+    const int64_t d = i % per_row, b = i / per_row % batch, z = i / per_row / batch;
+    const T* row = x + z * x_stride + b * n;
+    float v[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t j = 2 * pair + e;
-        if (j < n) v[e] = channel_scale ? to_float(row[j]) / channel_scale[z * n + j]
-                                        : to_float(row[j]);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = 4 * d + e;
+      v[e] = j >= n ? 0.0f
+             : channel_scale ? to_float(row[j]) / channel_scale[z * n + j]
+                             : to_float(row[j]);
     }
-    const uint2 p0 = split_pair(v[0], v[1]), p1 = split_pair(v[2], v[3]);
-    frag[i] = column % 2 == 0 ? make_uint2(p0.x, p1.x) : make_uint2(p0.y, p1.y);
+    store_fragment_pairs<RUN>(frag, 2 * d, static_cast<int>(b), v, tiles, steps, z);
   }
 }
 
 template <int RUN>
 void format_fragments(const void* x, DType dtype, int64_t x_stride, const float* channel_scale,
                       int versions, int64_t n, int64_t batch, uint2* frag, cudaStream_t stream) {
-  const int tiles = fragment_tiles(batch);
-  const int64_t steps = fragment_steps<RUN>(n), total = versions * steps * tiles * 32;
+  const int64_t steps = fragment_steps<RUN>(n), total = versions * batch * 4 * steps;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_overlapped(format_fragments_kernel<RUN, T>, dim3(capped_grid(ceil_div(total, 256))),
                       256, 0, stream, static_cast<const T*>(x), x_stride, channel_scale, n,
-                      static_cast<int>(batch), tiles, steps, total, frag);
+                      static_cast<int>(batch), fragment_tiles(batch), steps, total, frag);
   });
 }
 

@@ -392,8 +392,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
 }
 
 // Where rotate_kernel writes: fp32 rows into the workspace, or (frag not null) the tensor-core
-// GEMV's B fragments (mma.cuh), zeros past n up to the last k-block. The columns of batch rows
-// past the last are left as they are: a column of B only reaches the same column of D.
+// GEMV's B fragments (mma.cuh), zeros past n up to the last k-block.
 struct RotateOut {
   float* xr;
   uint2* frag;
