@@ -46,6 +46,24 @@ __device__ __forceinline__ void decode_scale(const void* scales, ScaleType type,
   }
 }
 
+// Pair-table entry e: the weights of byte e & 255 of two codes (low nibble first) in codebook
+// e >> 8 of `codebooks` (two of 16).
+__device__ __forceinline__ float2 pair_entry(const float* codebooks, int e) {
+  const float* book = codebooks + 16 * (e >> 8);
+  return make_float2(__ldg(book + (e & 15)), __ldg(book + ((e >> 4) & 15)));
+}
+
+// 16-byte vector `vector` of `row` of packed codes (zeros past w.m rows or past the row's
+// words): one load when the rows are 16-byte aligned (packed_vec), else four.
+__device__ __forceinline__ uint4 load_code_vector(const AaacWeight& w, bool packed_vec,
+                                                  int64_t row, int64_t vector) {
+  if (row >= w.m || 4 * vector >= w.words_per_row) return make_uint4(0, 0, 0, 0);
+  const uint4* src = reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row) + vector;
+  if (packed_vec) return __ldg(src);
+  const uint32_t* r32 = reinterpret_cast<const uint32_t*>(src);
+  return make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
+}
+
 // Index in shared memory of activation value j: 4 padding floats after every 32 values.
 struct ChunkIndex {
   __device__ int operator()(int j) const { return (j / kChunk) * kChunkStride + j % kChunk; }
@@ -89,17 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   // ones in flight while it decodes the current ones.
   const auto load_vectors = [&](int64_t row, int c, uint4 (&q)[R]) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      q[r] = make_uint4(0, 0, 0, 0);
-      if (row + r >= w.m) continue;
-      const uint4* rowp = reinterpret_cast<const uint4*>(w.packed + (row + r) * w.words_per_row);
-      if (p.packed_vec) {
-        q[r] = __ldg(rowp + c);
-      } else {
-        const uint32_t* r32 = reinterpret_cast<const uint32_t*>(rowp + c);
-        q[r] = make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
-      }
-    }
+    for (int r = 0; r < R; ++r) q[r] = load_code_vector(w, p.packed_vec, row + r, c);
   };
   // The first vectors travel from DRAM while the kernel before this one finishes (into L2) and
   // the CTA stages the codebooks and the activation.
@@ -114,9 +122,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   // Each warp's lanes write consecutive copies of one entry: its loads are broadcasts.
 #pragma unroll 8
   for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kThreads) {
-    const int e = i >> copies_log2;
-    const float* book = w.codebooks + 16 * (e >> 8);
-    pairs_s[i] = make_float2(__ldg(book + (e & 15)), __ldg(book + ((e >> 4) & 15)));
+    pairs_s[i] = pair_entry(w.codebooks, i >> copies_log2);
   }
   if constexpr (XS) {
     with_typed_activation(p.x, p.dtype, [&](auto* x) {
@@ -289,15 +295,6 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
   w.m = rows.end;
   w.codebooks += 32 * rows.sibling;
   if (w.tensor_scale) w.tensor_scale += rows.sibling;
-  // Vector kb * 4 + t of `row` (zeros past the sibling's rows or the row's words).
-  const auto load_vector = [&](int64_t row, int kb) {
-    const int64_t word = (int64_t{kb} * 4 + t) * 4;
-    if (row >= w.m || word >= w.words_per_row) return make_uint4(0, 0, 0, 0);
-    const int32_t* src = w.packed + row * w.words_per_row + word;
-    if (p.packed_vec) return __ldg(reinterpret_cast<const uint4*>(src));
-    const uint32_t* r32 = reinterpret_cast<const uint32_t*>(src);
-    return make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
-  };
   const auto prefetch_vector = [&](int64_t row, int kb) {
     const int64_t word = (int64_t{kb} * 4 + t) * 4;
     if (row < w.m && kb < p.kblocks && word < w.words_per_row)
@@ -313,9 +310,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
       reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
 #pragma unroll 4
   for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kMmaThreads) {
-    const int e = i >> copies_log2;
-    const float* book = w.codebooks + 16 * (e >> 8);
-    pairs_s[i] = split_pair(__ldg(book + (e & 15)), __ldg(book + ((e >> 4) & 15)));
+    const float2 v = pair_entry(w.codebooks, i >> copies_log2);
+    pairs_s[i] = split_pair(v.x, v.y);
   }
   __syncthreads();
   const int64_t groups = w.n / w.group;
@@ -336,7 +332,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = row0 + 8 * i + g;
-        const uint4 v = load_vector(row, kb);
+        const uint4 v = load_code_vector(w, p.packed_vec, row, int64_t{kb} * 4 + t);
         q[i][0] = v.x;
         q[i][1] = v.y;
         q[i][2] = v.z;
@@ -403,16 +399,15 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   p.packed_vec = aligned16(w.packed);
   const int tiles = fragment_tiles(batch);
   const int64_t sums_bytes = mma_sums_bytes(tiles);
-  const int64_t table_bytes = int64_t{sizeof(uint2)} * kPairEntries;
   // 16 copies (a half-warp's 8-byte lookups on their own banks) where two CTAs an SM allow them
-  // at one B tile, else where one does.
+  // at one B tile, else where one does. 512 entries: 9 bits.
   const int64_t budget =
       (tiles == 1 ? shared_per_block_two_an_sm() : int64_t{shared_per_block_optin()}) -
       sums_bytes;
-  int copies = 16;
-  while (copies > 1 && table_bytes * copies > budget) copies /= 2;
+  const int copies = codebook_copies(9, sizeof(uint2), budget);
   p.copies_log2 = __builtin_ctz(copies);
-  const size_t smem = static_cast<size_t>(table_bytes * copies + sums_bytes);
+  const size_t smem = static_cast<size_t>(int64_t{sizeof(uint2)} * kPairEntries * copies +
+                                          sums_bytes);
   dispatch_tiles(tiles, [&](auto nt) {
     const auto kernel = aaac_gemv_mma_kernel<decltype(nt)::value>;
     allow_smem(kernel, smem);
