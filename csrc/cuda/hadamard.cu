@@ -3,8 +3,7 @@
 // kernel that mixes the K runs.
 //
 // A block of B = 2^L values is spread over B / E threads holding E = min(B, 32) values each in
-// registers (64, two columns of 32, at 2^15: 1024 threads would have 64 registers each, and
-// spilled). The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
+// registers (1024 threads at 2^15). The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
 // contiguous values each thread loaded (16-byte loads); each later pass exchanges the values
 // through shared memory so that every thread holds the values that differ in the next 5 bits,
 // and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
@@ -12,10 +11,11 @@
 // free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads;
 // such a CTA stores its blocks together, from shared memory, in 8-value chunks.
 //
-// Blocks of 2^14 and 2^15 fill the registers of an SM (one CTA an SM), so no other CTA's loads
-// overlap a block's transform. For 16-bit values a persistent CTA therefore stages the input of
-// its next block in shared memory with asynchronous copies while it transforms the current one
-// (STAGED; the staged input takes 32 or 64 KiB beside the 66 or 132 KiB exchange buffer).
+// Blocks of 2^14 and 2^15 take 66 and 132 KiB of shared memory, so an SM holds two CTAs of
+// 2^14 or one of 2^15 and few other loads overlap a block's transform. For 16-bit values a
+// persistent CTA therefore stages the input of its next block in shared memory with
+// asynchronous copies while it transforms the current one (STAGED; the staged input takes 32 or
+// 64 KiB beside the exchange buffer).
 #include <cuda_pipeline.h>
 
 #include <utility>
@@ -32,8 +32,7 @@ template <int L>
 struct HadamardShape {
   static constexpr int block = 1 << L;
   static constexpr int reg_bits = L < kPassBits ? L : kPassBits;
-  static constexpr int columns = L >= 15 ? 2 : 1;                     // of 2^reg_bits values
-  static constexpr int per_thread = columns << reg_bits;              // E
+  static constexpr int per_thread = 1 << reg_bits;                   // E
   static constexpr int threads_per_block = block / per_thread;        // threads on one block
   static constexpr int blocks_per_cta = threads_per_block >= 128 ? 1 : 128 / threads_per_block;
   static constexpr int threads = threads_per_block * blocks_per_cta;
@@ -64,20 +63,31 @@ __device__ __forceinline__ int pass_index(int t, int sl) {
   return (u & ((1 << lo) - 1)) | (i << lo) | ((u >> lo) << (lo + r));
 }
 
+// pass_index places the bits of t, of the column and of the slot in disjoint index bits, so an
+// index is the sum of the thread's part, pass_index(t, 0), and the slot's, pass_index(0, sl),
+// and padded() of it the sum of padded() of each. Addressing a slot as the thread's base plus
+// this compile-time offset keeps one base register a pass, where an address per slot took 32
+// registers and held the 2^11 - 2^15 kernels at 128 (one in four warps an SM).
+template <int L, int P>
+__device__ __forceinline__ int slot_offset(int sl) {
+  return padded(pass_index<L, P>(0, sl));
+}
+
 // Passes P.. through shared memory; on return v holds the values of the last pass's layout.
 template <int L, int P>
 __device__ __forceinline__ void shared_passes(float (&v)[HadamardShape<L>::per_thread], float* s,
                                               int t) {
   using S = HadamardShape<L>;
   constexpr int r = (L - P * kPassBits) < kPassBits ? (L - P * kPassBits) : kPassBits;
+  float* mine = s + padded(pass_index<L, P>(t, 0));
   __syncthreads();
 #pragma unroll
-  for (int sl = 0; sl < S::per_thread; ++sl) v[sl] = s[padded(pass_index<L, P>(t, sl))];
+  for (int sl = 0; sl < S::per_thread; ++sl) v[sl] = mine[slot_offset<L, P>(sl)];
   butterflies<r>(v);
   if constexpr (P + 1 < S::passes) {
     // Each thread writes back only the words it read, so no barrier is needed before this.
 #pragma unroll
-    for (int sl = 0; sl < S::per_thread; ++sl) s[padded(pass_index<L, P>(t, sl))] = v[sl];
+    for (int sl = 0; sl < S::per_thread; ++sl) mine[slot_offset<L, P>(sl)] = v[sl];
     shared_passes<L, P + 1>(v, s, t);
   }
 }
@@ -158,18 +168,8 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
       }
     } else {
       __syncthreads();  // the previous group's last reads are done
-      // With two columns a thread (stride 66 words), lanes 16-31 write their second column
-      // first, so that each store of a warp falls in 32 different banks.
-      const bool swap = S::columns == 2 && (t & 16);
 #pragma unroll
-      for (int k = 0; k < S::columns; ++k) {
-        const bool second = (k == 1) != swap;
-#pragma unroll
-        for (int i = 0; i < E / S::columns; ++i) {
-          const int j = (second ? E / 2 : 0) + i;
-          s[padded(t * E + j)] = second ? v[E / 2 + i] : v[i];
-        }
-      }
+      for (int i = 0; i < E; ++i) s[padded(t * E + i)] = v[i];
       if constexpr (STAGED) {
         // The next block's input travels while this one takes its shared-memory passes and
         // is stored; issued here, where v is in shared memory, it holds no extra registers.
@@ -179,12 +179,14 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
                                                    stage, t);
       }
       shared_passes<L, 1>(v, s, t);
+      constexpr int last = S::passes - 1;
+      const int first_index = pass_index<L, last>(t, 0);  // slot sl at + pass_index(0, sl)
       if constexpr (S::blocks_per_cta == 1) {
         // The last pass leaves a warp's lanes on 32 consecutive values: whole sectors.
         if (valid) {
 #pragma unroll
           for (int sl = 0; sl < E; ++sl) {
-            const int idx = pass_index<L, S::passes - 1>(t, sl);
+            const int idx = first_index + pass_index<L, last>(0, sl);
             const float f = (sg && inverse) ? static_cast<float>(sg[idx]) : 1.0f;
             out[base + idx] = from_float<T>(v[sl] * f);
           }
@@ -196,11 +198,12 @@ __global__ void __launch_bounds__(HadamardShape<L>::threads)
         // its blocks, contiguous in memory, as 8-value chunks, consecutive lanes on
         // consecutive chunks.
         if (valid) {
+          const int first_word = padded(first_index);
 #pragma unroll
           for (int sl = 0; sl < E; ++sl) {
-            const int idx = pass_index<L, S::passes - 1>(t, sl);
+            const int idx = first_index + pass_index<L, last>(0, sl);
             const float f = (sg && inverse) ? static_cast<float>(sg[idx]) : 1.0f;
-            s[padded(idx)] = v[sl] * f;
+            s[first_word + slot_offset<L, last>(sl)] = v[sl] * f;
           }
         }
         __syncthreads();
