@@ -169,7 +169,8 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
                float* workspace, void* stream);
 void qamw_dequantize(const QamwWeight& w, void* out, DType dtype, void* stream);
 // `workspace` holds aaac_gemv_workspace_floats(w, batch) floats: the tensor-core kernel's copy
-// of the activation, when it runs (else none). At most 16 activation rows a call.
+// of the activation, when it runs (else none; 8-byte aligned bf16 activations without channel
+// scales are read in place). At most 16 activation rows a call.
 int64_t aaac_gemv_workspace_floats(const AaacWeight& w, int64_t batch);
 void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
                float* workspace, void* stream);

@@ -272,6 +272,11 @@ __global__ void __launch_bounds__(kThreads)
 // is 128 values (RUN = 16 pairs a lane: one 16-byte vector), inside one group when groups are
 // multiples of 128 (the INT4 setting; NVFP4's groups of 16 keep the CUDA-core kernel), so its
 // scale applies after its 8 steps. The work is split as in mma.cuh.
+//
+// A bf16 activation is its own high part and its low part is zero, so with no channel scale to
+// divide by (DIRECT) the lanes read their B registers from x itself: a lane's k-pairs of one
+// step are 4 consecutive values, one 8-byte load, and the lanes of low-part columns hold zeros.
+// That spares the formatting launch. Other activations are formatted first (format_fragments).
 constexpr int kMmaRun = 16, kMmaSteps = kMmaRun / 2, kMmaBlockValues = 8 * kMmaRun;
 
 struct MmaParams {
@@ -279,6 +284,7 @@ struct MmaParams {
   int kblocks, batch;
   const uint2* fragments;
   int64_t fragments_stride;  // entries from one sibling's fragments to the next's (0: shared)
+  const uint2* x;            // DIRECT: the bf16 activation, 4 values an entry
   void* out;
   DType dtype;
   bool packed_vec;
@@ -286,7 +292,25 @@ struct MmaParams {
   CtaSplit split;
 };
 
+// B registers of step s of k-block kb read from a bf16 activation (DIRECT): lane (g, t) holds
+// column 8 nt + g of tile nt, batch row 4 nt + g / 2, whose high part (g even) is the values
+// kb * 128 + 2 * RUN * t + 4 s ... + 3 themselves and whose low part (g odd) is zero.
+// x_lane: the lane's entry of k-block 0 of batch row g / 2.
 template <int NT>
+__device__ __forceinline__ void load_b_direct(const uint2* x_lane, int64_t row_entries, int batch,
+                                              int kb, int s, uint32_t (&b)[NT][2]) {
+  const int g = threadIdx.x % 32 / 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const bool high = g % 2 == 0 && 4 * nt + g / 2 < batch;
+    const uint2 v = high ? __ldg(x_lane + 4 * nt * row_entries + kb * (kMmaBlockValues / 4) + s)
+                         : make_uint2(0u, 0u);
+    b[nt][0] = v.x;
+    b[nt][1] = v.y;
+  }
+}
+
+template <int NT, bool DIRECT>
 __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -321,6 +345,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
       reinterpret_cast<const unsigned char*>(pairs_s + (lane & ((1 << copies_log2) - 1)));
   const uint32_t entry_stride = sizeof(uint2) << copies_log2;
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
+  const int64_t row_entries = w.n / 4;
+  const uint2* x_lane = p.x + g / 2 * row_entries + 2 * kMmaRun * t / 4;
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
@@ -356,7 +382,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
 #pragma unroll
       for (int s = 0; s < kMmaSteps; ++s) {
         uint32_t b[NT][2];
-        load_b_step<NT>(fk, s, b);
+        if constexpr (DIRECT) load_b_direct<NT>(x_lane, row_entries, p.batch, kb, s, b);
+        else load_b_step<NT>(fk, s, b);
 #pragma unroll
         for (int i = 0; i < kMmaGroups; ++i) {
           // Bytes 2 s and 2 s + 1 of the vector: pairs 2 s and 2 s + 1 of the lane's run.
@@ -380,20 +407,30 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
 // sm_80 and later.
 bool use_mma_gemv(const AaacWeight& w, int64_t batch) {
   return mma_wanted(batch) && w.group % kMmaBlockValues == 0 &&
-         mma_allowed(aaac_gemv_mma_kernel<1>);
+         mma_allowed(aaac_gemv_mma_kernel<1, false>);
+}
+
+// Whether the tensor-core GEMV reads its B registers from x (DIRECT): bf16, no channel scale,
+// 8-byte aligned.
+bool direct_b(const AaacWeight& w, const void* x, DType dtype) {
+  return dtype == DType::BF16 && w.channel_scale == nullptr &&
+         (reinterpret_cast<uintptr_t>(x) & 7) == 0;
 }
 
 void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
                    uint2* fragments, cudaStream_t stream) {
+  const bool direct = direct_b(w, x, dtype);
   const int versions = w.channel_scale ? w.siblings.count : 1;
-  format_fragments<kMmaRun>(x, dtype, 0, w.channel_scale, versions, w.n, batch, fragments,
-                            stream);
+  if (!direct)
+    format_fragments<kMmaRun>(x, dtype, 0, w.channel_scale, versions, w.n, batch, fragments,
+                              stream);
   MmaParams p{};
   p.w = w;
   p.kblocks = static_cast<int>(fragment_steps<kMmaRun>(w.n) / kMmaSteps);
   p.batch = static_cast<int>(batch);
   p.fragments = fragments;
   p.fragments_stride = versions > 1 ? fragment_entries<kMmaRun>(w.n, batch) : 0;
+  p.x = static_cast<const uint2*>(x);
   p.out = out;
   p.dtype = dtype;
   p.packed_vec = aligned16(w.packed);
@@ -409,11 +446,14 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   const size_t smem = static_cast<size_t>(int64_t{sizeof(uint2)} * kPairEntries * copies +
                                           sums_bytes);
   dispatch_tiles(tiles, [&](auto nt) {
-    const auto kernel = aaac_gemv_mma_kernel<decltype(nt)::value>;
-    allow_smem(kernel, smem);
-    unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
-    p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
-    launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+    const auto launch = [&](auto kernel) {
+      allow_smem(kernel, smem);
+      unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
+      p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
+      launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+    };
+    if (direct) launch(aaac_gemv_mma_kernel<decltype(nt)::value, true>);
+    else launch(aaac_gemv_mma_kernel<decltype(nt)::value, false>);
   });
 }
 

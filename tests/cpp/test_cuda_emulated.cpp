@@ -273,6 +273,10 @@ void test_aaac() {
       {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}},  // 16: x from global
       {128, 70, 1024, qamw::ScaleType::F16, true, true, {1, 3, 16}},  // tensor cores: groups
       {256, 45, 768, qamw::ScaleType::F16, false, false, {1, 5}},      // of 128 and more
+      // Unscaled: bf16 activations read in place, unless (unaligned) one element in.
+      {128, 50, 1024, qamw::ScaleType::F8E4M3, false, false, {2, 9, 16}},
+      {128, 33, 512, qamw::ScaleType::F16, false, true, {1, 3}},
+      {128, 40, 1024, qamw::ScaleType::F16, false, false, {1, 7, 13}, {24, 16}},
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
       {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 6 slots: strides
       // Fused siblings with their own codebooks, tensor and channel scales.
