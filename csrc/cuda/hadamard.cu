@@ -3,13 +3,14 @@
 // kernel that mixes the K runs.
 //
 // A block of B = 2^L values is spread over B / E threads holding E = min(B, 32) values each in
-// registers (1024 threads at 2^15). The L index bits are handled in passes of up to 5 bits: pass 0 works on the E
-// contiguous values each thread loaded (16-byte loads); each later pass exchanges the values
-// through shared memory so that every thread holds the values that differ in the next 5 bits,
-// and stores its final values with lanes on consecutive indices (coalesced). Shared memory is
-// padded by one word every 32 so that both the strided writes of pass 0 and the reads are
-// free of bank conflicts. Small blocks share a CTA so that every CTA has at least 128 threads;
-// such a CTA stores its blocks together, from shared memory, in 8-value chunks.
+// registers (1024 threads at 2^15). The L index bits are handled in passes of up to 5 bits:
+// pass 0 works on the E contiguous values each thread loaded (16-byte loads); each later pass
+// exchanges the values through shared memory so that every thread holds the values that differ
+// in the next 5 bits, and stores its final values with lanes on consecutive indices
+// (coalesced). Shared memory is padded by one word every 32 so that both the strided writes of
+// pass 0 and the reads are free of bank conflicts. Small blocks share a CTA so that every CTA
+// has at least 128 threads; such a CTA stores its blocks together, from shared memory, in
+// 8-value chunks.
 //
 // Blocks of 2^14 and 2^15 take 66 and 132 KiB of shared memory, so an SM holds two CTAs of
 // 2^14 or one of 2^15 and few other loads overlap a block's transform. For 16-bit values a
