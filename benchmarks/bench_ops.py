@@ -39,7 +39,10 @@ from random_layers import WEIGHT_STD, buffer_bytes, random_layer  # noqa: E402
 MiB = 1 << 20
 GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
 # Codecs with a tensor-core GEMV (AAAC's needs groups of 128 and more: not NVFP4's 16).
-MMA_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4")
+MMA_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
+# The batch from which a codec's GEMV takes tensor cores by default (mma_wanted's `from` in
+# csrc/cuda: NVFP4's groups of 16 put the scales into A, which costs more per weight).
+MMA_FROM_BATCH = {"aaac-nvfp4": 4}
 FULL = dict(gemv_shapes=[(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
             batches=[1, 2, 4, 8, 16], dtypes=[torch.bfloat16, torch.float16],
             hadamard_blocks=[2 ** k for k in range(7, 16)] + [576, 1536],
@@ -233,10 +236,11 @@ def plain_launches():
     return environment("QAMW_PDL", "0")
 
 
-def other_gemv_kernel(batch):
-    """The GEMV kernel family that is not the default at this batch (QAMW_GEMV_MMA): tensor
-    cores at batch 1, CUDA cores at larger batches; its name and the switch."""
-    if batch == 1:
+def other_gemv_kernel(codec, batch):
+    """The GEMV kernel family that is not the codec's default at this batch (QAMW_GEMV_MMA):
+    tensor cores below MMA_FROM_BATCH (2 unless listed), CUDA cores from it; its name and the
+    switch."""
+    if batch < MMA_FROM_BATCH.get(codec, 2):
         return "tensor cores", environment("QAMW_GEMV_MMA", "1")
     return "CUDA cores", environment("QAMW_GEMV_MMA", "0")
 
@@ -304,7 +308,7 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
                 t_plain, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl = dict(no_pdl_ms=t_plain * 1e3, pdl_speedup=t_plain / t)
         if codec in MMA_CODECS:   # the other kernel family, side by side
-            name, switch = other_gemv_kernel(batch)
+            name, switch = other_gemv_kernel(codec, batch)
             with switch:
                 t_other, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
@@ -475,8 +479,9 @@ def markdown(record):
     other = [r for r in gemv if "other_kernel" in r]
     if other:
         lines += ["## GEMV: tensor-core and CUDA-core kernels", "",
-                  "The default kernel (tensor cores from batch 2, CUDA cores at batch 1) and the "
-                  "other family (QAMW_GEMV_MMA=1 or 0), each as a multiple of F.linear's speed.",
+                  "The default kernel (tensor cores from batch 2, from batch 4 for AAAC NVFP4; "
+                  "CUDA cores below) and the other family (QAMW_GEMV_MMA=1 or 0), each as a "
+                  "multiple of F.linear's speed.",
                   ""]
         lines += md_table(["shape", "codec", "dtype", "batch", "default x F.linear", "other",
                            "other x F.linear"],

@@ -12,8 +12,8 @@
 // channel scale, is staged in shared memory as fp32 with 4 padding floats per 32 values (lanes
 // read 16-byte vectors 36 floats apart: no conflicts); when it does not fit, it is read from
 // global.
-// From batch 2 a tensor-core kernel takes over where groups hold 128 values or a multiple
-// (aaac_gemv_mma_kernel, below).
+// From batch 2 a tensor-core kernel takes over (aaac_gemv_mma_kernel, below); from batch 4 for
+// groups under 128 values, whose scales enter its A operand.
 #include "mma.cuh"
 
 namespace qamw::cuda {
@@ -269,9 +269,12 @@ __global__ void __launch_bounds__(kThreads)
 // Tensor cores (batches 2 to 16, mma.cuh). A byte of two codes is one register of an A
 // fragment: the pair table holds the (hi, lo) bf16x2 parts of each (codebook, byte) entry, and
 // A rows g and g + 8 are the high and low parts of one weight row, as in qamw_mma.cu. A k-block
-// is 128 values (RUN = 16 pairs a lane: one 16-byte vector), inside one group when groups are
-// multiples of 128 (the INT4 setting; NVFP4's groups of 16 keep the CUDA-core kernel), so its
-// scale applies after its 8 steps. The work is split as in mma.cuh.
+// is 128 values (RUN = 16 pairs a lane: one 16-byte vector). Groups of 128 and 256 (the INT4
+// setting) hold whole k-blocks, so a k-block's scale applies after its 8 steps. Smaller groups
+// (NVFP4's 16) change inside a step's k, which the mma sums over, so their scale enters A
+// instead (SCALED): the table holds the pairs as floats, and a lane multiplies its two weights
+// by its group's magnitude before splitting them (a lane's run of 32 values spans one or two
+// groups, so the magnitude changes at most once, at step 4). The work is split as in mma.cuh.
 //
 // A bf16 activation is its own high part and its low part is zero, so with no channel scale to
 // divide by (DIRECT) the lanes read their B registers from x itself: a lane's k-pairs of one
@@ -310,7 +313,7 @@ __device__ __forceinline__ void load_b_direct(const uint2* x_lane, int64_t row_e
   }
 }
 
-template <int NT, bool DIRECT>
+template <int NT, bool DIRECT, bool SCALED>
 __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -335,7 +338,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
 #pragma unroll 4
   for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kMmaThreads) {
     const float2 v = pair_entry(w.codebooks, i >> copies_log2);
-    pairs_s[i] = split_pair(v.x, v.y);
+    pairs_s[i] = SCALED ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
+                        : split_pair(v.x, v.y);
   }
   __syncthreads();
   const int64_t groups = w.n / w.group;
@@ -353,8 +357,11 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
     float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
     for (int kb = warp; kb < p.kblocks; kb += kMmaWarps) {
       uint32_t q[kMmaGroups][4];
-      float magnitude[kMmaGroups];
-      uint32_t book[kMmaGroups];  // the pair table's first entry of the group's codebook
+      // Magnitude and codebook (the pair table's first entry of it) of the lane's group: one a
+      // k-block, or (SCALED) one for each half of the lane's run, steps 0-3 and 4-7.
+      constexpr int kHalves = SCALED ? 2 : 1;
+      float magnitude[kMmaGroups][kHalves];
+      uint32_t book[kMmaGroups][kHalves];
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = row0 + 8 * i + g;
@@ -363,13 +370,19 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
         q[i][1] = v.y;
         q[i][2] = v.z;
         q[i][3] = v.w;
-        int choice = 0;
-        magnitude[i] = 0.0f;  // a row past the sibling's last: zero codes, zero scale
-        if (row < w.m)
-          decode_scale(w.scales, w.scale_type,
-                       row * groups + ((int64_t{kb} * kMmaBlockValues) >> group_log2), choice,
-                       magnitude[i]);
-        book[i] = static_cast<uint32_t>(choice) << 8;
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) {
+          const int64_t value =
+              int64_t{kb} * kMmaBlockValues + (SCALED ? kMmaRun * (2 * t + h) : 0);
+          int choice = 0;
+          // Past the sibling's last row or (groups under 128) the row's last value: zero codes,
+          // zero scale.
+          magnitude[i][h] = 0.0f;
+          if (row < w.m && value < w.n)
+            decode_scale(w.scales, w.scale_type, row * groups + (value >> group_log2), choice,
+                         magnitude[i][h]);
+          book[i][h] = static_cast<uint32_t>(choice) << 8;
+        }
       }
       // The warp's next k-block of these rows, or its first of the next ones.
       const bool last = kb + kMmaWarps >= p.kblocks;
@@ -384,42 +397,55 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
         uint32_t b[NT][2];
         if constexpr (DIRECT) load_b_direct<NT>(x_lane, row_entries, p.batch, kb, s, b);
         else load_b_step<NT>(fk, s, b);
+        const int h = SCALED ? s / (kMmaSteps / 2) : 0;
 #pragma unroll
         for (int i = 0; i < kMmaGroups; ++i) {
           // Bytes 2 s and 2 s + 1 of the vector: pairs 2 s and 2 s + 1 of the lane's run.
           const uint32_t word = q[i][s / 2] >> (16 * (s % 2));
-          const uint2 c0 = *reinterpret_cast<const uint2*>(
-              pair_lane + (book[i] | (word & 0xFFu)) * entry_stride);
-          const uint2 c1 = *reinterpret_cast<const uint2*>(
-              pair_lane + (book[i] | ((word >> 8) & 0xFFu)) * entry_stride);
+          uint2 c0 = *reinterpret_cast<const uint2*>(
+              pair_lane + (book[i][h] | (word & 0xFFu)) * entry_stride);
+          uint2 c1 = *reinterpret_cast<const uint2*>(
+              pair_lane + (book[i][h] | ((word >> 8) & 0xFFu)) * entry_stride);
+          if constexpr (SCALED) {
+            const float m = magnitude[i][h];
+            c0 = split_pair(__uint_as_float(c0.x) * m, __uint_as_float(c0.y) * m);
+            c1 = split_pair(__uint_as_float(c1.x) * m, __uint_as_float(c1.y) * m);
+          }
           const uint32_t a[4] = {c0.x, c0.y, c1.x, c1.y};
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
         }
       }
-      add_scaled_block<NT>(acc, part, magnitude);
+      float block_scale[kMmaGroups];  // SCALED: the magnitudes are in A already
+#pragma unroll
+      for (int i = 0; i < kMmaGroups; ++i) block_scale[i] = SCALED ? 1.0f : magnitude[i][0];
+      add_scaled_block<NT>(acc, part, block_scale);
     }
     store_row_sums<NT>(acc, sums_s, row0, w.m, p.w.m, p.batch, tensor_scale, p.out, p.dtype);
   }
 }
 
-// Whether the tensor-core GEMV serves this call (mma_wanted): groups of whole k-blocks, on
-// sm_80 and later.
+// Whether the tensor-core GEMV serves this call (mma_wanted): groups of whole k-blocks, or
+// (SCALED) of 16 values or more that divide one, on sm_80 and later. SCALED costs ~8
+// instructions a weight (SASS, sm_90: the multiply and split of ~6 per weight added to ~2),
+// against ~1.5 + 2 * batch for the CUDA-core kernel, so it takes over from batch 4.
 bool use_mma_gemv(const AaacWeight& w, int64_t batch) {
-  return mma_wanted(batch) && w.group % kMmaBlockValues == 0 &&
-         mma_allowed(aaac_gemv_mma_kernel<1, false>);
+  const bool whole = w.group % kMmaBlockValues == 0;
+  return mma_wanted(batch, whole ? 2 : 4) &&
+         (whole || (w.group >= 16 && kMmaBlockValues % w.group == 0)) &&
+         mma_allowed(aaac_gemv_mma_kernel<1, false, false>);
 }
 
 // Whether the tensor-core GEMV reads its B registers from x (DIRECT): bf16, no channel scale,
-// 8-byte aligned.
+// rows of whole k-blocks (no zeros to supply past n), 8-byte aligned.
 bool direct_b(const AaacWeight& w, const void* x, DType dtype) {
-  return dtype == DType::BF16 && w.channel_scale == nullptr &&
+  return dtype == DType::BF16 && w.channel_scale == nullptr && w.n % kMmaBlockValues == 0 &&
          (reinterpret_cast<uintptr_t>(x) & 7) == 0;
 }
 
 void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batch, void* out,
                    uint2* fragments, cudaStream_t stream) {
-  const bool direct = direct_b(w, x, dtype);
+  const bool direct = direct_b(w, x, dtype), scaled = w.group < kMmaBlockValues;
   const int versions = w.channel_scale ? w.siblings.count : 1;
   if (!direct)
     format_fragments<kMmaRun>(x, dtype, 0, w.channel_scale, versions, w.n, batch, fragments,
@@ -452,8 +478,14 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
       p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
       launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
     };
-    if (direct) launch(aaac_gemv_mma_kernel<decltype(nt)::value, true>);
-    else launch(aaac_gemv_mma_kernel<decltype(nt)::value, false>);
+    constexpr int kNt = decltype(nt)::value;
+    if (scaled) {
+      if (direct) launch(aaac_gemv_mma_kernel<kNt, true, true>);
+      else launch(aaac_gemv_mma_kernel<kNt, false, true>);
+    } else {
+      if (direct) launch(aaac_gemv_mma_kernel<kNt, true, false>);
+      else launch(aaac_gemv_mma_kernel<kNt, false, false>);
+    }
   });
 }
 

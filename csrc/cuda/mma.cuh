@@ -38,13 +38,14 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 }
 
 // Whether a GEMV of `batch` rows should take the tensor-core kernel where the weight allows:
-// from batch 2. QAMW_GEMV_MMA=0 keeps every batch on the CUDA-core kernels, QAMW_GEMV_MMA=1
-// gives batch 1 to tensor cores too, for side-by-side benchmarks. Read at each launch, as
+// from batch `from` (2, or more for a kernel that costs more per weight than the CUDA-core one
+// at batch 2). QAMW_GEMV_MMA=0 keeps every batch on the CUDA-core kernels, QAMW_GEMV_MMA=1
+// gives every batch to tensor cores, for side-by-side benchmarks. Read at each launch, as
 // QAMW_PDL is.
-inline bool mma_wanted(int64_t batch) {
+inline bool mma_wanted(int64_t batch, int64_t from = 2) {
   const char* env = std::getenv("QAMW_GEMV_MMA");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return batch > 1 || (env != nullptr && std::strcmp(env, "1") == 0);
+  return batch >= from || (env != nullptr && std::strcmp(env, "1") == 0);
 }
 
 // Whether `kernel`, which uses mma_bf16_16816, runs here: the device is sm_80 or later and the
@@ -60,12 +61,24 @@ __device__ __forceinline__ uint32_t bf16_bits(float v) {
 }
 __device__ __forceinline__ float bf16_value(uint32_t bits) { return __uint_as_float(bits << 16); }
 
+// (a, b) as one bf16x2 register, a in the low half, each rounded to nearest: one instruction
+// on sm_80 and later.
+__device__ __forceinline__ uint32_t bf16x2_bits(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(b), "f"(a));  // first operand: high half
+  return d;
+#else
+  return bf16_bits(a) | bf16_bits(b) << 16;
+#endif
+}
+
 // (a, b) as two bf16x2 registers: the high parts, then the low parts (a - hi(a), b - hi(b)):
 // 16 significant bits between them.
 __device__ __forceinline__ uint2 split_pair(float a, float b) {
-  const uint32_t ha = bf16_bits(a), hb = bf16_bits(b);
-  const uint32_t la = bf16_bits(a - bf16_value(ha)), lb = bf16_bits(b - bf16_value(hb));
-  return make_uint2(ha | hb << 16, la | lb << 16);
+  const uint32_t high = bf16x2_bits(a, b);
+  const float ha = bf16_value(high), hb = __uint_as_float(high & 0xFFFF0000u);
+  return make_uint2(high, bf16x2_bits(a - ha, b - hb));
 }
 
 // The tensor-core GEMVs' work: a CTA of 8 warps owns 32 rows, four groups of 8 a warp (lane

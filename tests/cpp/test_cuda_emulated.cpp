@@ -151,15 +151,15 @@ void test_pack() {
     }
 }
 
-// Calls f(setting) once with each GEMV kernel family in force for `batch` activation rows: the
-// default (tensor cores from batch 2, where the weight allows; CUDA cores at batch 1) and the
-// other one (QAMW_GEMV_MMA=0 from batch 2, =1 at batch 1).
+// Calls f(setting) with each GEMV kernel family forced (QAMW_GEMV_MMA=0: CUDA cores, =1:
+// tensor cores where the weight allows), so that both run at every batch; the default takes
+// one of the two (mma_wanted).
 template <typename F>
-void for_each_gemv_family(int64_t batch, F&& f) {
-  unsetenv("QAMW_GEMV_MMA");
-  f("unset");
-  setenv("QAMW_GEMV_MMA", batch == 1 ? "1" : "0", 1);
-  f(batch == 1 ? "1" : "0");
+void for_each_gemv_family(F&& f) {
+  for (const char* setting : {"0", "1"}) {
+    setenv("QAMW_GEMV_MMA", setting, 1);
+    f(setting);
+  }
   unsetenv("QAMW_GEMV_MMA");
 }
 
@@ -230,7 +230,7 @@ void test_qamw() {
                              c.scaled ? signs.data() : nullptr, c.block, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        for_each_gemv_family(batch, [&](const char* mma) {
+        for_each_gemv_family([&](const char* mma) {
           // `unaligned`: the activation starts one element in too (the scalar staging path).
           std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(w, batch), NAN);
           const double err = gemv_difference(
@@ -277,6 +277,9 @@ void test_aaac() {
       {128, 50, 1024, qamw::ScaleType::F8E4M3, false, false, {2, 9, 16}},
       {128, 33, 512, qamw::ScaleType::F16, false, true, {1, 3}},
       {128, 40, 1024, qamw::ScaleType::F16, false, false, {1, 7, 13}, {24, 16}},
+      // Groups under 128 on tensor cores: the magnitude in A, bf16 read in place.
+      {16, 29, 384, qamw::ScaleType::F8E4M3, false, false, {1, 2, 8}},
+      {64, 35, 256, qamw::ScaleType::F16, false, false, {3, 16}},
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
       {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 6 slots: strides
       // Fused siblings with their own codebooks, tensor and channel scales.
@@ -305,7 +308,7 @@ void test_aaac() {
                              c.scaled ? channel.data() : nullptr, c.group, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        for_each_gemv_family(batch, [&](const char* mma) {
+        for_each_gemv_family([&](const char* mma) {
           std::vector<float> workspace(qamw::cuda::aaac_gemv_workspace_floats(w, batch), NAN);
           const double err = gemv_difference(
               d, batch, c.m, c.n, off,
