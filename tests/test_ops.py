@@ -227,31 +227,33 @@ def test_aaac_dequantize_and_gemv(device, scale_dtype, m, n, group):
 def test_cuda_gemv_kernel_families_match_reference(monkeypatch, setting):
     """QAMW_GEMV_MMA=0 puts every batch on the CUDA-core GEMVs, =1 every batch on the
     tensor-core ones (weights they serve: per-row or 1024-block scales, AAAC groups of 128):
-    both match the reference, at batch 1 too. AAAC without channel scales reads bf16
-    activations in place."""
+    both match the reference, at batch 1 too. Blocks of 128 and groups of 16 put their scales
+    into the tensor cores' A operand; AAAC without channel scales reads bf16 activations in
+    place."""
     monkeypatch.setenv("QAMW_GEMV_MMA", setting)
-    for per_block in [False, True]:
-        w = qamw_weight(70, 2048, 8, 1024, per_block, "cuda")
-        ref_w = reference.qamw_dequantize(*w, 8, 1024, 2048, torch.float64)
+    for per_block, block in [(False, 1024), (True, 1024), (True, 128)]:
+        w = qamw_weight(70, 2048, 8, block, per_block, "cuda")
+        ref_w = reference.qamw_dequantize(*w, 8, block, 2048, torch.float64)
         for dtype in FLOATS:
             for batch in [1, 5, 16]:
                 x = torch.randn(batch, 2048, device="cuda").to(dtype)
                 ref_y = x.double() @ ref_w.T
-                out = ops.qamw_gemv(x, *w, 8, 1024)
+                out = ops.qamw_gemv(x, *w, 8, block)
                 assert_matches_reference(out, ref_y, dtype, atol=2e-4 * ref_y.abs().max().item())
     codes = torch.randint(0, 16, (37, 1024), dtype=torch.int32, device="cuda")
-    scales = torch.randn(37, 1024 // 128, device="cuda").half()
-    for channel_scale in [torch.rand(1024, device="cuda") + 0.5, None]:
-        w = (ops.pack_bits(codes, 4), scales, torch.randn(2, 16, device="cuda"),
-             torch.tensor([0.3], device="cuda"), channel_scale)
-        ref_w = reference.aaac_dequantize(*w, 128, torch.float64)
-        for dtype in FLOATS:
-            for batch in [1, 3, 16]:
-                x = torch.randn(batch, 1024, device="cuda").to(dtype)
-                ref_y = x.double() @ ref_w.T
-                out = ops.aaac_gemv(x, *w, 128)
-                assert_matches_reference(out, ref_y, dtype,
-                                         atol=2e-4 * ref_y.abs().max().item())
+    for group in [128, 16]:
+        scales = torch.randn(37, 1024 // group, device="cuda").half()
+        for channel_scale in [torch.rand(1024, device="cuda") + 0.5, None]:
+            w = (ops.pack_bits(codes, 4), scales, torch.randn(2, 16, device="cuda"),
+                 torch.tensor([0.3], device="cuda"), channel_scale)
+            ref_w = reference.aaac_dequantize(*w, group, torch.float64)
+            for dtype in FLOATS:
+                for batch in [1, 3, 16]:
+                    x = torch.randn(batch, 1024, device="cuda").to(dtype)
+                    ref_y = x.double() @ ref_w.T
+                    out = ops.aaac_gemv(x, *w, group)
+                    assert_matches_reference(out, ref_y, dtype,
+                                             atol=2e-4 * ref_y.abs().max().item())
 
 
 # Fused weights: the rows of 2 to 4 layers, each with its own per-layer parameters. Odd row

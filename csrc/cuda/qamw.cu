@@ -602,7 +602,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     const int c = codebook_copies(w.bits, entry_bytes, half_sm - other);
     return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
   };
-  const bool mma = mma_wanted(batch) && qamw_mma_supported(w);  // qamw_mma.cu
+  const bool mma = qamw_use_mma(w, batch);  // qamw_mma.cu
   int copies = !mma && batch == 1 && xr_bytes <= kFusedActivationBytes
                    ? copies_beside(xr_bytes) : 0;
   const bool fused = copies > 0;

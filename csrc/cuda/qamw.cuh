@@ -38,9 +38,10 @@ __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
   return v & ((1u << BITS) - 1u);
 }
 
-// Whether the tensor-core GEMV serves `w` on this device: sm_80 or later, and row scales
-// that cover whole k-blocks of 128 pairs (one scale a row, or blocks of 256 values and more).
-bool qamw_mma_supported(const QamwWeight& w);
+// Whether the tensor-core GEMV serves this call (mma_wanted) on this device: sm_80 or later,
+// and row scales over whole k-blocks of 128 pairs (one scale a row, or Hadamard blocks of 256
+// values and more) from batch 2, or over 32 or 64 pairs (blocks of 64 and 128) from batch 4.
+bool qamw_use_mma(const QamwWeight& w, int64_t batch);
 
 // The pairs a lane of the tensor-core GEMV decodes per row and k-block (mma.cuh's RUN).
 constexpr int kQamwMmaRun = 32;

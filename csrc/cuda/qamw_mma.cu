@@ -15,8 +15,11 @@
 // Layout: k-blocks of 128 pairs, a lane's run 32 codes of row g of each group of 8 rows
 // (mma.cuh, RUN = 32): exactly BITS packed words, loaded whole, their shifts compile-time.
 //
-// Work is split as mma.cuh says. Each k-block applies its rows' scale after its 16 steps, so a
-// row scale must cover whole k-blocks (qamw_mma_supported).
+// Work is split as mma.cuh says. Each k-block applies its rows' scale after its 16 steps where
+// a row scale covers whole k-blocks. Scales over 32 or 64 pairs (Hadamard blocks of 64 and
+// 128) change inside the k of one mma step, which the mma sums over, so they enter A instead
+// (SCALED): the codebook holds float pairs, and a lane multiplies its codeword by its run's
+// scale (a run of 32 pairs lies in one segment) and splits the product before the mma.
 #include "mma.cuh"
 #include "qamw.cuh"
 
@@ -35,7 +38,7 @@ struct MmaParams {
   int copies_log2;        // log2 of the codebook's copies in shared memory
   const float* row_scale;
   int64_t scales_per_row;
-  int seg_log2;           // log2 of the pairs sharing one row scale (>= 7), or 30: one a row
+  int seg_log2;           // log2 of the pairs sharing one row scale (>= 5), or 30: one a row
   int64_t m;
   int kblocks;
   const uint2* fragments;
@@ -96,7 +99,7 @@ __device__ __forceinline__ uint2 lookup_split(const unsigned char* cb_lane, uint
 }
 
 // NT: 8-column B tiles, each 4 batch rows (high and low parts).
-template <int BITS, int NT>
+template <int BITS, int NT, bool SCALED>
 __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -113,7 +116,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
 #pragma unroll 4
   for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kMmaThreads) {
     const int e = i >> copies_log2;
-    cb_s[i] = split_pair(__ldg(p.codebook + 2 * e), __ldg(p.codebook + 2 * e + 1));
+    const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
+    cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
   }
   __syncthreads();
   const unsigned char* cb_lane =
@@ -127,12 +131,15 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
     for (int kb = warp; kb < p.kblocks; kb += kMmaWarps) {
       uint32_t w[kMmaGroups][BITS];
       float scale[kMmaGroups];
-      const int segment = (kb * kBlockPairs) >> p.seg_log2;
+      // The segment of the lane's run (the k-block's, unless SCALED); past n, none.
+      const int64_t segment = (int64_t{kb} * kBlockPairs + kRunCodes * t) >> p.seg_log2;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = lane_row(row0, i);
         load_run<BITS>(p, row, kb, t, w[i]);
-        scale[i] = row < p.m ? p.row_scale[row * p.scales_per_row + segment] : 0.0f;
+        scale[i] = row < p.m && segment < p.scales_per_row
+                       ? p.row_scale[row * p.scales_per_row + segment]
+                       : 0.0f;
       }
       // The warp's next k-block of these rows, or its first of the next ones.
       const bool last = kb + kMmaWarps >= p.kblocks;
@@ -150,12 +157,20 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
         for (int i = 0; i < kMmaGroups; ++i) {
           // A rows g and g + 8 are the high and low parts of the lane's row: each lookup fills
           // two registers of the fragment as they are.
-          const uint2 c0 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s), entry_stride);
-          const uint2 c1 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s + 1), entry_stride);
+          uint2 c0 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s), entry_stride);
+          uint2 c1 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s + 1), entry_stride);
+          if constexpr (SCALED) {
+            c0 = split_pair(__uint_as_float(c0.x) * scale[i], __uint_as_float(c0.y) * scale[i]);
+            c1 = split_pair(__uint_as_float(c1.x) * scale[i], __uint_as_float(c1.y) * scale[i]);
+          }
           const uint32_t a[4] = {c0.x, c0.y, c1.x, c1.y};
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
         }
+      }
+      if constexpr (SCALED) {
+#pragma unroll
+        for (int i = 0; i < kMmaGroups; ++i) scale[i] = 1.0f;  // in A already
       }
       add_scaled_block<NT>(acc, part, scale);
     }
@@ -165,10 +180,20 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
 
 }  // namespace
 
-bool qamw_mma_supported(const QamwWeight& w) {
-  // A row scale must cover whole k-blocks.
-  if (w.scales_per_row > 1 && (w.n / 2 / w.scales_per_row) % kBlockPairs != 0) return false;
-  return mma_allowed(qamw_gemv_mma_kernel<8, 1>);
+// Pairs a row scale covers: a power of two (the wrapper checks), or the whole row.
+int64_t pairs_per_scale(const QamwWeight& w) { return w.n / 2 / w.scales_per_row; }
+
+// Whether the scales enter A (SCALED): segments of 32 or 64 pairs.
+bool scaled_in_a(const QamwWeight& w) {
+  return w.scales_per_row > 1 && pairs_per_scale(w) % kBlockPairs != 0;
+}
+
+bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
+  const bool whole = w.scales_per_row == 1 || pairs_per_scale(w) % kBlockPairs == 0;
+  if (!whole && pairs_per_scale(w) < kRunCodes) return false;
+  // SCALED costs ~8 instructions a code more (the multiply and split), which the CUDA-core
+  // kernel's two FMAs a code and activation row outweigh from batch 4 (NOTES v11).
+  return mma_wanted(batch, whole ? 2 : 4) && mma_allowed(qamw_gemv_mma_kernel<8, 1, false>);
 }
 
 void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
@@ -199,13 +224,18 @@ void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint
   if (copies == 0) copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
   p.copies_log2 = log2_of(copies);
   const size_t smem = (sizeof(uint2) * copies << w.bits) + sums_bytes;
+  const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
-      const auto kernel = qamw_gemv_mma_kernel<decltype(bits)::value, decltype(nt)::value>;
-      allow_smem(kernel, smem);
-      unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
-      p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
-      launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+      const auto launch = [&](auto kernel) {
+        allow_smem(kernel, smem);
+        unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
+        p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
+        launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+      };
+      constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
+      if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, true>);
+      else launch(qamw_gemv_mma_kernel<kBits, kNt, false>);
     });
   });
 }

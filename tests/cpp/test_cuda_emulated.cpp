@@ -192,6 +192,9 @@ void test_qamw() {
       {12, 45, 4096, 4096, false, true, false, {1, 5}},     // batch 5: the workspace path
       {8, 40, 8192, 8192, false, true, false, {1, 2}},      // 32 chunks: 2 a lane
       {11, 300, 512, 64, true, false, false, {1, 16}},
+      // Scales of blocks of 64 and 128 in the tensor-core kernel's A, and k-blocks past n.
+      {8, 21, 320, 64, true, true, false, {2, 5}},
+      {6, 17, 384, 128, true, false, false, {1, 9}},
       {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
       {7, 260, 2048, 256, true, true, false, {1, 3}},       // 9 CTAs on 6 slots: grids stride
       // Blocks whose tile exceeds 99 KiB: the global-memory rotation on the small device.
