@@ -32,20 +32,6 @@ constexpr int kRotateTile = 2048;               // floats a rotation CTA handles
 
 float inv_sqrt(int64_t block) { return static_cast<float>(1.0 / __builtin_sqrt(double(block))); }
 
-// Index in shared memory of value j of a row of the rotated activation, with two padding
-// floats after every 2^pad_shift values (kNoPadding: none).
-constexpr int kNoPadding = 30;
-__device__ __forceinline__ int padded_index(int j, int pad_shift) {
-  return j + 2 * (j >> pad_shift);
-}
-struct PaddedIndex {
-  int pad_shift;
-  __device__ int operator()(int j) const { return padded_index(j, pad_shift); }
-};
-struct Identity {
-  __device__ int operator()(int j) const { return j; }
-};
-
 // Codewords as the GEMV holds them: half2 for bf16 activations, float2 for fp16 and fp32 ones.
 // A half2 load is 4 bytes, so a warp's lookups take one wavefront instead of two and twice the
 // copies fit. Rounding a codeword to fp16 changes it by up to 2^-11 relative, 1/4 of a bf16
@@ -59,86 +45,6 @@ __device__ __forceinline__ void to_codeword(float a, float b, __half2* c) {
 }
 __device__ __forceinline__ float2 codeword_value(float2 c) { return c; }
 __device__ __forceinline__ float2 codeword_value(__half2 c) { return __half22float2(c); }
-
-// Unnormalised Walsh-Hadamard transform, in place in shared memory, of `rows` rows of n values
-// (row b at s + b * row_stride, value j at padded_index(j, pad_shift)), in blocks of `block`,
-// over the index bits from `first_bit` up (stage_activation does the lower ones). Up to three
-// stages are fused per barrier: each thread transforms 8 values in registers. From bit 5 up the
-// 32 lanes of a warp read 32 consecutive values: no bank conflicts.
-__device__ void fwht_shared(float* s, int rows, int n, int block, int row_stride, int pad_shift,
-                            int first_bit) {
-  const int lb = __ffs(block) - 1;
-  for (int lh = first_bit; lh < lb;) {
-    const int r = lb - lh < 3 ? lb - lh : 3;
-    const int h = 1 << lh;
-    const int groups_per_row = n >> r;
-    for (int g = threadIdx.x; g < rows * groups_per_row; g += blockDim.x) {
-      const int b = g / groups_per_row, q = g - b * groups_per_row;
-      // Group q: the 2^r values whose index bits [lh, lh + r) vary, the other bits from q.
-      const int base = ((q >> lh) << (lh + r)) | (q & (h - 1));
-      float* row = s + b * row_stride;
-      int idx[8];
-      float v[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        idx[i] = padded_index(base + i * h, pad_shift);
-        v[i] = i < (1 << r) ? row[idx[i]] : 0.0f;
-      }
-      if (r == 3) butterflies<3>(v);
-      else if (r == 2) butterflies<2>(v);
-      else butterflies<1>(v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        if (i < (1 << r)) row[idx[i]] = v[i];
-    }
-    __syncthreads();
-    lh += r;
-  }
-}
-
-// The low index bits stage_activation may transform for blocks of `pow2` (runs of K * 2^m
-// blocks) in rows of n values: up to 5, the lanes' bits 3-4 needing n % 32 == 0.
-__device__ __forceinline__ int staging_bits(int pow2, int n) {
-  const int lb = __ffs(pow2) - 1, limit = n % 32 == 0 ? 5 : 3;
-  return lb < limit ? lb : limit;
-}
-
-// Mixes, in place in shared memory, the K runs of P values of every block of K * P in `rows`
-// rows of n values (row r at s + r * row_stride, value j at padded_index(j, pad_shift)):
-// value (a, b) of a block becomes sum_c H[a][c] value (c, b), unnormalised, H the K mask rows of
-// kHadamardMasks from `table`. Thread t computes output a = t % K of one column per round; a
-// round covers whole columns and reads all their values before a barrier, then writes. K is a
-// runtime loop bound: the GEMV's registers stay those of its main loop.
-__device__ void mix_shared(float* s, int rows, int n, int K, int P, int table, int row_stride,
-                           int pad_shift) {
-  const int per_round = blockDim.x / K;   // the CTA has at least K threads
-  const int a = threadIdx.x % K, slot = threadIdx.x / K;
-  const bool active = slot < per_round;
-  const uint64_t mask = active ? kHadamardMasks[table + a] : 0;
-  const int cols_per_row = n / K, columns = rows * cols_per_row;
-  for (int c0 = 0; c0 < columns; c0 += per_round) {
-    const int col = c0 + slot;
-    const bool valid = active && col < columns;
-    float y = 0.0f;
-    float* dst = nullptr;
-    if (valid) {
-      const int r = col / cols_per_row, rc = col - r * cols_per_row;
-      const int blk = rc / P, j0 = blk * K * P + (rc - blk * P);
-      float* row = s + r * row_stride;
-#pragma unroll 4
-      for (int c = 0; c < K; ++c) {   // K is a multiple of 4
-        const int j = j0 + c * P;
-        const float v = row[padded_index(j, pad_shift)];
-        y += (mask >> c & 1) ? -v : v;
-      }
-      const int j = j0 + a * P;
-      dst = row + padded_index(j, pad_shift);
-    }
-    __syncthreads();  // every value of the round's columns is read
-    if (valid) *dst = y;
-    __syncthreads();
-  }
-}
 
 struct GemvParams {
   const int32_t* packed;
@@ -270,17 +176,9 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   if constexpr (kSharedX) {
     const int pad_shift = kUnitLog2 + 1;  // in floats
     xr_row = p.pairs + units;
-    int staged_bits = 0;
-    with_typed_activation(p.x, p.dtype, [&](auto* x) {
-      const float* channel_scale =
-          p.channel_scale ? p.channel_scale + int64_t{rows.sibling} * p.n : nullptr;
-      staged_bits = stage_activation(x, p.n, 1, channel_scale, p.signs, p.norm, p.x_vec, xr_s,
-                                     2 * xr_row, PaddedIndex{pad_shift},
-                                     staging_bits(p.pow2, p.n));
-    });
-    __syncthreads();
-    fwht_shared(xr_s, 1, p.n, p.pow2, 2 * xr_row, pad_shift, staged_bits);
-    if (p.order > 1) mix_shared(xr_s, 1, p.n, p.order, p.pow2, p.table, 2 * xr_row, pad_shift);
+    rotate_into_shared(p.x, p.dtype, p.n,
+                       p.channel_scale ? p.channel_scale + int64_t{rows.sibling} * p.n : nullptr,
+                       p.signs, p.norm, p.x_vec, p.order, p.pow2, p.table, xr_s, pad_shift);
     xr2 = reinterpret_cast<const float2*>(xr_s);
     xr_unit = kUnit + 1;
   } else {
@@ -419,17 +317,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t d = n / 4 + threadIdx.x; d < 4 * o.steps; d += kThreads)
       store_fragment_pairs<kQamwMmaRun>(o.frag, 2 * d, b, zeros, o.tiles, o.steps, z);
   }
-  if (channel_scale) channel_scale += int64_t{z} * n;
-  int staged_bits = 0;
-  with_typed_activation(x, dtype, [&](auto* xt) {
-    staged_bits = stage_activation(xt + first, tile, 1,
-                                   channel_scale ? channel_scale + j0 : nullptr,
-                                   signs ? signs + j0 : nullptr, norm, vec, tile_s, tile,
-                                   Identity{}, staging_bits(pow2, tile));
-  });
-  __syncthreads();
-  fwht_shared(tile_s, 1, tile, pow2, tile, kNoPadding, staged_bits);
-  if (order > 1) mix_shared(tile_s, 1, tile, order, pow2, table, tile, kNoPadding);
+  if (channel_scale) channel_scale += int64_t{z} * n + j0;
+  rotate_into_shared(static_cast<const char*>(x) + first * (dtype == DType::F32 ? 4 : 2), dtype,
+                     tile, channel_scale, signs ? signs + j0 : nullptr, norm, vec, order, pow2,
+                     table, tile_s, kNoPadding);
   if (o.frag) {
     for (int d = threadIdx.x; d < tile / 4; d += kThreads) {
       const float v[4] = {tile_s[4 * d], tile_s[4 * d + 1], tile_s[4 * d + 2], tile_s[4 * d + 3]};
