@@ -87,7 +87,7 @@ __device__ __forceinline__ uint2 split_pair(float a, float b) {
 constexpr int kMmaThreads = 256, kMmaWarps = kMmaThreads / 32, kMmaGroups = 4;
 constexpr int kMmaRowsPerCta = 8 * kMmaGroups;
 
-inline int64_t mma_sums_bytes(int tiles) {
+__host__ __device__ constexpr int64_t mma_sums_bytes(int tiles) {
   return int64_t{sizeof(float)} * kMmaWarps * kMmaGroups * tiles * 32;
 }
 
@@ -165,13 +165,22 @@ void dispatch_tiles(int tiles, F&& f) {
   else f(IntC<4>{});
 }
 
+// The mma step, and the lane column t, whose B registers hold pairs `pair` (even) and pair + 1.
+template <int RUN>
+__device__ __forceinline__ int64_t fragment_step(int64_t pair) {
+  return pair / (4 * RUN) * (RUN / 2) + pair % RUN / 2;
+}
+template <int RUN>
+__device__ __forceinline__ int fragment_t(int64_t pair) {
+  return static_cast<int>(pair % (4 * RUN) / RUN);
+}
+
 // The entry of column `column` of activation z that holds pairs `pair` (even) and pair + 1.
 template <int RUN>
 __device__ __forceinline__ int64_t fragment_entry(int64_t pair, int column, int tiles,
                                                   int64_t steps, int64_t z) {
-  const int64_t step = pair / (4 * RUN) * (RUN / 2) + pair % RUN / 2;
-  const int t = static_cast<int>(pair % (4 * RUN) / RUN);
-  return ((z * steps + step) * tiles + column / 8) * 32 + column % 8 * 4 + t;
+  return ((z * steps + fragment_step<RUN>(pair)) * tiles + column / 8) * 32 + column % 8 * 4 +
+         fragment_t<RUN>(pair);
 }
 
 // Stores values 2 pair ... 2 pair + 3 (pair even) of batch row b of activation z: their high

@@ -54,20 +54,15 @@ struct GemvParams {
   int64_t scales_per_row;
   int seg_log2;       // log2 of the pairs sharing one row scale (n / scales_per_row / 2)
   int64_t m;
-  int n, pairs, units_per_row, group_lanes;
-  const void* x;
-  DType dtype;
-  const float* channel_scale;
-  const int8_t* signs;
-  int order, pow2, table;  // block = order * pow2; table: H_order's rows in kHadamardMasks
-  float norm;
+  int pairs, units_per_row, group_lanes;
+  RotationArgs rot;        // the activation and its rotation
+  DType dtype;             // of the output (and the activation)
   int batch;
   const float* workspace;  // rotated activation, or nullptr: rotate into shared memory
   int64_t workspace_stride;  // floats from one sibling's rotated activation to the next's (0:
                              // they share one)
   void* out;
   bool packed_vec;         // packed rows are 16-byte aligned
-  bool x_vec;              // stage_activation may use vector loads
   int copies_log2;         // log2 of the codebook's copies in shared memory
   CtaSplit split;          // the CTAs of each sibling (one for a plain weight)
 };
@@ -176,9 +171,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   if constexpr (kSharedX) {
     const int pad_shift = kUnitLog2 + 1;  // in floats
     xr_row = p.pairs + units;
-    rotate_into_shared(p.x, p.dtype, p.n,
-                       p.channel_scale ? p.channel_scale + int64_t{rows.sibling} * p.n : nullptr,
-                       p.signs, p.norm, p.x_vec, p.order, p.pow2, p.table, xr_s, pad_shift);
+    rotate_into_shared(p.rot, rows.sibling, xr_s, pad_shift);
     xr2 = reinterpret_cast<const float2*>(xr_s);
     xr_unit = kUnit + 1;
   } else {
@@ -317,10 +310,17 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t d = n / 4 + threadIdx.x; d < 4 * o.steps; d += kThreads)
       store_fragment_pairs<kQamwMmaRun>(o.frag, 2 * d, b, zeros, o.tiles, o.steps, z);
   }
-  if (channel_scale) channel_scale += int64_t{z} * n + j0;
-  rotate_into_shared(static_cast<const char*>(x) + first * (dtype == DType::F32 ? 4 : 2), dtype,
-                     tile, channel_scale, signs ? signs + j0 : nullptr, norm, vec, order, pow2,
-                     table, tile_s, kNoPadding);
+  const RotationArgs r{static_cast<const char*>(x) + first * (dtype == DType::F32 ? 4 : 2),
+                       dtype,
+                       tile,
+                       channel_scale ? channel_scale + int64_t{z} * n + j0 : nullptr,
+                       signs ? signs + j0 : nullptr,
+                       norm,
+                       vec,
+                       order,
+                       pow2,
+                       table};
+  rotate_into_shared(r, 0, tile_s, kNoPadding);
   if (o.frag) {
     for (int d = threadIdx.x; d < tile / 4; d += kThreads) {
       const float v[4] = {tile_s[4 * d], tile_s[4 * d + 1], tile_s[4 * d + 2], tile_s[4 * d + 3]};
@@ -463,28 +463,29 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   p.scales_per_row = w.scales_per_row;
   p.seg_log2 = log2_of(w.n / 2 / w.scales_per_row);
   p.m = w.m;
-  p.n = static_cast<int>(w.n);
   p.pairs = static_cast<int>(w.n / 2);
-  p.x = x;
-  p.dtype = dtype;
-  p.channel_scale = w.channel_scale;
-  p.signs = w.signs;
   const HadamardSplit split = split_hadamard_block(w.block);
-  p.order = static_cast<int>(split.order);
-  p.pow2 = static_cast<int>(split.pow2);
-  p.table = hadamard_mask_offset(split.order, false);
-  p.norm = inv_sqrt(w.block);
+  p.rot = RotationArgs{x,
+                       dtype,
+                       static_cast<int>(w.n),
+                       w.channel_scale,
+                       w.signs,
+                       inv_sqrt(w.block),
+                       stage_vectors(x, w.channel_scale, w.signs, w.n),
+                       static_cast<int>(split.order),
+                       static_cast<int>(split.pow2),
+                       hadamard_mask_offset(split.order, false)};
+  p.dtype = dtype;
   p.batch = static_cast<int>(batch);
   p.out = out;
   p.packed_vec = aligned16(w.packed);
-  p.x_vec = stage_vectors(x, w.channel_scale, w.signs, w.n);
 
   const int optin = shared_per_block_optin();
   // At batch 1 each CTA rotates the activation into shared memory, beside the codebook copies,
   // when both fit. Otherwise, and at larger batches, a small kernel rotates it once into the
   // workspace, and a batch of 1 runs the kernel for batches up to 4.
   const int64_t fused_units = ceil_div(p.pairs, kChunk / rows_per_lane(1));
-  const int64_t xr_bytes = int64_t{sizeof(float)} * (p.n + 2 * fused_units);
+  const int64_t xr_bytes = int64_t{sizeof(float)} * (w.n + 2 * fused_units);
   const int entry_bytes = dtype == DType::BF16 ? sizeof(__half2) : sizeof(float2);
   // Two CTAs an SM where the copies allow it: the copies get what half an SM's shared memory
   // leaves beside `other` bytes, or where not one copy fits there, what a whole SM's leaves.
@@ -494,6 +495,8 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
   };
   const bool mma = qamw_use_mma(w, batch);  // qamw_mma.cu
+  // Tensor cores at batch 1 rotate in each CTA too, where the activation fits.
+  if (mma && batch == 1 && qamw_gemv_mma_fused(w, p.rot, out, dtype, s)) return;
   int copies = !mma && batch == 1 && xr_bytes <= kFusedActivationBytes
                    ? copies_beside(xr_bytes) : 0;
   const bool fused = copies > 0;
@@ -524,8 +527,9 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
       launch_overlapped(rotate_kernel,
                         dim3(static_cast<unsigned>(w.n / tile), static_cast<unsigned>(batch),
                              static_cast<unsigned>(rotations)),
-                        kThreads, tile_bytes, s, x, dtype, p.n, p.order, p.pow2, p.table, tile,
-                        w.channel_scale, w.signs, p.norm, p.x_vec && tile % 8 == 0, o);
+                        kThreads, tile_bytes, s, x, dtype, p.rot.n, p.rot.order, p.rot.pow2,
+                        p.rot.table, tile, w.channel_scale, w.signs, p.rot.norm,
+                        p.rot.vec && tile % 8 == 0, o);
     } else {
       for (int r = 0; r < rotations; ++r) {
         float* xr = workspace + r * batch * w.n;

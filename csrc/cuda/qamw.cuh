@@ -130,23 +130,37 @@ inline __device__ void mix_shared(float* s, int rows, int n, int K, int P, int t
   }
 }
 
-// Rotates one activation row into shared memory: value j of H(signs * x / channel_scale) *
-// norm at dst[padded_index(j, pad_shift)], H the Hadamard transform of blocks of order * pow2
-// (H_order's mask rows at kHadamardMasks[table]; signs and channel_scale may be null). x holds n
-// values of `dtype`; vec: stage_activation may use vector loads. Every thread of the CTA calls
-// it, and the values are in place when it returns.
-inline __device__ void rotate_into_shared(const void* x, DType dtype, int n,
-                                          const float* channel_scale, const int8_t* signs,
-                                          float norm, bool vec, int order, int pow2, int table,
-                                          float* dst, int pad_shift) {
+// One activation row's rotation as the GEMVs apply it: value j of H(signs * x / channel_scale)
+// * norm, H the Hadamard transform of blocks of order * pow2 (H_order's mask rows at
+// kHadamardMasks[table]). x holds n values of `dtype`; signs and channel_scale may be null (a
+// fused weight's siblings each have a channel scale, n floats apart); vec: stage_activation may
+// use vector loads.
+struct RotationArgs {
+  const void* x;
+  DType dtype;
+  int n;
+  const float* channel_scale;
+  const int8_t* signs;
+  float norm;
+  bool vec;
+  int order, pow2, table;
+};
+
+// Rotates the row (with sibling `sibling`'s channel scale) into shared memory, value j at
+// dst[padded_index(j, pad_shift)]. Every thread of the CTA calls it, and the values are in
+// place when it returns.
+inline __device__ void rotate_into_shared(const RotationArgs& r, int sibling, float* dst,
+                                          int pad_shift) {
+  const float* channel_scale =
+      r.channel_scale ? r.channel_scale + int64_t{sibling} * r.n : nullptr;
   int staged_bits = 0;
-  with_typed_activation(x, dtype, [&](auto* xt) {
-    staged_bits = stage_activation(xt, n, 1, channel_scale, signs, norm, vec, dst, n,
-                                   PaddedIndex{pad_shift}, staging_bits(pow2, n));
+  with_typed_activation(r.x, r.dtype, [&](auto* xt) {
+    staged_bits = stage_activation(xt, r.n, 1, channel_scale, r.signs, r.norm, r.vec, dst, r.n,
+                                   PaddedIndex{pad_shift}, staging_bits(r.pow2, r.n));
   });
   __syncthreads();
-  fwht_shared(dst, 1, n, pow2, n, pad_shift, staged_bits);
-  if (order > 1) mix_shared(dst, 1, n, order, pow2, table, n, pad_shift);
+  fwht_shared(dst, 1, r.n, r.pow2, r.n, pad_shift, staged_bits);
+  if (r.order > 1) mix_shared(dst, 1, r.n, r.order, r.pow2, r.table, r.n, pad_shift);
 }
 
 // Whether the tensor-core GEMV serves this call (mma_wanted) on this device: sm_80 or later,
@@ -162,5 +176,11 @@ constexpr int kQamwMmaRun = 32;
 // for all.
 void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
                    void* out, DType dtype, cudaStream_t stream);
+
+// The tensor-core GEMV of one activation row, which each CTA rotates itself (`rot`): one
+// launch. False, having launched nothing, where the rotated activation does not fit in shared
+// memory beside the codebook (n over 16384).
+bool qamw_gemv_mma_fused(const QamwWeight& w, const RotationArgs& rot, void* out, DType dtype,
+                         cudaStream_t stream);
 
 }  // namespace qamw::cuda

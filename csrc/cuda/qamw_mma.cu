@@ -20,6 +20,12 @@
 // 128) change inside the k of one mma step, which the mma sums over, so they enter A instead
 // (SCALED): the codebook holds float pairs, and a lane multiplies its codeword by its run's
 // scale (a run of 32 pairs lies in one segment) and splits the product before the mma.
+//
+// At batch 1 each CTA rotates the activation into shared memory itself (FUSED), as the CUDA-core
+// kernel does, and rewrites it in place as its B registers: a batch of one has only columns 0
+// and 1 (the high and low parts), so a step's B is 8 entries, read by lanes 0-7 (the others
+// hold zeros). One launch, where the rotation kernel and its fragments in global memory take
+// two.
 #include "mma.cuh"
 #include "qamw.cuh"
 
@@ -43,6 +49,7 @@ struct MmaParams {
   int kblocks;
   const uint2* fragments;
   int64_t fragments_stride;  // entries from one sibling's fragments to the next's (0: shared)
+  RotationArgs rot;          // FUSED: the activation each CTA rotates
   int batch;
   void* out;
   DType dtype;
@@ -98,8 +105,44 @@ __device__ __forceinline__ uint2 lookup_split(const unsigned char* cb_lane, uint
   return *reinterpret_cast<const uint2*>(cb_lane + code * entry_stride);
 }
 
+// Values of the rotated activation a FUSED CTA holds (kblocks * 2 * kBlockPairs, 4 bytes each,
+// as floats and then as B entries), at most; and the groups of 4 a thread converts.
+constexpr int kFusedValues = 16384;
+constexpr int kFusedGroups = kFusedValues / 4 / kMmaThreads;
+
+// Rewrites the rotated activation of a batch of one (xr: n floats, room for kblocks k-blocks)
+// in place as its B registers: entry 8 S + 4 h + t holds part h (0: high, 1: low) of lane t's
+// pairs of step S (mma.cuh's layout, columns 0 and 1), zeros past n. Every thread reads all its
+// values before a barrier, then writes.
+__device__ void fragments_in_place(float* xr, int n, int kblocks) {
+  const int groups = kblocks * kBlockPairs / 2;  // of 4 values: pairs 2 d and 2 d + 1
+  uint2 high[kFusedGroups], low[kFusedGroups];
+#pragma unroll
+  for (int k = 0; k < kFusedGroups; ++k) {
+    const int d = threadIdx.x + k * kMmaThreads;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = d < groups && 4 * d + e < n ? xr[4 * d + e] : 0.0f;
+    const uint2 p0 = split_pair(v[0], v[1]), p1 = split_pair(v[2], v[3]);
+    high[k] = make_uint2(p0.x, p1.x);
+    low[k] = make_uint2(p0.y, p1.y);
+  }
+  __syncthreads();
+  uint2* b = reinterpret_cast<uint2*>(xr);
+#pragma unroll
+  for (int k = 0; k < kFusedGroups; ++k) {
+    const int d = threadIdx.x + k * kMmaThreads;
+    if (d < groups) {
+      const int64_t entry = 8 * fragment_step<kRunCodes>(2 * d) + fragment_t<kRunCodes>(2 * d);
+      b[entry] = high[k];
+      b[entry + 4] = low[k];
+    }
+  }
+  __syncthreads();
+}
+
 // NT: 8-column B tiles, each 4 batch rows (high and low parts).
-template <int BITS, int NT, bool SCALED>
+template <int BITS, int NT, bool SCALED, bool FUSED>
 __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -110,20 +153,27 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
   for (int i = 0; i < kMmaGroups; ++i) prefetch_run<BITS>(p, lane_row(rows.first, i), warp, t);
   wait_for_prior_kernels();
 
+  static_assert(!FUSED || NT == 1, "a fused rotation serves a batch of one");
   const int copies_log2 = p.copies_log2;
   uint2* cb_s = reinterpret_cast<uint2*>(smem_raw);
   float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) << (BITS + copies_log2)));
+  uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(NT) / sizeof(float));  // FUSED
 #pragma unroll 4
   for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kMmaThreads) {
     const int e = i >> copies_log2;
     const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
     cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
   }
+  if constexpr (FUSED) {
+    rotate_into_shared(p.rot, rows.sibling, reinterpret_cast<float*>(b_s), kNoPadding);
+    fragments_in_place(reinterpret_cast<float*>(b_s), p.rot.n, p.kblocks);
+  }
   __syncthreads();
   const unsigned char* cb_lane =
       reinterpret_cast<const unsigned char*>(cb_s + (lane & ((1 << copies_log2) - 1)));
   const uint32_t entry_stride = sizeof(uint2) << copies_log2;
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
+  const uint2* b_lane = b_s + (g < 2 ? 4 * g + t : 0);  // FUSED: lanes 0-7 read B
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
@@ -152,7 +202,13 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
         uint32_t b[NT][2];
-        load_b_step<NT>(fk, s, b);
+        if constexpr (FUSED) {
+          const uint2 v = g < 2 ? b_lane[8 * (kb * kSteps + s)] : make_uint2(0u, 0u);
+          b[0][0] = v.x;
+          b[0][1] = v.y;
+        } else {
+          load_b_step<NT>(fk, s, b);
+        }
 #pragma unroll
         for (int i = 0; i < kMmaGroups; ++i) {
           // A rows g and g + 8 are the high and low parts of the lane's row: each lookup fills
@@ -178,8 +234,6 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
   }
 }
 
-}  // namespace
-
 // Pairs a row scale covers: a power of two (the wrapper checks), or the whole row.
 int64_t pairs_per_scale(const QamwWeight& w) { return w.n / 2 / w.scales_per_row; }
 
@@ -188,18 +242,12 @@ bool scaled_in_a(const QamwWeight& w) {
   return w.scales_per_row > 1 && pairs_per_scale(w) % kBlockPairs != 0;
 }
 
-bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
-  const bool whole = w.scales_per_row == 1 || pairs_per_scale(w) % kBlockPairs == 0;
-  if (!whole && pairs_per_scale(w) < kRunCodes) return false;
-  // SCALED costs ~8 instructions a code more (the multiply and split), which the CUDA-core
-  // kernel's two FMAs a code and activation row outweigh from batch 4 (NOTES v11).
-  return mma_wanted(batch, whole ? 2 : 4) && mma_allowed(qamw_gemv_mma_kernel<8, 1, false>);
-}
-
-void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
-                   void* out, DType dtype, cudaStream_t stream) {
+// Launches the kernel for `batch` rows with B from `fragments` (of `rotations` activations), or
+// (FUSED, batch 1) rotated by each CTA; false when FUSED finds no room for the rotated
+// activation beside one codebook copy.
+bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
+                const RotationArgs* fused, void* out, DType dtype, cudaStream_t stream) {
   const int tiles = fragment_tiles(batch);
-
   MmaParams p{};
   p.packed = w.packed;
   p.words_per_row = w.words_per_row;
@@ -212,18 +260,28 @@ void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint
   p.kblocks = static_cast<int>(fragment_steps<kRunCodes>(w.n) / kSteps);
   p.fragments = fragments;
   p.fragments_stride = rotations > 1 ? fragment_entries<kRunCodes>(w.n, batch) : 0;
+  if (fused) p.rot = *fused;
   p.batch = static_cast<int>(batch);
   p.out = out;
   p.dtype = dtype;
-  const int64_t sums_bytes = mma_sums_bytes(tiles);
-  // Two CTAs an SM for one B tile (the kernel's registers allow it), else one.
-  const int64_t budget =
-      (tiles == 1 ? shared_per_block_two_an_sm() : int64_t{shared_per_block_optin()}) -
-      sums_bytes;
-  int copies = codebook_copies(w.bits, sizeof(uint2), budget);
-  if (copies == 0) copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
+  // Beside the codebook copies: the warps' sums, and (FUSED) the activation, as floats and
+  // then as B entries, 4 bytes a value of the k-blocks.
+  const int64_t fused_values = int64_t{p.kblocks} * 2 * kBlockPairs;
+  if (fused && fused_values > kFusedValues) return false;
+  const int64_t beside = mma_sums_bytes(tiles) + (fused ? 4 * fused_values : 0);
+  // Two CTAs an SM for one B tile (the kernel's registers allow it) where one copy fits so,
+  // else one.
+  int copies = tiles == 1 ? codebook_copies(w.bits, sizeof(uint2),
+                                            shared_per_block_two_an_sm() - beside)
+                          : 0;
+  if (copies == 0)
+    copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
+  if (copies == 0) {
+    if (fused) return false;
+    copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
+  }
   p.copies_log2 = log2_of(copies);
-  const size_t smem = (sizeof(uint2) * copies << w.bits) + sums_bytes;
+  const size_t smem = (sizeof(uint2) * copies << w.bits) + beside;
   const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
@@ -234,10 +292,39 @@ void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint
         launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
       };
       constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
-      if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, true>);
-      else launch(qamw_gemv_mma_kernel<kBits, kNt, false>);
+      if constexpr (kNt == 1) {
+        if (fused) {
+          if (scaled) launch(qamw_gemv_mma_kernel<kBits, 1, true, true>);
+          else launch(qamw_gemv_mma_kernel<kBits, 1, false, true>);
+          return;
+        }
+      }
+      if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, true, false>);
+      else launch(qamw_gemv_mma_kernel<kBits, kNt, false, false>);
     });
   });
+  return true;
+}
+
+}  // namespace
+
+void qamw_gemv_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
+                   void* out, DType dtype, cudaStream_t stream) {
+  launch_mma(w, rotations, batch, fragments, nullptr, out, dtype, stream);
+}
+
+bool qamw_gemv_mma_fused(const QamwWeight& w, const RotationArgs& rot, void* out, DType dtype,
+                         cudaStream_t stream) {
+  return launch_mma(w, 1, 1, nullptr, &rot, out, dtype, stream);
+}
+
+bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
+  const bool whole = w.scales_per_row == 1 || pairs_per_scale(w) % kBlockPairs == 0;
+  if (!whole && pairs_per_scale(w) < kRunCodes) return false;
+  // SCALED costs ~8 instructions a code more (the multiply and split), which the CUDA-core
+  // kernel's two FMAs a code and activation row outweigh from batch 4 (NOTES v11).
+  return mma_wanted(batch, whole ? 2 : 4) &&
+         mma_allowed(qamw_gemv_mma_kernel<8, 1, false, false>);
 }
 
 }  // namespace qamw::cuda

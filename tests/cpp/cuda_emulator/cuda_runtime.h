@@ -32,6 +32,7 @@
 #define QAMW_CUDA_EMULATOR 1
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
