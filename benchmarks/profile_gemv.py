@@ -19,7 +19,7 @@ from random_layers import random_layer  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]   # (out_features, in_features)
 SMOKE_SHAPES = [(64, 256)]
-CODECS = ["qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4"]
+CODECS = ["qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4"]
 
 
 def main(argv=None):

@@ -114,17 +114,19 @@ step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compil
 # bounds the kernels beyond bytes. Last, in whatever time is left.
 step ncu_stalls 60 0 ncu --section WarpStateStats --section SchedulerStats -k regex:gemv_kernel \
   python benchmarks/profile_gemv.py
-# The tensor-core GEMVs (the default from batch 2; QAMW_GEMV_MMA=1 gives them batch 1 too):
-# throughput, stalls and issue rate at batches 1 and 16.
+# The tensor-core GEMVs (the default from batch 2, NVFP4 from 4; QAMW_GEMV_MMA=1 gives them
+# every batch, batch 1 with the rotation in each CTA): throughput, stalls and issue rate at
+# batches 1 and 16.
 step ncu_mma 45 0 env QAMW_GEMV_MMA=1 ncu --section SpeedOfLight --section WarpStateStats \
   --section SchedulerStats -k regex:gemv_mma python benchmarks/profile_gemv.py --batches 1,16 \
-  --codecs qamw-4,qamw-5.5,aaac-int4
-# The same, with memory throughput, for the Hadamard transform's blocks of 2^7 (3x clone in the
-# first H100 run) and 2^12 (1.5x), 64 MiB of bf16 each.
+  --codecs qamw-4,qamw-5.5,aaac-int4,aaac-nvfp4
+# The same, with memory throughput and occupancy, for the Hadamard transform's blocks of 2^7
+# (3x clone in the first H100 run), 2^12 (1.5x) and 2^14 (1.8x), 64 MiB of bf16 each.
 step ncu_hadamard 30 0 ncu --section SpeedOfLight --section WarpStateStats --section Occupancy \
   -k regex:hadamard python -c "import torch; from qamw_ext import ops
 x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16)
-[ops.hadamard(x, b) for b in (128, 4096)]; torch.cuda.synchronize()"
+[ops.hadamard(x, b) for b in (128, 4096)]; ops.hadamard(x.view(-1, 16384), 16384)
+torch.cuda.synchronize()"
 
 { echo "device: $gpu"; echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "command: bash scripts/gpu_check.sh $*";
   python -c "import torch; print('torch:', torch.__version__)"; } >> "$out/summary.txt"
