@@ -321,10 +321,9 @@ bool qamw_gemv_mma_fused(const QamwWeight& w, const RotationArgs& rot, void* out
 bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
   const bool whole = w.scales_per_row == 1 || pairs_per_scale(w) % kBlockPairs == 0;
   if (!whole && pairs_per_scale(w) < kRunCodes) return false;
-  // SCALED costs ~8 instructions a code more (the multiply and split), which the CUDA-core
-  // kernel's two FMAs a code and activation row outweigh from batch 4 (NOTES v11).
-  return mma_wanted(batch, whole ? 2 : 4) &&
-         mma_allowed(qamw_gemv_mma_kernel<8, 1, false, false>);
+  // SCALED costs ~8 instructions a code more (the multiply and split), still below the
+  // CUDA-core kernel for batches 2-4, which ran at 0.2x cuBLAS on an H100 (NOTES v8).
+  return mma_wanted(batch) && mma_allowed(qamw_gemv_mma_kernel<8, 1, false, false>);
 }
 
 }  // namespace qamw::cuda
