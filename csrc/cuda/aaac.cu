@@ -372,6 +372,11 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
         q[i][3] = v.w;
 #pragma unroll
         for (int h = 0; h < kHalves; ++h) {
+          if (h > 0 && group_log2 > 4) {  // groups of 32 and more: the run's one group
+            magnitude[i][h] = magnitude[i][0];
+            book[i][h] = book[i][0];
+            continue;
+          }
           const int64_t value =
               int64_t{kb} * kMmaBlockValues + (SCALED ? kMmaRun * (2 * t + h) : 0);
           int choice = 0;
@@ -473,10 +478,7 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
                                           sums_bytes);
   dispatch_tiles(tiles, [&](auto nt) {
     const auto launch = [&](auto kernel) {
-      allow_smem(kernel, smem);
-      unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
-      p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
-      launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+      launch_gemv(kernel, kMmaThreads, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
     };
     constexpr int kNt = decltype(nt)::value;
     if (scaled) {
@@ -534,11 +536,8 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
   const size_t smem = static_cast<size_t>(table_bytes(copies) + beside);
   const int64_t rows_per_cta = gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(batch));
   dispatch_batch(batch, [&](auto nb) {
-    auto launch = [&](auto kernel) {
-      allow_smem(kernel, smem);
-      unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
-      p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
-      launch_overlapped(kernel, dim3(grid), kThreads, smem, as_stream(stream), p);
+    const auto launch = [&](auto kernel) {
+      launch_gemv(kernel, kThreads, smem, w.siblings, w.m, rows_per_cta, as_stream(stream), p);
     };
     if (staged) launch(aaac_gemv_kernel<decltype(nb)::value, true>);
     else launch(aaac_gemv_kernel<decltype(nb)::value, false>);

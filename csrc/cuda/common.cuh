@@ -350,6 +350,18 @@ void launch_overlapped(void (*kernel)(Params...), dim3 grid, int threads, size_t
   cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
+// Launches a GEMV kernel on a persistent grid over the m rows of `siblings`: its shared memory
+// allowed, the grid sized by occupancy, the CTAs split among the siblings (p.split), overlapped
+// with the kernel before it.
+template <typename Params>
+void launch_gemv(void (*kernel)(Params), int threads, size_t smem, const Siblings& siblings,
+                 int64_t m, int64_t rows_per_cta, cudaStream_t stream, Params& p) {
+  allow_smem(kernel, smem);
+  unsigned grid = persistent_grid(kernel, threads, smem, m, rows_per_cta);
+  p.split = split_ctas(siblings, m, rows_per_cta, grid);
+  launch_overlapped(kernel, dim3(grid), threads, smem, stream, p);
+}
+
 // Code k of a packed row of `bits`-bit codes (kernels.h layout). A code straddles two words
 // only when it does not end in the first, so the second word exists whenever it is read.
 __device__ __forceinline__ uint32_t packed_code(const uint32_t* row, int64_t k, int bits) {

@@ -551,10 +551,7 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
   const int64_t rows_per_cta =
       gemv_rows_per_cta(kThreads, p.group_lanes, rows_per_lane(kernel_batch));
   const auto launch = [&](auto kernel) {
-    allow_smem(kernel, smem);
-    unsigned grid = persistent_grid(kernel, kThreads, smem, w.m, rows_per_cta);
-    p.split = split_ctas(w.siblings, w.m, rows_per_cta, grid);
-    launch_overlapped(kernel, dim3(grid), kThreads, smem, s, p);
+    launch_gemv(kernel, kThreads, smem, w.siblings, w.m, rows_per_cta, s, p);
   };
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_gemv_batch(kernel_batch, [&](auto nb) {

@@ -286,10 +286,7 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
       const auto launch = [&](auto kernel) {
-        allow_smem(kernel, smem);
-        unsigned grid = persistent_grid(kernel, kMmaThreads, smem, w.m, kMmaRowsPerCta);
-        p.split = split_ctas(w.siblings, w.m, kMmaRowsPerCta, grid);
-        launch_overlapped(kernel, dim3(grid), kMmaThreads, smem, stream, p);
+        launch_gemv(kernel, kMmaThreads, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
       };
       constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
       if constexpr (kNt == 1) {
