@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int n = static_cast<int>(p.w.n);
   const int x_row = p.chunks_per_row * kChunkStride;
 
-  const int G = p.group_lanes, lane = threadIdx.x % 32;
+  const int G = p.group_lanes;
   const LaneRows lr(G, R);
   const int sub = lr.sub, row_in_cta = lr.row_in_cta;
   const CtaRows rows = cta_rows(p.split, lr.rows_per_cta);
@@ -135,11 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   const int64_t groups = w.n / w.group;
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
-  const unsigned char* pair_lane =
-      reinterpret_cast<const unsigned char*>(pairs_s + (lane & ((1 << copies_log2) - 1)));
-  // Bytes between entries of one copy: a multiply, not a shift by the runtime copy count, so
-  // that the address is one IMAD.
-  const uint32_t entry_stride = sizeof(float2) << copies_log2;
+  const LaneCopy<float2> pairs(pairs_s, copies_log2);
   let_next_kernel_launch();
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
@@ -197,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
                                       : byte < 12 ? q[r].z
                                                   : q[r].w;
                 const uint32_t entry = book[r] | ((word >> (8 * (byte % 4))) & 0xFFu);
-                wv[r][t] = *reinterpret_cast<const float2*>(pair_lane + entry * entry_stride);
+                wv[r][t] = pairs[entry];
               }
             }
 #pragma unroll
@@ -345,9 +341,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
   const int64_t groups = w.n / w.group;
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
-  const unsigned char* pair_lane =
-      reinterpret_cast<const unsigned char*>(pairs_s + (lane & ((1 << copies_log2) - 1)));
-  const uint32_t entry_stride = sizeof(uint2) << copies_log2;
+  const LaneCopy<uint2> pairs(pairs_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
   const int64_t row_entries = w.n / 4;
   const uint2* x_lane = p.x + g / 2 * row_entries + 2 * kMmaRun * t / 4;
@@ -407,10 +401,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
         for (int i = 0; i < kMmaGroups; ++i) {
           // Bytes 2 s and 2 s + 1 of the vector: pairs 2 s and 2 s + 1 of the lane's run.
           const uint32_t word = q[i][s / 2] >> (16 * (s % 2));
-          uint2 c0 = *reinterpret_cast<const uint2*>(
-              pair_lane + (book[i][h] | (word & 0xFFu)) * entry_stride);
-          uint2 c1 = *reinterpret_cast<const uint2*>(
-              pair_lane + (book[i][h] | ((word >> 8) & 0xFFu)) * entry_stride);
+          uint2 c0 = pairs[book[i][h] | (word & 0xFFu)];
+          uint2 c1 = pairs[book[i][h] | ((word >> 8) & 0xFFu)];
           if constexpr (SCALED) {
             const float m = magnitude[i][h];
             c0 = split_pair(__uint_as_float(c0.x) * m, __uint_as_float(c0.y) * m);

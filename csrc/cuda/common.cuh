@@ -191,6 +191,22 @@ inline int codebook_copies(int bits, int entry_bytes, int64_t budget) {
   return copies;
 }
 
+// The calling lane's copy of a table staged as 2^copies_log2 copies (codebook_copies' layout):
+// entry e at its first entry plus e times the bytes between a copy's entries. A multiply, not a
+// shift by the runtime copy count: with the add, an entry's address is one IMAD.
+template <typename Entry>
+struct LaneCopy {
+  const unsigned char* first;
+  uint32_t stride;
+  __device__ LaneCopy(const Entry* table, int copies_log2)
+      : first(reinterpret_cast<const unsigned char*>(
+            table + (threadIdx.x % 32 & ((1 << copies_log2) - 1)))),
+        stride(sizeof(Entry) << copies_log2) {}
+  __device__ __forceinline__ Entry operator[](uint32_t e) const {
+    return *reinterpret_cast<const Entry*>(first + e * stride);
+  }
+};
+
 // Rows a GEMV lane decodes side by side: two at batch 1, so that each activation value read
 // from shared memory serves two rows' codes (shared loads per code bound both GEMVs); larger
 // batches have the registers for one row.

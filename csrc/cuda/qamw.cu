@@ -118,14 +118,6 @@ __device__ __forceinline__ void prefetch_unit(const GemvParams& p, int64_t row, 
   }
 }
 
-// The codeword of `code` from the lane's copy of the codebook (cb_lane: its first entry, as
-// bytes; entry_stride: the bytes between consecutive entries of one copy). A multiply, not a
-// shift by the runtime copy count: with the add it is one IMAD.
-template <typename Codeword>
-__device__ __forceinline__ float2 lookup(const unsigned char* cb_lane, uint32_t code,
-                                         uint32_t entry_stride) {
-  return codeword_value(*reinterpret_cast<const Codeword*>(cb_lane + code * entry_stride));
-}
 
 // Batch 1 asks for two CTAs an SM: ptxas then fits two rows a lane in 128 registers without
 // spilling (left free it took up to 168, one CTA an SM). Larger batches ask for one: without a
@@ -141,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   constexpr int kRun = 32, kRuns = kUnit / kRun;  // a run's codes fill exactly BITS words
   constexpr bool kSharedX = NB == 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int G = p.group_lanes, units = p.units_per_row, lane = threadIdx.x % 32;
+  const int G = p.group_lanes, units = p.units_per_row;
   const LaneRows lr(G, R);
   const int sub = lr.sub, row_in_cta = lr.row_in_cta;
   // The CTA serves one sibling's rows, below rows.end, with that sibling's channel scale. A
@@ -181,9 +173,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_unit = kUnit;
   }
 
-  const unsigned char* cb_lane =
-      reinterpret_cast<const unsigned char*>(cb_s + (lane & ((1 << copies_log2) - 1)));
-  const uint32_t entry_stride = sizeof(Codeword) << copies_log2;
+  const LaneCopy<Codeword> codebook(cb_s, copies_log2);
   // Units whose pairs share one row scale and are all inside the row are decoded run by run,
   // without a branch; the rest (a row's last, partial unit; scales over fewer pairs than a
   // unit) by the general loop.
@@ -229,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
               float2 cw[R];
 #pragma unroll
               for (int r = 0; r < R; ++r)
-                cw[r] = lookup<Codeword>(cb_lane, chunk_code<BITS>(w[r], j), entry_stride);
+                cw[r] = codeword_value(codebook[chunk_code<BITS>(w[r], j)]);
 #pragma unroll
               for (int b = 0; b < NB; ++b) {
                 if (NB == 1 || b < p.batch) {
@@ -263,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
             const float* scales = p.row_scale + (row + r) * p.scales_per_row;
             for (int j = 0; j < valid; ++j) {
               const float2 cw =
-                  lookup<Codeword>(cb_lane, packed_code(rowp, first + j, BITS), entry_stride);
+                  codeword_value(codebook[packed_code(rowp, first + j, BITS)]);
               const float scale = scales[(first + j) >> p.seg_log2];
 #pragma unroll
               for (int b = 0; b < NB; ++b) {

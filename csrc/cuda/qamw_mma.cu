@@ -99,11 +99,6 @@ __device__ __forceinline__ void prefetch_run(const MmaParams& p, int64_t row, in
   prefetch_l2(rowp + last);
 }
 
-// The (hi, lo) codeword of `code` from the lane's copy of the codebook.
-__device__ __forceinline__ uint2 lookup_split(const unsigned char* cb_lane, uint32_t code,
-                                              uint32_t entry_stride) {
-  return *reinterpret_cast<const uint2*>(cb_lane + code * entry_stride);
-}
 
 // Values of the rotated activation a FUSED CTA holds (kblocks * 2 * kBlockPairs, 4 bytes each,
 // as floats and then as B entries), at most; and the groups of 4 a thread converts.
@@ -169,9 +164,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
     fragments_in_place(reinterpret_cast<float*>(b_s), p.rot.n, p.kblocks);
   }
   __syncthreads();
-  const unsigned char* cb_lane =
-      reinterpret_cast<const unsigned char*>(cb_s + (lane & ((1 << copies_log2) - 1)));
-  const uint32_t entry_stride = sizeof(uint2) << copies_log2;
+  const LaneCopy<uint2> codebook(cb_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
   const uint2* b_lane = b_s + (g < 2 ? 4 * g + t : 0);  // FUSED: lanes 0-7 read B
   let_next_kernel_launch();
@@ -213,8 +206,8 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
         for (int i = 0; i < kMmaGroups; ++i) {
           // A rows g and g + 8 are the high and low parts of the lane's row: each lookup fills
           // two registers of the fragment as they are.
-          uint2 c0 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s), entry_stride);
-          uint2 c1 = lookup_split(cb_lane, chunk_code<BITS>(w[i], 2 * s + 1), entry_stride);
+          uint2 c0 = codebook[chunk_code<BITS>(w[i], 2 * s)];
+          uint2 c1 = codebook[chunk_code<BITS>(w[i], 2 * s + 1)];
           if constexpr (SCALED) {
             c0 = split_pair(__uint_as_float(c0.x) * scale[i], __uint_as_float(c0.y) * scale[i]);
             c1 = split_pair(__uint_as_float(c1.x) * scale[i], __uint_as_float(c1.y) * scale[i]);
