@@ -177,13 +177,13 @@ bool allow_smem(K kernel, size_t bytes) {
 constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
 
 // Copies of a codebook (or table) of 2^bits entries in shared memory: entry e of copy r at
-// e * copies + r, and lane l reads copy l % copies, so the data-dependent lookups spread over the banks (one copy: ~3 times the
-// wavefronts). Shared memory serves a wavefront of 128 bytes: 32 lanes of 4-byte codewords, 16
-// of 8-byte ones, so 128 / entry_bytes copies give every lane of a wavefront its own banks. The
-// copies take at most 128 KiB and `budget` (the launcher's copies_beside: on an H100 at batch
-// 1 with n = 4096, half2 codewords get 32 copies up to 9 bits per pair, 16 at 10, 8 at 11 and
-// 4 at 12), where lanes l and l + copies may share banks. Returns 0 when not even one copy
-// fits in `budget` bytes.
+// e * copies + r, and lane l reads copy l % copies (LaneCopy), so the data-dependent lookups
+// spread over the banks (one copy: ~3 times the wavefronts). Shared memory serves a wavefront
+// of 128 bytes: 32 lanes of 4-byte codewords, 16 of 8-byte ones, so 128 / entry_bytes copies
+// give every lane of a wavefront its own banks. The copies take at most 128 KiB and `budget`
+// (the launcher's copies_beside: on an H100 at batch 1 with n = 4096, half2 codewords get 32
+// copies up to 9 bits per pair, 16 at 10, 8 at 11 and 4 at 12), where lanes l and l + copies
+// may share banks. Returns 0 when not even one copy fits in `budget` bytes.
 inline int codebook_copies(int bits, int entry_bytes, int64_t budget) {
   const int64_t limit = budget < kCodebookCopiesBytes ? budget : kCodebookCopiesBytes;
   int copies = 128 / entry_bytes;
