@@ -103,7 +103,7 @@ inline AaacWeight sibling_weight(const AaacWeight& w, int s) {
   return v;
 }
 
-inline int64_t dtype_bytes(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
+constexpr int64_t dtype_bytes(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
 
 // Runs gemv(sibling weight, its (batch, rows) output) for each sibling of a fused weight and
 // copies the outputs into their columns of out (batch, m): what a launcher without a fused path

@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t d = n / 4 + threadIdx.x; d < 4 * o.steps; d += kThreads)
       store_fragment_pairs<kQamwMmaRun>(o.frag, 2 * d, b, zeros, o.tiles, o.steps, z);
   }
-  const RotationArgs r{static_cast<const char*>(x) + first * (dtype == DType::F32 ? 4 : 2),
+  const RotationArgs r{static_cast<const char*>(x) + first * dtype_bytes(dtype),
                        dtype,
                        tile,
                        channel_scale ? channel_scale + int64_t{z} * n + j0 : nullptr,
