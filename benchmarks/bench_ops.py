@@ -119,28 +119,59 @@ def bench_nearest(device, count):
     return out
 
 
+def cpu_rotation_bytes():
+    """Bytes of weight copies a CPU GEMV rotates over: twice the last-level cache, at least
+    64 MiB, so that every call streams its weight from memory, as a model's layers do."""
+    try:
+        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError):
+        l3 = 0
+    return max(64 * MiB, 2 * l3)
+
+
+def cycle_calls(fn, args):
+    """A callable that calls fn on the next of args at each call."""
+    state = {"next": 0}
+
+    def call():
+        fn(args[state["next"]])
+        state["next"] = (state["next"] + 1) % len(args)
+    return call
+
+
 def bench_gemv(device, m, n, dtype):
+    import copy
+
     from qamw_ext.aaac import AAACLinear
     from qamw_ext.qamw import QAMWLinear
 
     out = []
     weight = torch.randn(m, n) / n ** 0.5
-    dense = weight.to(device, dtype)
     linear = torch.nn.Linear(n, m, bias=False)
     linear.weight.data = weight
     layers = {f"qamw bits={b}": QAMWLinear.from_linear(linear, None, bits=b, alpha=0.0)
               for b in (7, 8, 11)}
     layers["aaac int4"] = AAACLinear.from_linear(linear, None, variant="int4")
     layers["aaac nvfp4"] = AAACLinear.from_linear(linear, None, variant="nvfp4")
+    # Calls rotate over copies so that no weight sits in the cache between its calls.
+    rotation = dict(rotation_bytes=cpu_rotation_bytes(), max_copies=64)
+    dense = [weight.to(device, dtype)]
+    dense += [torch.randn_like(dense[0]) for _ in range(copies_for(nbytes(dense[0]),
+                                                                   rotation) - 1)]
+    copies = {}
+    for name, layer in layers.items():
+        layer = layer.to(device)
+        copies[name] = [layer] + [copy.deepcopy(layer) for _ in
+                                  range(copies_for(buffer_bytes(layer), rotation) - 1)]
     for batch in [1, 2, 4, 16]:
         x = torch.randn(batch, n, device=device, dtype=dtype)
-        t_dense = timeit(lambda: torch.nn.functional.linear(x, dense), device)
-        for name, layer in layers.items():
-            layer = layer.to(device)
-            t = timeit(lambda: layer.gemv(x), device)
+        t_dense = timeit(cycle_calls(lambda w: torch.nn.functional.linear(x, w), dense), device)
+        for name, layer_copies in copies.items():
+            t = timeit(cycle_calls(lambda layer: layer.gemv(x), layer_copies), device)
             out.append(dict(op="gemv", codec=name, shape=[m, n], batch=batch, dtype=str(dtype),
-                            bits_per_weight=layer.bits_per_weight(), ms=t * 1e3,
-                            dense_linear_ms=t_dense * 1e3, speedup_vs_dense=t_dense / t))
+                            bits_per_weight=layer_copies[0].bits_per_weight(), ms=t * 1e3,
+                            copies=len(layer_copies), dense_linear_ms=t_dense * 1e3,
+                            dense_copies=len(dense), speedup_vs_dense=t_dense / t))
     return out
 
 
@@ -150,7 +181,8 @@ def print_row(r):
 
 
 def cpu_main(args):
-    """The CPU benchmark of benchmarks/results/ops_cpu.json (fp32, 4096 x 4096)."""
+    """The CPU benchmark of benchmarks/results/ops_cpu.json (fp32, 4096 x 4096; the GEMVs
+    rotate over weight copies of twice the last-level cache, cpu_rotation_bytes)."""
     results = (bench_hadamard("cpu", 64) + bench_nearest("cpu", 1 << 22)
                + bench_gemv("cpu", 4096, 4096, torch.float32))
     for r in results:

@@ -81,6 +81,25 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
         assert heading in table
 
 
+def test_cpu_gemv_benchmark_rotates_over_copies_beyond_the_cache(monkeypatch):
+    seen = []
+    call = bench_ops.cycle_calls(seen.append, ["a", "b", "c"])
+    for _ in range(7):
+        call()
+    assert seen == ["a", "b", "c", "a", "b", "c", "a"]
+
+    assert bench_ops.cpu_rotation_bytes() >= 64 << 20
+    rotation = 1 << 20   # small shapes: a small rotation, to keep the copies few
+    monkeypatch.setattr(bench_ops, "cpu_rotation_bytes", lambda: rotation)
+    monkeypatch.setattr(bench_ops, "timeit", lambda fn, device: [fn() for _ in range(2)] and 1e-3)
+    rows = bench_ops.bench_gemv("cpu", 256, 512, torch.float32)
+    assert len(rows) == 4 * 5
+    for r in rows:
+        codes_and_scales = r["bits_per_weight"] * 256 * 512 / 8   # a copy holds its codebooks too
+        assert r["copies"] >= 2 and r["copies"] * codes_and_scales >= 0.8 * rotation, r
+        assert r["dense_copies"] * 256 * 512 * 4 >= rotation, r
+
+
 def test_bench_ops_compares_a_hadamard_transform_and_its_agreement(monkeypatch, tmp_path):
     """The Dao FHT columns with stand-ins for it: the dense Sylvester-order product agrees with
     ops.hadamard; a transform in another order is timed but flagged by its difference; a source
