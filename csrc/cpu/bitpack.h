@@ -42,13 +42,13 @@ inline void decode_chunk32(const uint32_t* w, Code* out) {
   for (int k = 0; k < 32; ++k) out[k] = static_cast<Code>(chunk_code<BITS>(w, k));
 }
 
-// sum over the 32 codes of a chunk of table[k * stride + code_k]: decoding fused with
-// the lookup of the GEMVs' table path (see common.h).
-template <int BITS>
-inline float lut_sum_chunk32(const float* table, int64_t stride, const uint32_t* w) {
+// sum over codes [FIRST, FIRST + LEN) of a chunk of table[(k - FIRST) * stride + code_k]:
+// decoding fused with the lookup of the GEMVs' table path (see common.h).
+template <int BITS, int LEN, int FIRST>
+inline float lut_sum_codes(const float* table, int64_t stride, const uint32_t* w) {
   float s[4] = {};   // independent chains hide add latency
 #pragma GCC unroll 32
-  for (int k = 0; k < 32; ++k) s[k & 3] += table[k * stride + chunk_code<BITS>(w, k)];
+  for (int k = 0; k < LEN; ++k) s[k & 3] += table[k * stride + chunk_code<BITS>(w, FIRST + k)];
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 

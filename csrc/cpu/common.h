@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "hadamard_tables.h"
@@ -147,12 +148,33 @@ void rotate_activation(const T* x, int64_t n, const BlockHadamard& h, const int8
   h.row(out, n, scratch);
 }
 
-// The GEMVs at batch 1 look up instead of multiplying: for a tile of kLutTile codes, a
+// The GEMVs at batch 1 look up instead of multiplying: for a tile of codes, a
 // table of every code's dot product with the activation values it multiplies, so that a
 // weight row costs one load and one add per code. The loads are scalar on purpose:
 // hardware gathers are slower than scalar loads on the CPUs measured (AMD Zen 4), and
 // setup.py tells the compiler not to emit them.
-constexpr int64_t kLutTile = 32;
+//
+// A tile holds lut_tile<BITS>() codes, its table that many times 2^BITS floats: 32 codes up to
+// 9 bits, then as many as 64 KiB of table allow, at least 8. At 11 bits (5.5 bpw) tiles of 8
+// codes took 1.19x less time than tiles of 32 (a 256 KiB table), tiles of 4 more (the row
+// loop's overhead); NOTES, CPU GEMV v10.
+template <int BITS>
+constexpr int64_t lut_tile() {
+  constexpr int64_t fit = (int64_t{64 * 1024} / int64_t{sizeof(float)}) >> BITS;
+  return fit >= 32 ? 32 : fit >= 8 ? fit : 8;
+}
+
+// Calls f(std::integral_constant<int, part * TILE>{}): the first code, within its chunk of 32,
+// of part `part` (< 32 / TILE) of the chunk, so that decoding it has compile-time shifts.
+template <int64_t TILE, typename F, int... P>
+void dispatch_chunk_part(int64_t part, F&& f, std::integer_sequence<int, P...>) {
+  ((part == P ? f(std::integral_constant<int, P * TILE>{}) : void()), ...);
+}
+template <int64_t TILE, typename F>
+void dispatch_chunk_part(int64_t part, F&& f) {
+  dispatch_chunk_part<TILE>(part, f, std::make_integer_sequence<int, 32 / TILE>{});
+}
+
 // How far ahead the table path prefetches its rows. 16 rather than 8: with weights streamed
 // from memory (benchmarks/NOTES.md, CPU GEMV v7) 3.5 bpw took 1.34x less time, 4 bpw 1.04x;
 // 5.5 bpw and AAAC, slower per row, did not change.

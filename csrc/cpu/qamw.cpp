@@ -11,11 +11,11 @@
 
 namespace qamw::cpu {
 
-// Batch 1: the table path of common.h over codewords, kLutTile pairs at a time. Each
+// Batch 1: the table path of common.h over codewords, lut_tile<BITS>() pairs at a time. Each
 // thread builds its own table and streams the rows of its chunk through it.
 template <int BITS, typename T>
 static void gemv_lut(const QamwWeight& w, const float* xr, T* out) {
-  constexpr int64_t K = int64_t{1} << BITS;
+  constexpr int64_t K = int64_t{1} << BITS, kTile = lut_tile<BITS>();
   const int64_t pairs = w.n / 2, segment_pairs = pairs / w.scales_per_row;
   std::vector<float> cb0(K), cb1(K);   // split so the table loop is unit-stride
   for (int64_t c = 0; c < K; ++c) {
@@ -23,11 +23,11 @@ static void gemv_lut(const QamwWeight& w, const float* xr, T* out) {
     cb1[c] = w.codebook[2 * c + 1];
   }
   at::parallel_for(0, w.m, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> table(kLutTile * K);
+    std::vector<float> table(kTile * K);
     std::vector<float> acc(end - begin, 0.f);
-    uint16_t codes[kLutTile];
-    for (int64_t k0 = 0; k0 < pairs; k0 += kLutTile) {
-      const int64_t len = std::min(kLutTile, pairs - k0);
+    uint16_t codes[kTile];
+    for (int64_t k0 = 0; k0 < pairs; k0 += kTile) {
+      const int64_t len = std::min(kTile, pairs - k0);
       for (int64_t p = 0; p < len; ++p) {
         const float x0 = xr[2 * (k0 + p)], x1 = xr[2 * (k0 + p) + 1];
         float* t = table.data() + p * K;
@@ -35,20 +35,25 @@ static void gemv_lut(const QamwWeight& w, const float* xr, T* out) {
         for (int64_t c = 0; c < K; ++c) t[c] = cb0[c] * x0 + cb1[c] * x1;
       }
       const int64_t segment = k0 / segment_pairs;   // a tile never straddles two
-      for (int64_t i = begin; i < end; ++i) {
-        const int32_t* row = w.packed + i * w.words_per_row;
-        // Rows are read a tile at a time, a stride the hardware prefetchers miss.
-        __builtin_prefetch(row + kPrefetchRows * w.words_per_row + k0 / 32 * BITS);
-        float s;
-        if (len == kLutTile) {
-          s = lut_sum_chunk32<BITS>(table.data(), K,
-                                    reinterpret_cast<const uint32_t*>(row) + k0 / 32 * BITS);
-        } else {
-          decode_codes<BITS>(row, k0, len, codes);
-          s = lut_sum(table.data(), K, codes, len);
+      // The rows through this tile. A whole tile is codes [first, first + kTile) of the chunk
+      // of 32 codes (BITS words) that holds it, `first` a compile-time constant.
+      auto rows = [&](auto first) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int32_t* row = w.packed + i * w.words_per_row;
+          const uint32_t* chunk = reinterpret_cast<const uint32_t*>(row) + k0 / 32 * BITS;
+          // Rows are read a tile at a time, a stride the hardware prefetchers miss.
+          __builtin_prefetch(chunk + kPrefetchRows * w.words_per_row);
+          float s;
+          if (len == kTile) {
+            s = lut_sum_codes<BITS, kTile, decltype(first)::value>(table.data(), K, chunk);
+          } else {
+            decode_codes<BITS>(row, k0, len, codes);
+            s = lut_sum(table.data(), K, codes, len);
+          }
+          acc[i - begin] += w.scales_per_row == 1 ? s : w.row_scale[i * w.scales_per_row + segment] * s;
         }
-        acc[i - begin] += w.scales_per_row == 1 ? s : w.row_scale[i * w.scales_per_row + segment] * s;
-      }
+      };
+      dispatch_chunk_part<kTile>(k0 % 32 / kTile, rows);
     }
     for (int64_t i = begin; i < end; ++i)
       out[i] = static_cast<T>(w.scales_per_row == 1 ? w.row_scale[i] * acc[i - begin] : acc[i - begin]);
@@ -86,7 +91,7 @@ static void gemv_typed(const QamwWeight& w, const T* x, int64_t batch, T* out) {
                         scratch.data());
   });
   const int64_t segment_pairs = n / 2 / w.scales_per_row;
-  if (batch == 1 && (w.scales_per_row == 1 || segment_pairs % kLutTile == 0))
+  if (batch == 1 && (w.scales_per_row == 1 || segment_pairs % lut_tile<BITS>() == 0))
     gemv_lut<BITS>(w, xr.data(), out);
   else
     gemv_dense<BITS>(w, xr.data(), batch, out);

@@ -242,7 +242,11 @@ static void test_qamw() {
                             {11, 19, 192, 64, false, 2}, {12, 5, 66, 2, true, 17},
                             {8, 3, 1024, 1024, true, 1}, {8, 37, 576, 576, false, 1},
                             {7, 9, 576, 576, true, 16},  {5, 6, 48, 12, true, 3},
-                            {9, 4, 160, 80, false, 2},   {6, 3, 1536, 1536, true, 5}};
+                            {9, 4, 160, 80, false, 2},   {6, 3, 1536, 1536, true, 5},
+                            // batch 1 at 10-12 bits: tiles of 16 and 8 codes (lut_tile), a
+                            // last one partial, and per-block scales over 16 pairs
+                            {11, 21, 200, 8, false, 1},  {10, 7, 96, 32, true, 1},
+                            {12, 5, 160, 32, true, 1},   {11, 3, 1536, 1536, false, 1}};
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2, blocks = c.n / c.block;
     const int64_t scales_per_row = c.per_block ? blocks : 1;
