@@ -165,14 +165,25 @@ def bench_gemv(device, m, n, dtype):
                                   range(copies_for(buffer_bytes(layer), rotation) - 1)]
     for batch in [1, 2, 4, 16]:
         x = torch.randn(batch, n, device=device, dtype=dtype)
-        t_dense = timeit(cycle_calls(lambda w: torch.nn.functional.linear(x, w), dense), device)
+        linear = cycle_calls(lambda w: torch.nn.functional.linear(x, w), dense)
         for name, layer_copies in copies.items():
-            t = timeit(cycle_calls(lambda layer: layer.gemv(x), layer_copies), device)
+            gemv = cycle_calls(lambda layer: layer.gemv(x), layer_copies)
+            t_dense, t, ratio = paired_times(linear, gemv, device)
             out.append(dict(op="gemv", codec=name, shape=[m, n], batch=batch, dtype=str(dtype),
                             bits_per_weight=layer_copies[0].bits_per_weight(), ms=t * 1e3,
                             copies=len(layer_copies), dense_linear_ms=t_dense * 1e3,
-                            dense_copies=len(dense), speedup_vs_dense=t_dense / t))
+                            dense_copies=len(dense), speedup_vs_dense=ratio))
     return out
+
+
+def paired_times(baseline, fn, device, rounds=5):
+    """(median seconds of baseline, of fn, median of their per-round ratio) over rounds that
+    time each in turn: a shared host's speed drifts between figures taken one after the other,
+    and a ratio of two taken side by side drifts least."""
+    pairs = [(timeit(baseline, device, min_time=0.06), timeit(fn, device, min_time=0.06))
+             for _ in range(rounds)]
+    return (statistics.median(b for b, _ in pairs), statistics.median(f for _, f in pairs),
+            statistics.median(b / f for b, f in pairs))
 
 
 def print_row(r):

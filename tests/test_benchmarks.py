@@ -91,13 +91,24 @@ def test_cpu_gemv_benchmark_rotates_over_copies_beyond_the_cache(monkeypatch):
     assert bench_ops.cpu_rotation_bytes() >= 64 << 20
     rotation = 1 << 20   # small shapes: a small rotation, to keep the copies few
     monkeypatch.setattr(bench_ops, "cpu_rotation_bytes", lambda: rotation)
-    monkeypatch.setattr(bench_ops, "timeit", lambda fn, device: [fn() for _ in range(2)] and 1e-3)
+    monkeypatch.setattr(bench_ops, "timeit",
+                        lambda fn, device, min_time: [fn() for _ in range(2)] and 1e-3)
     rows = bench_ops.bench_gemv("cpu", 256, 512, torch.float32)
     assert len(rows) == 4 * 5
     for r in rows:
         codes_and_scales = r["bits_per_weight"] * 256 * 512 / 8   # a copy holds its codebooks too
         assert r["copies"] >= 2 and r["copies"] * codes_and_scales >= 0.8 * rotation, r
         assert r["dense_copies"] * 256 * 512 * 4 >= rotation, r
+        assert r["speedup_vs_dense"] == 1.0, r
+
+
+def test_paired_times_takes_the_median_of_per_round_ratios(monkeypatch):
+    # Rounds of (baseline, timed): ratios 5, 1, 3, 1, 3 (median 3), where the ratio of the
+    # medians would be 3 / 2.
+    times = iter([10.0, 2.0, 1.0, 1.0, 3.0, 1.0, 2.0, 2.0, 9.0, 3.0])
+    monkeypatch.setattr(bench_ops, "timeit", lambda fn, device, min_time: next(times))
+    baseline, timed, ratio = bench_ops.paired_times(None, None, "cpu")
+    assert (baseline, timed, ratio) == (3.0, 2.0, 3.0)
 
 
 def test_bench_ops_compares_a_hadamard_transform_and_its_agreement(monkeypatch, tmp_path):
