@@ -4,7 +4,7 @@
   qamw quantize [--model DIR] --config NAME --out DIR
   qamw eval     [--model DIR] [--configs A,B,..] [--eval-tokens N] [--out PREFIX]
   qamw generate [--model DIR] [--config NAME] --prompt TEXT
-  qamw bench    [--model DIR] [--config NAME]... [--with-full] [--new-tokens N] [--out PREFIX]
+  qamw bench    [--model DIR] [--config NAME]... [--with-full] [--rounds N] [--new-tokens N] [--out PREFIX]
   qamw plot quality RESULTS.json --out FILE.png
   qamw plot constellation --bits 6 [--kind qam|polar] --out FILE.png
 
@@ -185,20 +185,35 @@ def cmd_bench(args):
     from .evaluate import decode_speed
 
     _setup(args)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     configs = args.config or []
     timed = ([None] if not configs or args.with_full else []) + configs
-    rows = []
-    for config in timed:
-        model, tok = _model_for(args, config)
-        rows.append((config or "model as loaded",
-                     decode_speed(model, tok, args.new_tokens, batch=args.batch)))
-        del model
+    # Every model is built before any is timed, and the models take turns over the rounds: a
+    # machine's speed drifts over the minutes a quantization takes, and figures taken side by
+    # side drift least.
+    models = [(config or "model as loaded", *_model_for(args, config)) for config in timed]
+    runs = [[] for _ in models]
+    for _ in range(args.rounds):
+        for (_, model, tok), done in zip(models, runs):
+            done.append(decode_speed(model, tok, args.new_tokens, batch=args.batch))
+    rows = [(name, _median_run(done)) for (name, _, _), done in zip(models, runs)]
+    del models
     for name, r in rows:
         _log(f"[qamw] {name:24s} decode {r['decode_tokens_per_s']:8.1f} tokens/s "
-             f"(batch {r['batch']}, {r['new_tokens']} new tokens, {r['seconds']:.2f} s)")
+             f"(batch {r['batch']}, {r['new_tokens']} new tokens, {r['seconds']:.2f} s, "
+             f"median of {r['rounds']} rounds)")
     if args.out:
         _write_bench(args, rows)
     return 0
+
+
+def _median_run(runs):
+    """The run of median tokens/s (the lower middle one of an even count), with every round's
+    tokens/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["decode_tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds": len(runs),
+            "round_tokens_per_s": [r["decode_tokens_per_s"] for r in runs]}
 
 
 def _write_bench(args, rows):
@@ -300,6 +315,9 @@ def build_parser():
                    help="quantize with this config and time it (repeatable: each config is "
                         "timed in the same run)")
     s.add_argument("--with-full", action="store_true", help="also time the model as loaded")
+    s.add_argument("--rounds", type=int, default=3,
+                   help="rounds in which every model is timed in turn; the median is reported "
+                        "(all models are held in memory at once)")
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--out", default=None, help="also write PREFIX.json and PREFIX.md")

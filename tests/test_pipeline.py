@@ -293,7 +293,7 @@ def test_cli_quantize_eval_generate_bench_plot(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
     assert cli_main(["bench", "--model", str(base), "--config", "rtn-int4-g128",
                      "--config", "qamw-4@fuse_siblings=true", "--calib-tokens", "256",
-                     "--with-full", "--new-tokens", "3", "--no-progress",
+                     "--with-full", "--new-tokens", "3", "--rounds", "2", "--no-progress",
                      "--out", str(tmp_path / "res" / "speed")]) == 0
     out = capsys.readouterr().out
     assert out.count(" decode ") == 3
@@ -301,6 +301,10 @@ def test_cli_quantize_eval_generate_bench_plot(tmp_path, capsys):
     assert [r["name"] for r in speed["results"]] == ["model as loaded", "rtn-int4-g128",
                                                      "qamw-4@fuse_siblings=true"]
     assert all(r["decode_tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in speed["results"])
+    # The median of two rounds is the slower one, and each round's figure is kept.
+    assert all(r["rounds"] == 2 and len(r["round_tokens_per_s"]) == 2
+               and r["decode_tokens_per_s"] == min(r["round_tokens_per_s"])
+               for r in speed["results"])
     assert "rtn-int4-g128" in (tmp_path / "res" / "speed.md").read_text()
     png = tmp_path / "again.png"
     assert cli_main(["plot", "quality", str(tmp_path / "res" / "q.json"), "--out",
