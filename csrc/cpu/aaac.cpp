@@ -10,7 +10,6 @@
 #include <limits>
 #include <vector>
 
-#include "cpu/bitpack.h"
 #include "cpu/common.h"
 
 namespace qamw::cpu {
@@ -94,25 +93,37 @@ static void gemv_lut(const AaacWeight& w, const float* xs, float tensor_scale, T
   });
 }
 
-// out[k] = table[code k] for the `count` 4-bit codes of `bytes` (low nibble first), count a
-// multiple of 16. With AVX-512 the 16-entry table is one register and 16 codes take one
-// permute; the scalar loop is the portable build's.
-static void decode_nibbles(const uint8_t* bytes, int64_t count, const float* table, float* out) {
 #ifdef __AVX512F__
-  const __m512 entries = _mm512_loadu_ps(table);
+// The 16 codes of 8 bytes (low nibble first) as permute indices.
+inline __m512i nibble_index(const uint8_t* bytes) {
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t k = 0; k < count; k += 16) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + k / 2));
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    const __m512i index = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-    _mm512_storeu_ps(out + k, _mm512_permutexvar_ps(index, entries));
-  }
-#else
-  for (int64_t k = 0; k < count; k += 2) {
-    out[k] = table[bytes[k / 2] & 15];
-    out[k + 1] = table[bytes[k / 2] >> 4];
-  }
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+}
 #endif
+
+// Row i's weights times `factor`: out[k] = factor * |scale| * codebook[code k], a group at a
+// time. With AVX-512 a group's 16-entry table is one register and 16 codes take one permute;
+// the scalar loop is the portable build's.
+static void decode_row_scaled(const AaacWeight& w, int64_t i, float factor, float* out) {
+  const int64_t groups = w.n / w.group;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.packed + i * w.words_per_row);
+  for (int64_t g = 0; g < groups; ++g, bytes += w.group / 2, out += w.group) {
+    const GroupScale s = group_scale(w, i * groups + g);
+    float table[16];
+    for (int c = 0; c < 16; ++c) table[c] = factor * s.magnitude * w.codebooks[16 * s.choice + c];
+#ifdef __AVX512F__
+    const __m512 entries = _mm512_loadu_ps(table);
+    for (int64_t k = 0; k < w.group; k += 16)
+      _mm512_storeu_ps(out + k, _mm512_permutexvar_ps(nibble_index(bytes + k / 2), entries));
+#else
+    for (int64_t k = 0; k < w.group; k += 2) {
+      out[k] = table[bytes[k / 2] & 15];
+      out[k + 1] = table[bytes[k / 2] >> 4];
+    }
+#endif
+  }
 }
 
 // Larger batches: decode kDenseRows rows into their scaled weights and multiply them with
@@ -120,17 +131,8 @@ static void decode_nibbles(const uint8_t* bytes, int64_t count, const float* tab
 template <typename T>
 static void gemv_dense(const AaacWeight& w, const float* xs, int64_t batch, float tensor_scale,
                        T* out) {
-  const int64_t groups = w.n / w.group;
   multiply_decoded_rows(w.m, w.n, xs, batch, tensor_scale, out, [&] {
-    return [&w, groups](int64_t i, float* row) {
-      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w.packed + i * w.words_per_row);
-      for (int64_t g = 0; g < groups; ++g) {
-        const GroupScale s = group_scale(w, i * groups + g);
-        float scaled[16];
-        for (int c = 0; c < 16; ++c) scaled[c] = s.magnitude * w.codebooks[16 * s.choice + c];
-        decode_nibbles(bytes + g * w.group / 2, w.group, scaled, row + g * w.group);
-      }
-    };
+    return [&w](int64_t i, float* row) { decode_row_scaled(w, i, 1.0f, row); };
   });
 }
 
@@ -142,7 +144,6 @@ template <int R>
 static void dot_rows(const AaacWeight& w, const float* xs, int64_t first, float* sums) {
   const int64_t groups = w.n / w.group;
   const __m512 books[2] = {_mm512_loadu_ps(w.codebooks), _mm512_loadu_ps(w.codebooks + 16)};
-  const __m128i low4 = _mm_set1_epi8(0x0F);
   const uint8_t* bytes[R];
   __m512 acc[R];
   for (int r = 0; r < R; ++r) {
@@ -158,10 +159,8 @@ static void dot_rows(const AaacWeight& w, const float* xs, int64_t first, float*
     for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 16) {
       const __m512 x = _mm512_loadu_ps(xs + k);
       for (int r = 0; r < R; ++r) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes[r] + k / 2));
-        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        const __m512i index = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-        acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index, entries[r]), x, acc[r]);
+        const __m512 weights = _mm512_permutexvar_ps(nibble_index(bytes[r] + k / 2), entries[r]);
+        acc[r] = _mm512_fmadd_ps(weights, x, acc[r]);
       }
     }
   }
@@ -224,22 +223,17 @@ void aaac_gemv(const AaacWeight& w, const void* x, DType dtype, int64_t batch, v
 
 template <typename T>
 static void aaac_dequantize_typed(const AaacWeight& w, T* out) {
-  const int64_t n = w.n, groups = n / w.group;
+  const int64_t n = w.n;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   e4m3_magnitudes();
   at::parallel_for(0, w.m, 8, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> codes(n);
+    std::vector<float> row(n);
     for (int64_t i = begin; i < end; ++i) {
-      decode_row<4>(w.packed + i * w.words_per_row, n, codes.data());
-      for (int64_t g = 0; g < groups; ++g) {
-        const GroupScale s = group_scale(w, i * groups + g);
-        const float* table = w.codebooks + 16 * s.choice;
-        for (int64_t k = 0; k < w.group; ++k) {
-          const int64_t j = g * w.group + k;
-          float v = tensor_scale * s.magnitude * table[codes[j]];
-          if (w.channel_scale) v /= w.channel_scale[j];
-          out[i * n + j] = static_cast<T>(v);
-        }
+      decode_row_scaled(w, i, tensor_scale, row.data());
+      for (int64_t j = 0; j < n; ++j) {
+        float v = row[j];
+        if (w.channel_scale) v /= w.channel_scale[j];
+        out[i * n + j] = static_cast<T>(v);
       }
     }
   });
