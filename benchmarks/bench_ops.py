@@ -18,6 +18,7 @@ shapes (on the CPU: wall clock), to check the logic without a GPU.
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -131,12 +132,8 @@ def cpu_rotation_bytes():
 
 def cycle_calls(fn, args):
     """A callable that calls fn on the next of args at each call."""
-    state = {"next": 0}
-
-    def call():
-        fn(args[state["next"]])
-        state["next"] = (state["next"] + 1) % len(args)
-    return call
+    following = itertools.cycle(args)
+    return lambda: fn(next(following))
 
 
 def bench_gemv(device, m, n, dtype):

@@ -198,7 +198,6 @@ def cmd_bench(args):
         for (_, model, tok), done in zip(models, runs):
             done.append(decode_speed(model, tok, args.new_tokens, batch=args.batch))
     rows = [(name, _median_run(done)) for (name, _, _), done in zip(models, runs)]
-    del models
     for name, r in rows:
         _log(f"[qamw] {name:24s} decode {r['decode_tokens_per_s']:8.1f} tokens/s "
              f"(batch {r['batch']}, {r['new_tokens']} new tokens, {r['seconds']:.2f} s, "
