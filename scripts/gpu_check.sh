@@ -11,6 +11,7 @@
 # benchmarks/results/gpu-DATE-GPU).
 #   bash scripts/gpu_check.sh [OUT]
 #   DAO_FHT_SRC=DIR bash scripts/gpu_check.sh [OUT]   # also times Dao-AILab's FHT, from a checkout
+#   GPU_CHECK_SKIP=ncu,ncu_stalls bash scripts/gpu_check.sh [OUT]   # leaves these steps out
 # The whole run fits in GPU_CHECK_BUDGET_S seconds (default 540): every step runs under
 # `timeout`, cut so that the benchmarks keep their time, and a step that fails or times out
 # does not stop the later ones. The benchmarks write their JSON after each group of figures,
@@ -36,6 +37,10 @@ deadline=$((SECONDS + ${GPU_CHECK_BUDGET_S:-540}))
 step() {
   local name=$1 limit=$2 reserve=$3 start=$SECONDS rc=0
   shift 3
+  if [[ ",${GPU_CHECK_SKIP:-}," == *",$name,"* ]]; then
+    echo "$name: left out (GPU_CHECK_SKIP)" | tee -a "$out/summary.txt"
+    return
+  fi
   local left=$((deadline - SECONDS - reserve))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 10 ]; then
@@ -78,10 +83,11 @@ step build 330 "$benches" env MAX_JOBS="$(nproc)" python setup.py build_ext --in
 # the QAM-W GEMV and dequantize with K * 2^m blocks, AAAC, packing, nearest codeword.
 step tests 90 "$benches" "${pytest_ops[@]}" -q -k cuda
 # The sanitizer slows every kernel launch a hundredfold: a few cases per kernel family, the
-# staged 2^14 blocks (CTAs striding over 300) and K * 2^m blocks included; -v so that a
-# timed-out log shows how far it got.
-step memcheck 50 "$benches" "${sanitizer[@]}" --tool memcheck "${pytest_ops[@]}" -x -v -k \
-  "cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or many_large_blocks and 16384-dtype1 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128) or fused_siblings and (rows1-576-576-4 or rows2-1024-1024-11 or rows1-512-128-scale_dtype0))"
+# staged 2^14 blocks (CTAs striding over 300) and K * 2^m blocks included, and every
+# tensor-core GEMV at batches 1, 5 and 16 (the families test with QAMW_GEMV_MMA=1); -v so
+# that a timed-out log shows how far it got.
+step memcheck 60 "$benches" "${sanitizer[@]}" --tool memcheck "${pytest_ops[@]}" -x -v -k \
+  "cuda_gemv_kernel_families and 1 or cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or many_large_blocks and 16384-dtype1 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128) or fused_siblings and (rows1-576-576-4 or rows2-1024-1024-11 or rows1-512-128-scale_dtype0))"
 # racecheck and initcheck are slower still: the kernels with shared memory and reductions, at
 # small sizes (on an H100 the selection with 3072 x 1536 and 1024 x 1024 ran past 25 s).
 step racecheck 25 "$benches" "${sanitizer[@]}" --tool racecheck "${pytest_ops[@]}" -x -v -k \
