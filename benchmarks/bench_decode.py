@@ -150,6 +150,10 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         # glue_pdl: Inductor's kernels launch overlapped too (programmatic dependent launch).
         options = {"triton.enable_pdl": True} if glue_pdl else None
+        if compile:
+            # Dynamo keys its compiled graphs on _layer_step's code, shared by every decoder of
+            # the run: without a reset, configs after the recompile limit (8) fail to compile.
+            torch._dynamo.reset()
         self.layer_step = (torch.compile(self._layer_step, fullgraph=True, options=options)
                            if compile else self._layer_step)
 
