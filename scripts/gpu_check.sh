@@ -135,6 +135,8 @@ x = torch.randn(8192, 4096, device='cuda', dtype=torch.bfloat16)
 torch.cuda.synchronize()"
 
 { echo "device: $gpu"; echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "command: bash scripts/gpu_check.sh $*";
+  echo "settings: GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-540} BENCH_OPS_S=$bench_ops_s" \
+    "BENCH_DECODE_S=$bench_decode_s BENCH_OPS_ARGS=\"${BENCH_OPS_ARGS:-}\" GPU_CHECK_SKIP=${GPU_CHECK_SKIP:-}";
   python -c "import torch; print('torch:', torch.__version__)"; } >> "$out/summary.txt"
 cat "$out/summary.txt"
 exit "$failed"
