@@ -310,7 +310,8 @@ __device__ __forceinline__ void load_b_direct(const uint2* x_lane, int64_t row_e
 }
 
 template <int NT, bool DIRECT, bool SCALED>
-__global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_kernel(MmaParams p) {
+__global__ void __launch_bounds__(mma_threads(NT), 1) aaac_gemv_mma_kernel(MmaParams p) {
+  constexpr int kWarps = mma_warps(NT), kThreads = mma_threads(NT);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
   float* sums_s =
       reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kMmaThreads) {
+  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kThreads) {
     const float2 v = pair_entry(w.codebooks, i >> copies_log2);
     pairs_s[i] = SCALED ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
                         : split_pair(v.x, v.y);
@@ -349,7 +350,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
     float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += kMmaWarps) {
+    for (int kb = warp; kb < p.kblocks; kb += kWarps) {
       uint32_t q[kMmaGroups][4];
       // Magnitude and codebook (the pair table's first entry of it) of the lane's group: one a
       // k-block, or (SCALED) one for each half of the lane's run, steps 0-3 and 4-7.
@@ -384,11 +385,11 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) aaac_gemv_mma_ke
         }
       }
       // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + kMmaWarps >= p.kblocks;
+      const bool last = kb + kWarps >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
         prefetch_vector((last ? row0 + rows.stride : row0) + 8 * i + g,
-                        last ? warp : kb + kMmaWarps);
+                        last ? warp : kb + kWarps);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
 #pragma unroll
@@ -459,18 +460,16 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   p.packed_vec = aligned16(w.packed);
   const int tiles = fragment_tiles(batch);
   const int64_t sums_bytes = mma_sums_bytes(tiles);
-  // 16 copies (a half-warp's 8-byte lookups on their own banks) where two CTAs an SM allow them
-  // at one B tile, else where one does. 512 entries: 9 bits.
-  const int64_t budget =
-      (tiles == 1 ? shared_per_block_two_an_sm() : int64_t{shared_per_block_optin()}) -
-      sums_bytes;
+  // 16 copies (a half-warp's 8-byte lookups on their own banks), in one CTA an SM
+  // (mma_warps). 512 entries: 9 bits.
+  const int64_t budget = int64_t{shared_per_block_optin()} - sums_bytes;
   const int copies = codebook_copies(9, sizeof(uint2), budget);
   p.copies_log2 = __builtin_ctz(copies);
   const size_t smem = static_cast<size_t>(int64_t{sizeof(uint2)} * kPairEntries * copies +
                                           sums_bytes);
   dispatch_tiles(tiles, [&](auto nt) {
     const auto launch = [&](auto kernel) {
-      launch_gemv(kernel, kMmaThreads, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+      launch_gemv(kernel, mma_threads(tiles), smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
     };
     constexpr int kNt = decltype(nt)::value;
     if (scaled) {

@@ -81,14 +81,20 @@ __device__ __forceinline__ uint2 split_pair(float a, float b) {
   return make_uint2(high, bf16x2_bits(a - ha, b - hb));
 }
 
-// The tensor-core GEMVs' work: a CTA of 8 warps owns 32 rows, four groups of 8 a warp (lane
-// (g, t) decodes row g of each; the groups share each B load); the warps split the k-blocks
-// and add their sums in shared memory (mma_sums_bytes) when the rows are done.
-constexpr int kMmaThreads = 256, kMmaWarps = kMmaThreads / 32, kMmaGroups = 4;
+// The tensor-core GEMVs' work: a CTA owns 32 rows, four groups of 8 a warp (lane (g, t)
+// decodes row g of each; the groups share each B load); its warps split the k-blocks and add
+// their sums in shared memory (mma_sums_bytes) when the rows are done. One B tile (batches up
+// to 4) takes 16 warps, whose registers (128 a thread at most) allow one CTA an SM; more
+// tiles take 8, with up to 255 registers. Two CTAs of 8 warps an SM left a 4096-row layer's
+// 128 CTAs one an SM, 8 warps, too few to hide the latency of loads and instruction fetches
+// (NOTES, GPU v12); 16 warps also stage one codebook and rotate the activation once an SM.
+constexpr int kMmaGroups = 4;
 constexpr int kMmaRowsPerCta = 8 * kMmaGroups;
+__host__ __device__ constexpr int mma_warps(int tiles) { return tiles == 1 ? 16 : 8; }
+__host__ __device__ constexpr int mma_threads(int tiles) { return 32 * mma_warps(tiles); }
 
 __host__ __device__ constexpr int64_t mma_sums_bytes(int tiles) {
-  return int64_t{sizeof(float)} * kMmaWarps * kMmaGroups * tiles * 32;
+  return int64_t{sizeof(float)} * mma_warps(tiles) * kMmaGroups * tiles * 32;
 }
 
 // B registers of mma step `step` for NT tiles (frag: the lane's entry of the k-block's first).
@@ -132,12 +138,12 @@ __device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s
     for (int nt = 0; nt < NT; ++nt)
       sums_s[((warp * kMmaGroups + i) * NT + nt) * 32 + lane] = acc[i][nt];
   __syncthreads();
-  for (int o = threadIdx.x; o < kMmaRowsPerCta * batch; o += kMmaThreads) {
+  for (int o = threadIdx.x; o < kMmaRowsPerCta * batch; o += mma_threads(NT)) {
     const int r = o % kMmaRowsPerCta, b = o / kMmaRowsPerCta;
     const int i = r / 8, src = (r % 8) * 4 + b % 4, nt = b / 4;
     float y = 0.0f;
 #pragma unroll
-    for (int v = 0; v < kMmaWarps; ++v) y += sums_s[((v * kMmaGroups + i) * NT + nt) * 32 + src];
+    for (int v = 0; v < mma_warps(NT); ++v) y += sums_s[((v * kMmaGroups + i) * NT + nt) * 32 + src];
     if (row0 + r < end) store_from_float(out, dtype, b * m + row0 + r, factor * y);
   }
   __syncthreads();  // the sums are read before the next rows write them

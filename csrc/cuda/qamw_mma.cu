@@ -103,7 +103,7 @@ __device__ __forceinline__ void prefetch_run(const MmaParams& p, int64_t row, in
 // Values of the rotated activation a FUSED CTA holds (kblocks * 2 * kBlockPairs, 4 bytes each,
 // as floats and then as B entries), at most; and the groups of 4 a thread converts.
 constexpr int kFusedValues = 16384;
-constexpr int kFusedGroups = kFusedValues / 4 / kMmaThreads;
+constexpr int kFusedGroups = kFusedValues / 4 / mma_threads(1);
 
 // Rewrites the rotated activation of a batch of one (xr: n floats, room for kblocks k-blocks)
 // in place as its B registers: entry 8 S + 4 h + t holds part h (0: high, 1: low) of lane t's
@@ -114,7 +114,7 @@ __device__ void fragments_in_place(float* xr, int n, int kblocks) {
   uint2 high[kFusedGroups], low[kFusedGroups];
 #pragma unroll
   for (int k = 0; k < kFusedGroups; ++k) {
-    const int d = threadIdx.x + k * kMmaThreads;
+    const int d = threadIdx.x + k * mma_threads(1);
     float v[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = d < groups && 4 * d + e < n ? xr[4 * d + e] : 0.0f;
@@ -126,7 +126,7 @@ __device__ void fragments_in_place(float* xr, int n, int kblocks) {
   uint2* b = reinterpret_cast<uint2*>(xr);
 #pragma unroll
   for (int k = 0; k < kFusedGroups; ++k) {
-    const int d = threadIdx.x + k * kMmaThreads;
+    const int d = threadIdx.x + k * mma_threads(1);
     if (d < groups) {
       const int64_t entry = 8 * fragment_step<kRunCodes>(2 * d) + fragment_t<kRunCodes>(2 * d);
       b[entry] = high[k];
@@ -138,7 +138,8 @@ __device__ void fragments_in_place(float* xr, int n, int kblocks) {
 
 // NT: 8-column B tiles, each 4 batch rows (high and low parts).
 template <int BITS, int NT, bool SCALED, bool FUSED>
-__global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_kernel(MmaParams p) {
+__global__ void __launch_bounds__(mma_threads(NT), 1) qamw_gemv_mma_kernel(MmaParams p) {
+  constexpr int kWarps = mma_warps(NT), kThreads = mma_threads(NT);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
   float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) << (BITS + copies_log2)));
   uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(NT) / sizeof(float));  // FUSED
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kMmaThreads) {
+  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
     const int e = i >> copies_log2;
     const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
     cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
     float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += kMmaWarps) {
+    for (int kb = warp; kb < p.kblocks; kb += kWarps) {
       uint32_t w[kMmaGroups][BITS];
       float scale[kMmaGroups];
       // The segment of the lane's run (the k-block's, unless SCALED); past n, none.
@@ -185,11 +186,11 @@ __global__ void __launch_bounds__(kMmaThreads, NT == 1 ? 2 : 1) qamw_gemv_mma_ke
                        : 0.0f;
       }
       // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + kMmaWarps >= p.kblocks;
+      const bool last = kb + kWarps >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
         prefetch_run<BITS>(p, lane_row(last ? row0 + rows.stride : row0, i),
-                           last ? warp : kb + kMmaWarps, t);
+                           last ? warp : kb + kWarps, t);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kSteps * NT * 32;
 #pragma unroll
@@ -262,13 +263,8 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   const int64_t fused_values = int64_t{p.kblocks} * 2 * kBlockPairs;
   if (fused && fused_values > kFusedValues) return false;
   const int64_t beside = mma_sums_bytes(tiles) + (fused ? 4 * fused_values : 0);
-  // Two CTAs an SM for one B tile (the kernel's registers allow it) where one copy fits so,
-  // else one.
-  int copies = tiles == 1 ? codebook_copies(w.bits, sizeof(uint2),
-                                            shared_per_block_two_an_sm() - beside)
-                          : 0;
-  if (copies == 0)
-    copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
+  // One CTA an SM (mma_warps): the copies take what the rest leaves of it.
+  int copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
   if (copies == 0) {
     if (fused) return false;
     copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
@@ -279,7 +275,7 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
       const auto launch = [&](auto kernel) {
-        launch_gemv(kernel, kMmaThreads, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+        launch_gemv(kernel, mma_threads(tiles), smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
       };
       constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
       if constexpr (kNt == 1) {
