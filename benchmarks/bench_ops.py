@@ -42,8 +42,9 @@ GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
 # Codecs with a tensor-core GEMV (AAAC's needs groups of 128 and more: not NVFP4's 16).
 MMA_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
 # The batch from which a codec's GEMV takes tensor cores by default (mma_wanted's `from` in
-# csrc/cuda: NVFP4's groups of 16 put the scales into A, which costs more per weight).
-MMA_FROM_BATCH = {"aaac-nvfp4": 4}
+# csrc/cuda: NVFP4's groups of 16 put the scales into A, which costs more per weight; QAM-W at
+# 8 bits was faster on them at batch 1 too).
+MMA_FROM_BATCH = {"aaac-nvfp4": 4, "qamw-4": 1}
 FULL = dict(gemv_shapes=[(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)],
             batches=[1, 2, 4, 8, 16], dtypes=[torch.bfloat16, torch.float16],
             hadamard_blocks=[2 ** k for k in range(7, 16)] + [576, 1536],
@@ -519,8 +520,8 @@ def markdown(record):
     other = [r for r in gemv if "other_kernel" in r]
     if other:
         lines += ["## GEMV: tensor-core and CUDA-core kernels", "",
-                  "The default kernel (tensor cores from batch 2, from batch 4 for AAAC NVFP4; "
-                  "CUDA cores below) and the other family (QAMW_GEMV_MMA=1 or 0), each as a "
+                  "The default kernel (tensor cores from batch 2, from batch 1 for QAM-W 4 bpw and "
+                  "from batch 4 for AAAC NVFP4; CUDA cores below) and the other family (QAMW_GEMV_MMA=1 or 0), each as a "
                   "multiple of F.linear's speed.",
                   ""]
         lines += md_table(["shape", "codec", "dtype", "batch", "default x F.linear", "other",

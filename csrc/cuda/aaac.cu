@@ -309,9 +309,9 @@ __device__ __forceinline__ void load_b_direct(const uint2* x_lane, int64_t row_e
   }
 }
 
-template <int NT, bool DIRECT, bool SCALED>
-__global__ void __launch_bounds__(mma_threads(NT), 1) aaac_gemv_mma_kernel(MmaParams p) {
-  constexpr int kWarps = mma_warps(NT), kThreads = mma_threads(NT);
+template <int NT, int WARPS, bool DIRECT, bool SCALED>
+__global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
+    aaac_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) aaac_gemv_mma_kernel(MmaPa
   float* sums_s =
       reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += kThreads) {
+  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += 32 * WARPS) {
     const float2 v = pair_entry(w.codebooks, i >> copies_log2);
     pairs_s[i] = SCALED ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
                         : split_pair(v.x, v.y);
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) aaac_gemv_mma_kernel(MmaPa
 
   for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
     float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += kWarps) {
+    for (int kb = warp; kb < p.kblocks; kb += WARPS) {
       uint32_t q[kMmaGroups][4];
       // Magnitude and codebook (the pair table's first entry of it) of the lane's group: one a
       // k-block, or (SCALED) one for each half of the lane's run, steps 0-3 and 4-7.
@@ -385,11 +385,11 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) aaac_gemv_mma_kernel(MmaPa
         }
       }
       // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + kWarps >= p.kblocks;
+      const bool last = kb + WARPS >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
         prefetch_vector((last ? row0 + rows.stride : row0) + 8 * i + g,
-                        last ? warp : kb + kWarps);
+                        last ? warp : kb + WARPS);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
 #pragma unroll
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) aaac_gemv_mma_kernel(MmaPa
       for (int i = 0; i < kMmaGroups; ++i) block_scale[i] = SCALED ? 1.0f : magnitude[i][0];
       add_scaled_block<NT>(acc, part, block_scale);
     }
-    store_row_sums<NT>(acc, sums_s, row0, w.m, p.w.m, p.batch, tensor_scale, p.out, p.dtype);
+    store_row_sums<NT, WARPS>(acc, sums_s, row0, w.m, p.w.m, p.batch, tensor_scale, p.out, p.dtype);
   }
 }
 
@@ -431,7 +431,7 @@ bool use_mma_gemv(const AaacWeight& w, int64_t batch) {
   const bool whole = w.group % kMmaBlockValues == 0;
   return mma_wanted(batch, whole ? 2 : 4) &&
          (whole || (w.group >= 16 && kMmaBlockValues % w.group == 0)) &&
-         mma_allowed(aaac_gemv_mma_kernel<1, false, false>);
+         mma_allowed(aaac_gemv_mma_kernel<1, 8, false, false>);
 }
 
 // Whether the tensor-core GEMV reads its B registers from x (DIRECT): bf16, no channel scale,
@@ -459,26 +459,33 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   p.dtype = dtype;
   p.packed_vec = aligned16(w.packed);
   const int tiles = fragment_tiles(batch);
-  const int64_t sums_bytes = mma_sums_bytes(tiles);
-  // 16 copies (a half-warp's 8-byte lookups on their own banks), in one CTA an SM
-  // (mma_warps). 512 entries: 9 bits.
-  const int64_t budget = int64_t{shared_per_block_optin()} - sums_bytes;
+  const int warps = mma_warps(tiles, w.m);
+  const int64_t sums_bytes = mma_sums_bytes(warps, tiles);
+  // 16 copies (a half-warp's 8-byte lookups on their own banks) where the CTAs an SM allow them
+  // (mma_ctas_per_sm), else fewer. 512 entries: 9 bits.
+  const int64_t budget = (mma_ctas_per_sm(warps, tiles) == 2 ? shared_per_block_two_an_sm()
+                                                              : int64_t{shared_per_block_optin()}) -
+                         sums_bytes;
   const int copies = codebook_copies(9, sizeof(uint2), budget);
   p.copies_log2 = __builtin_ctz(copies);
   const size_t smem = static_cast<size_t>(int64_t{sizeof(uint2)} * kPairEntries * copies +
                                           sums_bytes);
   dispatch_tiles(tiles, [&](auto nt) {
-    const auto launch = [&](auto kernel) {
-      launch_gemv(kernel, mma_threads(tiles), smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
-    };
-    constexpr int kNt = decltype(nt)::value;
-    if (scaled) {
-      if (direct) launch(aaac_gemv_mma_kernel<kNt, true, true>);
-      else launch(aaac_gemv_mma_kernel<kNt, false, true>);
-    } else {
-      if (direct) launch(aaac_gemv_mma_kernel<kNt, true, false>);
-      else launch(aaac_gemv_mma_kernel<kNt, false, false>);
-    }
+    dispatch_warps(warps, [&](auto wp) {
+      constexpr int kNt = decltype(nt)::value, kWarps = decltype(wp)::value;
+      if constexpr (kNt == 1 || kWarps == 8) {  // mma_warps gives 16 at one tile only
+        const auto launch = [&](auto kernel) {
+          launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+        };
+        if (scaled) {
+          if (direct) launch(aaac_gemv_mma_kernel<kNt, kWarps, true, true>);
+          else launch(aaac_gemv_mma_kernel<kNt, kWarps, false, true>);
+        } else {
+          if (direct) launch(aaac_gemv_mma_kernel<kNt, kWarps, true, false>);
+          else launch(aaac_gemv_mma_kernel<kNt, kWarps, false, false>);
+        }
+      }
+    });
   });
 }
 

@@ -228,14 +228,21 @@ constexpr int64_t gemv_rows_per_cta(int threads, int G, int R) {
   return int64_t{threads / 32} * R * (32 / G);
 }
 
+// SMs of the current device.
+inline int sm_count() {
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
 // CTAs for a persistent GEMV grid over `rows` rows: one per rows_per_cta, but no more than the
 // device holds at once (one wave; the CTAs stride over the rest).
 template <typename K>
 unsigned persistent_grid(K kernel, int threads, size_t smem, int64_t rows,
                          int64_t rows_per_cta) {
-  int dev = 0, sms = 0, per_sm = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = sm_count();
+  int per_sm = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   const int64_t wanted = ceil_div(rows, rows_per_cta);
   const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);

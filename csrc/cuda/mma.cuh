@@ -82,19 +82,33 @@ __device__ __forceinline__ uint2 split_pair(float a, float b) {
 }
 
 // The tensor-core GEMVs' work: a CTA owns 32 rows, four groups of 8 a warp (lane (g, t)
-// decodes row g of each; the groups share each B load); its warps split the k-blocks and add
-// their sums in shared memory (mma_sums_bytes) when the rows are done. One B tile (batches up
-// to 4) takes 16 warps, whose registers (128 a thread at most) allow one CTA an SM; more
-// tiles take 8, with up to 255 registers. Two CTAs of 8 warps an SM left a 4096-row layer's
-// 128 CTAs one an SM, 8 warps, too few to hide the latency of loads and instruction fetches
-// (NOTES, GPU v12); 16 warps also stage one codebook and rotate the activation once an SM.
+// decodes row g of each; the groups share each B load); its WARPS warps split the k-blocks and
+// add their sums in shared memory (mma_sums_bytes) when the rows are done.
 constexpr int kMmaGroups = 4;
 constexpr int kMmaRowsPerCta = 8 * kMmaGroups;
-__host__ __device__ constexpr int mma_warps(int tiles) { return tiles == 1 ? 16 : 8; }
-__host__ __device__ constexpr int mma_threads(int tiles) { return 32 * mma_warps(tiles); }
 
-__host__ __device__ constexpr int64_t mma_sums_bytes(int tiles) {
-  return int64_t{sizeof(float)} * mma_warps(tiles) * kMmaGroups * tiles * 32;
+// The warps of a CTA for `tiles` B tiles over m rows: 16 at one B tile when the rows make no
+// more CTAs than the device has SMs, else 8. Two CTAs of 8 warps an SM (one B tile: at most 128
+// registers a thread) left a 4096-row layer's 128 CTAs at one an SM, 8 warps, too few to hide
+// the latency of loads and instruction fetches; one CTA of 16 (the same registers) was
+// 1.06-1.8x faster there on an H100, but mostly slower (0.8-1.06x) at 8192 and 14336 rows,
+// which fill two CTAs of 8 an SM that overlap each other's barriers (NOTES, GPU v12).
+inline int mma_warps(int tiles, int64_t m) {
+  return tiles == 1 && ceil_div(m, int64_t{kMmaRowsPerCta}) <= sm_count() ? 16 : 8;
+}
+// CTAs an SM that a kernel of WARPS warps and NT B tiles is built for (__launch_bounds__).
+__host__ __device__ constexpr int mma_ctas_per_sm(int warps, int tiles) {
+  return warps == 8 && tiles == 1 ? 2 : 1;
+}
+
+__host__ __device__ constexpr int64_t mma_sums_bytes(int warps, int tiles) {
+  return int64_t{sizeof(float)} * warps * kMmaGroups * tiles * 32;
+}
+
+template <typename F>
+void dispatch_warps(int warps, F&& f) {
+  if (warps == 16) f(IntC<16>{});
+  else f(IntC<8>{});
 }
 
 // B registers of mma step `step` for NT tiles (frag: the lane's entry of the k-block's first).
@@ -127,7 +141,7 @@ __device__ __forceinline__ void add_scaled_block(float (&acc)[kMmaGroups][NT],
 // Ends a row step of the CTA: every warp's acc (row g of group i, batch row 4 nt + t) added in
 // shared memory, and out[b * m + row0 + r] = factor * sum for the rows below `end` and the
 // batch rows below `batch`, consecutive threads on consecutive rows. Every thread calls it.
-template <int NT>
+template <int NT, int WARPS>
 __device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s, int64_t row0,
                                int64_t end, int64_t m, int batch, float factor, void* out,
                                DType dtype) {
@@ -138,12 +152,12 @@ __device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s
     for (int nt = 0; nt < NT; ++nt)
       sums_s[((warp * kMmaGroups + i) * NT + nt) * 32 + lane] = acc[i][nt];
   __syncthreads();
-  for (int o = threadIdx.x; o < kMmaRowsPerCta * batch; o += mma_threads(NT)) {
+  for (int o = threadIdx.x; o < kMmaRowsPerCta * batch; o += 32 * WARPS) {
     const int r = o % kMmaRowsPerCta, b = o / kMmaRowsPerCta;
     const int i = r / 8, src = (r % 8) * 4 + b % 4, nt = b / 4;
     float y = 0.0f;
 #pragma unroll
-    for (int v = 0; v < mma_warps(NT); ++v) y += sums_s[((v * kMmaGroups + i) * NT + nt) * 32 + src];
+    for (int v = 0; v < WARPS; ++v) y += sums_s[((v * kMmaGroups + i) * NT + nt) * 32 + src];
     if (row0 + r < end) store_from_float(out, dtype, b * m + row0 + r, factor * y);
   }
   __syncthreads();  // the sums are read before the next rows write them

@@ -165,7 +165,8 @@ inline __device__ void rotate_into_shared(const RotationArgs& r, int sibling, fl
 
 // Whether the tensor-core GEMV serves this call (mma_wanted) on this device: sm_80 or later,
 // and row scales over whole k-blocks of 128 pairs (one scale a row, or Hadamard blocks of 256
-// values and more), or over 32 or 64 pairs (blocks of 64 and 128), from batch 2.
+// values and more), or over 32 or 64 pairs (blocks of 64 and 128), from batch 2; at 8 bits
+// from batch 1 where each CTA holds the rotated activation (n up to 16384).
 bool qamw_use_mma(const QamwWeight& w, int64_t batch);
 
 // The pairs a lane of the tensor-core GEMV decodes per row and k-block (mma.cuh's RUN).

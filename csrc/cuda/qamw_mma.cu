@@ -1,4 +1,5 @@
-// QAM-W GEMV on tensor cores, for batches of 2 to 16 (and batch 1 on request, QAMW_GEMV_MMA).
+// QAM-W GEMV on tensor cores, for batches of 2 to 16 and, at 8 bits, 1 (any width on request,
+// QAMW_GEMV_MMA).
 //
 // A QAM-W code is a pair of weights along k, and a pair of bf16 values is exactly one register
 // of an mma.m16n8k16 A fragment: a lane looks its codes up in a shared-memory codebook and hands
@@ -101,20 +102,21 @@ __device__ __forceinline__ void prefetch_run(const MmaParams& p, int64_t row, in
 
 
 // Values of the rotated activation a FUSED CTA holds (kblocks * 2 * kBlockPairs, 4 bytes each,
-// as floats and then as B entries), at most; and the groups of 4 a thread converts.
+// as floats and then as B entries), at most.
 constexpr int kFusedValues = 16384;
-constexpr int kFusedGroups = kFusedValues / 4 / mma_threads(1);
 
 // Rewrites the rotated activation of a batch of one (xr: n floats, room for kblocks k-blocks)
 // in place as its B registers: entry 8 S + 4 h + t holds part h (0: high, 1: low) of lane t's
-// pairs of step S (mma.cuh's layout, columns 0 and 1), zeros past n. Every thread reads all its
-// values before a barrier, then writes.
+// pairs of step S (mma.cuh's layout, columns 0 and 1), zeros past n. Every thread of the CTA's
+// THREADS reads all its values before a barrier, then writes.
+template <int THREADS>
 __device__ void fragments_in_place(float* xr, int n, int kblocks) {
+  constexpr int kFusedGroups = kFusedValues / 4 / THREADS;  // of 4 values a thread, at most
   const int groups = kblocks * kBlockPairs / 2;  // of 4 values: pairs 2 d and 2 d + 1
   uint2 high[kFusedGroups], low[kFusedGroups];
 #pragma unroll
   for (int k = 0; k < kFusedGroups; ++k) {
-    const int d = threadIdx.x + k * mma_threads(1);
+    const int d = threadIdx.x + k * THREADS;
     float v[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = d < groups && 4 * d + e < n ? xr[4 * d + e] : 0.0f;
@@ -126,7 +128,7 @@ __device__ void fragments_in_place(float* xr, int n, int kblocks) {
   uint2* b = reinterpret_cast<uint2*>(xr);
 #pragma unroll
   for (int k = 0; k < kFusedGroups; ++k) {
-    const int d = threadIdx.x + k * mma_threads(1);
+    const int d = threadIdx.x + k * THREADS;
     if (d < groups) {
       const int64_t entry = 8 * fragment_step<kRunCodes>(2 * d) + fragment_t<kRunCodes>(2 * d);
       b[entry] = high[k];
@@ -136,10 +138,10 @@ __device__ void fragments_in_place(float* xr, int n, int kblocks) {
   __syncthreads();
 }
 
-// NT: 8-column B tiles, each 4 batch rows (high and low parts).
-template <int BITS, int NT, bool SCALED, bool FUSED>
-__global__ void __launch_bounds__(mma_threads(NT), 1) qamw_gemv_mma_kernel(MmaParams p) {
-  constexpr int kWarps = mma_warps(NT), kThreads = mma_threads(NT);
+// NT: 8-column B tiles, each 4 batch rows (high and low parts); WARPS: mma_warps.
+template <int BITS, int NT, int WARPS, bool SCALED, bool FUSED>
+__global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
+    qamw_gemv_mma_kernel(MmaParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
@@ -153,16 +155,16 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) qamw_gemv_mma_kernel(MmaPa
   const int copies_log2 = p.copies_log2;
   uint2* cb_s = reinterpret_cast<uint2*>(smem_raw);
   float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) << (BITS + copies_log2)));
-  uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(NT) / sizeof(float));  // FUSED
+  uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float));  // FUSED
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
+  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
     const int e = i >> copies_log2;
     const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
     cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
   }
   if constexpr (FUSED) {
     rotate_into_shared(p.rot, rows.sibling, reinterpret_cast<float*>(b_s), kNoPadding);
-    fragments_in_place(reinterpret_cast<float*>(b_s), p.rot.n, p.kblocks);
+    fragments_in_place<32 * WARPS>(reinterpret_cast<float*>(b_s), p.rot.n, p.kblocks);
   }
   __syncthreads();
   const LaneCopy<uint2> codebook(cb_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) qamw_gemv_mma_kernel(MmaPa
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
     float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += kWarps) {
+    for (int kb = warp; kb < p.kblocks; kb += WARPS) {
       uint32_t w[kMmaGroups][BITS];
       float scale[kMmaGroups];
       // The segment of the lane's run (the k-block's, unless SCALED); past n, none.
@@ -186,11 +188,11 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) qamw_gemv_mma_kernel(MmaPa
                        : 0.0f;
       }
       // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + kWarps >= p.kblocks;
+      const bool last = kb + WARPS >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
         prefetch_run<BITS>(p, lane_row(last ? row0 + rows.stride : row0, i),
-                           last ? warp : kb + kWarps, t);
+                           last ? warp : kb + WARPS, t);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kSteps * NT * 32;
 #pragma unroll
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(mma_threads(NT), 1) qamw_gemv_mma_kernel(MmaPa
       }
       add_scaled_block<NT>(acc, part, scale);
     }
-    store_row_sums<NT>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
+    store_row_sums<NT, WARPS>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
   }
 }
 
@@ -234,6 +236,11 @@ int64_t pairs_per_scale(const QamwWeight& w) { return w.n / 2 / w.scales_per_row
 // Whether the scales enter A (SCALED): segments of 32 or 64 pairs.
 bool scaled_in_a(const QamwWeight& w) {
   return w.scales_per_row > 1 && pairs_per_scale(w) % kBlockPairs != 0;
+}
+
+// Whether a FUSED CTA holds the rotated activation of the weight's k-blocks.
+bool rotation_fits(const QamwWeight& w) {
+  return fragment_steps<kRunCodes>(w.n) / kSteps * 2 * kBlockPairs <= kFusedValues;
 }
 
 // Launches the kernel for `batch` rows with B from `fragments` (of `rotations` activations), or
@@ -261,10 +268,18 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   // Beside the codebook copies: the warps' sums, and (FUSED) the activation, as floats and
   // then as B entries, 4 bytes a value of the k-blocks.
   const int64_t fused_values = int64_t{p.kblocks} * 2 * kBlockPairs;
-  if (fused && fused_values > kFusedValues) return false;
-  const int64_t beside = mma_sums_bytes(tiles) + (fused ? 4 * fused_values : 0);
-  // One CTA an SM (mma_warps): the copies take what the rest leaves of it.
-  int copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
+  if (fused && !rotation_fits(w)) return false;
+  // At 11 and 12 bits one CTA of 16 warps an SM wins at every size: its codebook gets twice
+  // the copies of two CTAs' (8 at 11 bits), so fewer lookups share banks (NOTES, GPU v13).
+  const int warps = tiles == 1 && w.bits >= 11 ? 16 : mma_warps(tiles, w.m);
+  const int64_t beside = mma_sums_bytes(warps, tiles) + (fused ? 4 * fused_values : 0);
+  // The copies take what the rest leaves of half an SM's shared memory where two CTAs share an
+  // SM and one copy fits so, else of a whole SM's.
+  int copies = mma_ctas_per_sm(warps, tiles) == 2
+                   ? codebook_copies(w.bits, sizeof(uint2), shared_per_block_two_an_sm() - beside)
+                   : 0;
+  if (copies == 0)
+    copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
   if (copies == 0) {
     if (fused) return false;
     copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
@@ -274,19 +289,24 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
-      const auto launch = [&](auto kernel) {
-        launch_gemv(kernel, mma_threads(tiles), smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
-      };
-      constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
-      if constexpr (kNt == 1) {
-        if (fused) {
-          if (scaled) launch(qamw_gemv_mma_kernel<kBits, 1, true, true>);
-          else launch(qamw_gemv_mma_kernel<kBits, 1, false, true>);
-          return;
+      dispatch_warps(warps, [&](auto wp) {
+        constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
+        constexpr int kWarps = decltype(wp)::value;
+        if constexpr (kNt == 1 || kWarps == 8) {  // mma_warps gives 16 at one tile only
+          const auto launch = [&](auto kernel) {
+            launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+          };
+          if constexpr (kNt == 1) {
+            if (fused) {
+              if (scaled) launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true>);
+              else launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true>);
+              return;
+            }
+          }
+          if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false>);
+          else launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false>);
         }
-      }
-      if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, true, false>);
-      else launch(qamw_gemv_mma_kernel<kBits, kNt, false, false>);
+      });
     });
   });
   return true;
@@ -309,7 +329,12 @@ bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
   if (!whole && pairs_per_scale(w) < kRunCodes) return false;
   // SCALED costs ~8 instructions a code more (the multiply and split), still below the
   // CUDA-core kernel for batches 2-4, which ran at 0.2x cuBLAS on an H100 (NOTES v8).
-  return mma_wanted(batch) && mma_allowed(qamw_gemv_mma_kernel<8, 1, false, false>);
+  // Batch 1 takes tensor cores at 8 bits where each CTA rotates the activation itself (one
+  // launch): 1.05-1.27x the CUDA-core kernel on an H100 at the four Llama shapes (NOTES, GPU
+  // v12). At 7 bits (runs of odd word counts: 4-byte loads) and 11 (conflicting lookups) it
+  // was slower; the widths not measured keep the CUDA-core kernel.
+  const int from = w.bits == 8 && rotation_fits(w) ? 1 : 2;
+  return mma_wanted(batch, from) && mma_allowed(qamw_gemv_mma_kernel<8, 1, 8, false, false>);
 }
 
 }  // namespace qamw::cuda
