@@ -520,9 +520,9 @@ def markdown(record):
     other = [r for r in gemv if "other_kernel" in r]
     if other:
         lines += ["## GEMV: tensor-core and CUDA-core kernels", "",
-                  "The default kernel (tensor cores from batch 2, from batch 1 for QAM-W 4 bpw and "
-                  "from batch 4 for AAAC NVFP4; CUDA cores below) and the other family (QAMW_GEMV_MMA=1 or 0), each as a "
-                  "multiple of F.linear's speed.",
+                  "The default kernel (tensor cores from batch 2, from batch 1 for QAM-W 4 bpw "
+                  "and from batch 4 for AAAC NVFP4; CUDA cores below) and the other family "
+                  "(QAMW_GEMV_MMA=1 or 0), each as a multiple of F.linear's speed.",
                   ""]
         lines += md_table(["shape", "codec", "dtype", "batch", "default x F.linear", "other",
                            "other x F.linear"],

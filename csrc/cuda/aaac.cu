@@ -473,7 +473,7 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   dispatch_tiles(tiles, [&](auto nt) {
     dispatch_warps(warps, [&](auto wp) {
       constexpr int kNt = decltype(nt)::value, kWarps = decltype(wp)::value;
-      if constexpr (kNt == 1 || kWarps == 8) {  // mma_warps gives 16 at one tile only
+      if constexpr (kNt == 1 || kWarps == 8) {  // 16 warps at one B tile only
         const auto launch = [&](auto kernel) {
           launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
         };

@@ -155,7 +155,8 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   const int copies_log2 = p.copies_log2;
   uint2* cb_s = reinterpret_cast<uint2*>(smem_raw);
   float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) << (BITS + copies_log2)));
-  uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float));  // FUSED
+  // FUSED: the rotated activation, after the sums.
+  uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float));
 #pragma unroll 4
   for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
     const int e = i >> copies_log2;
@@ -292,7 +293,7 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
       dispatch_warps(warps, [&](auto wp) {
         constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
         constexpr int kWarps = decltype(wp)::value;
-        if constexpr (kNt == 1 || kWarps == 8) {  // mma_warps gives 16 at one tile only
+        if constexpr (kNt == 1 || kWarps == 8) {  // 16 warps at one B tile only
           const auto launch = [&](auto kernel) {
             launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
           };
