@@ -100,7 +100,7 @@ step initcheck 25 "$benches" "${sanitizer[@]}" --tool initcheck "${pytest_ops[@]
 # against the predictions of benchmarks/smem_wavefronts.py (benchmarks/NOTES.md, GPU v1 and
 # v2: two CTAs of 8 warps an SM, 25 % of warps active; 12.5 % at 11-12 bits, one CTA): the
 # second call of each is the one to read.
-step ncu 45 "$benches" ncu --csv -k regex:gemv_kernel --metrics \
+step ncu 45 "$benches" env QAMW_GEMV_MMA=0 ncu --csv -k regex:gemv_kernel --metrics \
   l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__sass_inst_executed_op_shared_ld.sum,gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active \
   python benchmarks/profile_gemv.py
 dao_args=()
@@ -119,12 +119,15 @@ step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compil
   --configs bf16,qamw-4+fused,qamw-4+fused+head=qamw-5.5,qamw-4+fused+mma,aaac-int4+fused,qamw-5.5+fused,qamw-5.5+fused+mma,aaac-int4+fused+mma,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
   --out "$out/decode_cuda.json"
 # Where each batch-1 GEMV's warps wait (stall reasons) and how often its schedulers issue: what
-# bounds the kernels beyond bytes. Last, in whatever time is left.
-step ncu_stalls 60 0 ncu --section WarpStateStats --section SchedulerStats -k regex:gemv_kernel \
+# bounds the kernels beyond bytes. Last, in whatever time is left. This step and `ncu` profile
+# the CUDA-core kernels (QAMW_GEMV_MMA=0: QAM-W at 8 bits takes tensor cores at batch 1 by
+# default), ncu_mma the tensor-core ones.
+step ncu_stalls 60 0 env QAMW_GEMV_MMA=0 ncu --section WarpStateStats --section SchedulerStats \
+  -k regex:gemv_kernel \
   python benchmarks/profile_gemv.py
-# The tensor-core GEMVs (the default from batch 2, NVFP4 from 4; QAMW_GEMV_MMA=1 gives them
-# every batch, batch 1 with the rotation in each CTA): throughput, stalls and issue rate at
-# batches 1 and 16.
+# The tensor-core GEMVs (the default from batch 2, 8-bit QAM-W from 1, NVFP4 from 4;
+# QAMW_GEMV_MMA=1 gives them every batch, batch 1 with the rotation in each CTA): throughput,
+# stalls and issue rate at batches 1 and 16.
 step ncu_mma 45 0 env QAMW_GEMV_MMA=1 ncu --section SpeedOfLight --section WarpStateStats \
   --section SchedulerStats -k regex:gemv_mma python benchmarks/profile_gemv.py --batches 1,16 \
   --codecs qamw-4,qamw-5.5,aaac-int4,aaac-nvfp4
