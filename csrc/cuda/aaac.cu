@@ -459,7 +459,7 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   p.dtype = dtype;
   p.packed_vec = aligned16(w.packed);
   const int tiles = fragment_tiles(batch);
-  const int warps = mma_warps(tiles, w.m);
+  const int warps = mma_warps(tiles, w.m, 9);  // the pair table: 512 entries
   const int64_t sums_bytes = mma_sums_bytes(warps, tiles);
   // 16 copies (a half-warp's 8-byte lookups on their own banks) where the CTAs an SM allow them
   // (mma_ctas_per_sm), else fewer. 512 entries: 9 bits.
@@ -471,19 +471,18 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   const size_t smem = static_cast<size_t>(int64_t{sizeof(uint2)} * kPairEntries * copies +
                                           sums_bytes);
   dispatch_tiles(tiles, [&](auto nt) {
-    dispatch_warps(warps, [&](auto wp) {
-      constexpr int kNt = decltype(nt)::value, kWarps = decltype(wp)::value;
-      if constexpr (kNt == 1 || kWarps == 8) {  // 16 warps at one B tile only
-        const auto launch = [&](auto kernel) {
-          launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
-        };
-        if (scaled) {
-          if (direct) launch(aaac_gemv_mma_kernel<kNt, kWarps, true, true>);
-          else launch(aaac_gemv_mma_kernel<kNt, kWarps, false, true>);
-        } else {
-          if (direct) launch(aaac_gemv_mma_kernel<kNt, kWarps, true, false>);
-          else launch(aaac_gemv_mma_kernel<kNt, kWarps, false, false>);
-        }
+    constexpr int kNt = decltype(nt)::value;
+    dispatch_warps<kNt>(warps, [&](auto wp) {
+      constexpr int kWarps = decltype(wp)::value;
+      const auto launch = [&](auto kernel) {
+        launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+      };
+      if (scaled) {
+        if (direct) launch(aaac_gemv_mma_kernel<kNt, kWarps, true, true>);
+        else launch(aaac_gemv_mma_kernel<kNt, kWarps, false, true>);
+      } else {
+        if (direct) launch(aaac_gemv_mma_kernel<kNt, kWarps, true, false>);
+        else launch(aaac_gemv_mma_kernel<kNt, kWarps, false, false>);
       }
     });
   });

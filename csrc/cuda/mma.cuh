@@ -87,14 +87,18 @@ __device__ __forceinline__ uint2 split_pair(float a, float b) {
 constexpr int kMmaGroups = 4;
 constexpr int kMmaRowsPerCta = 8 * kMmaGroups;
 
-// The warps of a CTA for `tiles` B tiles over m rows: 16 at one B tile when the rows make no
-// more CTAs than the device has SMs, else 8. Two CTAs of 8 warps an SM (one B tile: at most 128
-// registers a thread) left a 4096-row layer's 128 CTAs at one an SM, 8 warps, too few to hide
-// the latency of loads and instruction fetches; one CTA of 16 (the same registers) was
-// 1.06-1.8x faster there on an H100, but mostly slower (0.8-1.06x) at 8192 and 14336 rows,
-// which fill two CTAs of 8 an SM that overlap each other's barriers (NOTES, GPU v12).
-inline int mma_warps(int tiles, int64_t m) {
-  return tiles == 1 && ceil_div(m, int64_t{kMmaRowsPerCta}) <= sm_count() ? 16 : 8;
+// The warps of a CTA for `tiles` B tiles over m rows, its codebook 2^table_bits entries: 16 at
+// one B tile when the rows make no more CTAs than the device has SMs, or when the table has
+// 2^11 entries or more, else 8. Two CTAs of 8 warps an SM (one B tile: at most 128 registers a
+// thread) left a 4096-row layer's 128 CTAs at one an SM, 8 warps, too few to hide the latency
+// of loads and instruction fetches; one CTA of 16 (the same registers) was 1.06-1.8x faster
+// there on an H100, but mostly slower (0.8-1.06x) at 8192 and 14336 rows, which fill two CTAs
+// of 8 an SM that overlap each other's barriers. Tables of 2^11 entries and more gain at every
+// size: one CTA an SM holds twice the copies (8 at 11 bits), so fewer lookups share banks
+// (NOTES, GPU v12 and v13).
+inline int mma_warps(int tiles, int64_t m, int table_bits) {
+  const bool idle_sms = ceil_div(m, int64_t{kMmaRowsPerCta}) <= sm_count();
+  return tiles == 1 && (idle_sms || table_bits >= 11) ? 16 : 8;
 }
 // CTAs an SM that a kernel of WARPS warps and NT B tiles is built for (__launch_bounds__).
 __host__ __device__ constexpr int mma_ctas_per_sm(int warps, int tiles) {
@@ -105,10 +109,14 @@ __host__ __device__ constexpr int64_t mma_sums_bytes(int warps, int tiles) {
   return int64_t{sizeof(float)} * warps * kMmaGroups * tiles * 32;
 }
 
-template <typename F>
+// Calls f(IntC<warps>{}) for mma_warps' choice: 16 warps only at one B tile, so other tile
+// counts instantiate the 8-warp kernels alone.
+template <int NT, typename F>
 void dispatch_warps(int warps, F&& f) {
-  if (warps == 16) f(IntC<16>{});
-  else f(IntC<8>{});
+  if constexpr (NT == 1) {
+    if (warps == 16) return f(IntC<16>{});
+  }
+  f(IntC<8>{});
 }
 
 // B registers of mma step `step` for NT tiles (frag: the lane's entry of the k-block's first).

@@ -239,10 +239,16 @@ bool scaled_in_a(const QamwWeight& w) {
   return w.scales_per_row > 1 && pairs_per_scale(w) % kBlockPairs != 0;
 }
 
-// Whether a FUSED CTA holds the rotated activation of the weight's k-blocks.
-bool rotation_fits(const QamwWeight& w) {
-  return fragment_steps<kRunCodes>(w.n) / kSteps * 2 * kBlockPairs <= kFusedValues;
+// The weight's k-blocks of kBlockPairs pairs, the last one padded with zeros.
+int kblocks_of(const QamwWeight& w) {
+  return static_cast<int>(fragment_steps<kRunCodes>(w.n) / kSteps);
 }
+
+// Values of the weight's k-blocks: what a FUSED CTA holds of the rotated activation.
+int64_t kblock_values(const QamwWeight& w) { return int64_t{kblocks_of(w)} * 2 * kBlockPairs; }
+
+// Whether a FUSED CTA holds the rotated activation of the weight's k-blocks.
+bool rotation_fits(const QamwWeight& w) { return kblock_values(w) <= kFusedValues; }
 
 // Launches the kernel for `batch` rows with B from `fragments` (of `rotations` activations), or
 // (FUSED, batch 1) rotated by each CTA; false when FUSED finds no room for the rotated
@@ -259,21 +265,18 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   p.scales_per_row = w.scales_per_row;
   p.seg_log2 = w.scales_per_row == 1 ? 30 : log2_of(w.n / 2 / w.scales_per_row);
   p.m = w.m;
-  p.kblocks = static_cast<int>(fragment_steps<kRunCodes>(w.n) / kSteps);
+  p.kblocks = kblocks_of(w);
   p.fragments = fragments;
   p.fragments_stride = rotations > 1 ? fragment_entries<kRunCodes>(w.n, batch) : 0;
   if (fused) p.rot = *fused;
   p.batch = static_cast<int>(batch);
   p.out = out;
   p.dtype = dtype;
+  if (fused && !rotation_fits(w)) return false;
+  const int warps = mma_warps(tiles, w.m, w.bits);
   // Beside the codebook copies: the warps' sums, and (FUSED) the activation, as floats and
   // then as B entries, 4 bytes a value of the k-blocks.
-  const int64_t fused_values = int64_t{p.kblocks} * 2 * kBlockPairs;
-  if (fused && !rotation_fits(w)) return false;
-  // At 11 and 12 bits one CTA of 16 warps an SM wins at every size: its codebook gets twice
-  // the copies of two CTAs' (8 at 11 bits), so fewer lookups share banks (NOTES, GPU v13).
-  const int warps = tiles == 1 && w.bits >= 11 ? 16 : mma_warps(tiles, w.m);
-  const int64_t beside = mma_sums_bytes(warps, tiles) + (fused ? 4 * fused_values : 0);
+  const int64_t beside = mma_sums_bytes(warps, tiles) + (fused ? 4 * kblock_values(w) : 0);
   // The copies take what the rest leaves of half an SM's shared memory where two CTAs share an
   // SM and one copy fits so, else of a whole SM's.
   int copies = mma_ctas_per_sm(warps, tiles) == 2
@@ -290,23 +293,21 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
-      dispatch_warps(warps, [&](auto wp) {
-        constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
+      constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
+      dispatch_warps<kNt>(warps, [&](auto wp) {
         constexpr int kWarps = decltype(wp)::value;
-        if constexpr (kNt == 1 || kWarps == 8) {  // 16 warps at one B tile only
-          const auto launch = [&](auto kernel) {
-            launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
-          };
-          if constexpr (kNt == 1) {
-            if (fused) {
-              if (scaled) launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true>);
-              else launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true>);
-              return;
-            }
+        const auto launch = [&](auto kernel) {
+          launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+        };
+        if constexpr (kNt == 1) {
+          if (fused) {
+            if (scaled) launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true>);
+            else launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true>);
+            return;
           }
-          if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false>);
-          else launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false>);
         }
+        if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false>);
+        else launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false>);
       });
     });
   });
