@@ -4,20 +4,31 @@
 // translate.py turns each .cu file into C++ (launches `k<<<grid, block, smem, s>>>(args)` become
 // `qamw_emu::launch(k, grid, block, smem, s)(args)`, `extern __shared__` arrays become pointers
 // to the launch's dynamic shared memory); this header stands in for <cuda_runtime.h>. Every CUDA
-// thread of a block is a fiber on one OS thread: blocks run one after another, and a block's
-// threads run until they reach a barrier (__syncthreads, or the warp exchange of a shuffle).
-// Static __shared__ arrays are function statics, which the block's threads share.
+// thread is a fiber on one OS thread: blocks run one cluster after another (a block alone is a
+// cluster of 1), and the threads of a cluster's blocks run in turn until each reaches a barrier
+// (__syncthreads, sync_cluster, or the warp exchange of a shuffle).
+// Static __shared__ arrays are function statics, which the block's threads share; as the blocks
+// of a cluster run side by side, they would share them too: cluster launches must use dynamic
+// shared memory only.
+// Thread-block clusters (sm_90): cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension
+// runs clusters of clusterDim.x blocks along x; cluster_rank, cluster_size, sync_cluster (a
+// barrier for every thread of the cluster) and cluster_shared (a peer block's dynamic shared
+// memory, as the mapa instruction gives) stand in for the PTX a kernel uses.
 //
-// What it checks, beyond the results: a __syncthreads that not every thread reaches, or that
-// threads reach at different lines; a shuffle whose mask names lanes that exited or are
-// elsewhere; a block that can never finish (deadlock); launch configurations a GPU would refuse
-// (more than 1024 threads, dynamic shared memory over the 48 KiB default without
-// cudaFuncSetAttribute, or over the device maximum); a thread of a kernel launched with
-// programmatic dependent launch that exits without cudaGridDependencySynchronize. Dynamic
-// shared memory is a heap buffer of exactly the launch's size, filled with NaN bytes, so the
-// sanitizer build catches accesses past it and reads of values never written show up as NaN.
-// Schedule::Reverse runs each step's threads in the opposite order: a missing barrier then
-// gives a different result.
+// What it checks, beyond the results: a __syncthreads or cluster barrier that not every thread
+// reaches, or that threads reach at different lines; a shuffle whose mask names lanes that
+// exited or are elsewhere; a cluster that can never finish (deadlock); launch configurations a
+// GPU would refuse (more than 1024 threads, dynamic shared memory over the 48 KiB default
+// without cudaFuncSetAttribute, or over the device maximum, a cluster that is not 1 to 8 blocks
+// along x or does not divide the grid); a thread of a kernel launched with programmatic
+// dependent launch that exits without cudaGridDependencySynchronize; cluster_shared of a pointer
+// outside the block's dynamic shared memory. Dynamic shared memory is a heap buffer of exactly
+// the launch's size, filled with NaN bytes, so the sanitizer build catches accesses past it and
+// reads of values never written show up as NaN; it is filled with NaN bytes again once all its
+// block's threads have exited, so a peer that reads it after that (no final cluster barrier)
+// reads NaN.
+// Schedule::Reverse runs each step's blocks and threads in the opposite order: a missing barrier
+// then gives a different result.
 // Not emulated: timing, the memory model beyond barriers, warp-synchronous execution
 // (only shuffles exchange values between lanes).
 #pragma once
@@ -93,8 +104,14 @@ struct cudaFuncAttributes {
 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
-enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeClusterDimension = 4,
+  cudaLaunchAttributeProgrammaticStreamSerialization = 6,
+};
 union cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
   int programmaticStreamSerializationAllowed;
 };
 struct cudaLaunchAttribute {
@@ -134,10 +151,24 @@ void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes,
 // thread's warp: every lane must call it; each gets its own d += A B once all have.
 void warp_mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 void* dynamic_shared_memory();
+// The running block's rank in its cluster (blockIdx.x % cluster_size()), and the cluster's
+// blocks (1 for a launch without a cluster).
+unsigned cluster_rank();
+unsigned cluster_size();
+// barrier.cluster.arrive + wait: every thread of every block of the cluster waits here.
+void sync_cluster(const char* file, int line);
+// mapa: where block `rank` of the cluster has what p points to in the running block's dynamic
+// shared memory.
+void* cluster_shared(void* p, unsigned rank);
+// The blocks a cluster of the launch has (1 without cudaLaunchAttributeClusterDimension); fails
+// on a cluster shape the emulation does not run.
+unsigned cluster_blocks(const cudaLaunchConfig_t* config);
 void set_max_dynamic_shared(const void* kernel, int bytes);
 int max_dynamic_shared(const void* kernel);
+// Runs the grid in clusters of `cluster` blocks along x.
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
-              const std::function<void()>& thread_body, bool overlapped = false);
+              const std::function<void()>& thread_body, bool overlapped = false,
+              unsigned cluster = 1);
 // The running thread called cudaGridDependencySynchronize.
 void grid_dependency_wait();
 
@@ -191,7 +222,8 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, K) {
   return cudaSuccess;
 }
 // Runs the grid at once, as launch() does; programmatic stream serialization only adds the
-// check that every thread waits for the kernels before it.
+// check that every thread waits for the kernels before it. A cluster dimension runs the blocks
+// of each cluster side by side.
 template <typename... Params, typename... Args>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...),
                                Args&&... args) {
@@ -200,7 +232,8 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(
     overlapped |= config->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
                   config->attrs[i].val.programmaticStreamSerializationAllowed != 0;
   qamw_emu::run_grid(qamw_emu::kernel_key(kernel), config->gridDim, config->blockDim,
-                     config->dynamicSmemBytes, [&] { kernel(Params(args)...); }, overlapped);
+                     config->dynamicSmemBytes, [&] { kernel(Params(args)...); }, overlapped,
+                     qamw_emu::cluster_blocks(config));
   return cudaSuccess;
 }
 inline void cudaGridDependencySynchronize() { qamw_emu::grid_dependency_wait(); }
@@ -219,5 +252,19 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int th
   if (n > d.max_blocks_per_sm) n = d.max_blocks_per_sm;
   const int by_smem = static_cast<int>(d.shared_per_sm / (smem + 1024));
   *blocks = n < by_smem ? n : by_smem;
+  return cudaSuccess;
+}
+// Clusters of the config's size resident at once: the device's blocks, as above, in whole
+// clusters.
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, K kernel,
+                                           const cudaLaunchConfig_t* config) {
+  const dim3 b = config->blockDim;
+  int blocks_per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel,
+                                                static_cast<int>(b.x * b.y * b.z),
+                                                config->dynamicSmemBytes);
+  *clusters = qamw_emu::device().sms * blocks_per_sm /
+              static_cast<int>(qamw_emu::cluster_blocks(config));
   return cudaSuccess;
 }

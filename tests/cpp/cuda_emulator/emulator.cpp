@@ -1,6 +1,7 @@
-// The scheduler of the CUDA emulation (see cuda_runtime.h): the threads of one block are
-// fibers, resumed in turn until each reaches a barrier or returns. Any misuse the emulation can
-// see is a fatal error with a message, as a hang or undefined behaviour would be on a GPU.
+// The scheduler of the CUDA emulation (see cuda_runtime.h): the threads of the blocks of one
+// cluster are fibers, resumed in turn until each reaches a barrier or returns. Any misuse the
+// emulation can see is a fatal error with a message, as a hang or undefined behaviour would be on
+// a GPU.
 #include "cuda_runtime.h"
 #include "cuda_pipeline.h"
 
@@ -25,6 +26,8 @@ namespace qamw_emu {
 namespace {
 
 constexpr int kMaxThreads = 1024;
+constexpr unsigned kMaxClusterBlocks = 8;  // CUDA's portable cluster size
+constexpr int kMaxFibers = kMaxClusterBlocks * kMaxThreads;
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr int kDefaultDynamicShared = 48 * 1024;
 
@@ -37,7 +40,7 @@ constexpr int kDefaultDynamicShared = 48 * 1024;
   std::_Exit(3);
 }
 
-enum class State { Ready, AtBarrier, AtExchange, Done };
+enum class State { Ready, AtBarrier, AtClusterBarrier, AtExchange, Done };
 
 // An asynchronous copy (cuda_pipeline.h) not yet made, and the batch it was committed in.
 struct PendingCopy {
@@ -78,11 +81,12 @@ struct Mma {  // one warp's mma in progress
 };
 
 struct BlockRun {
+  uint3 index{};  // blockIdx
+  unsigned rank = 0;  // in the cluster
+  int first_fiber = 0;  // thread i runs on fiber first_fiber + i
   std::vector<Thread> threads;
   std::vector<Exchange> warps;
   std::vector<Mma> mmas;
-  const std::function<void()>* body = nullptr;
-  bool overlapped = false;  // launched with programmatic stream serialization
   int current = -1, done = 0;
   int arrived = 0;  // at the __syncthreads in progress
   const char* barrier_file = nullptr;
@@ -90,11 +94,23 @@ struct BlockRun {
   std::unique_ptr<unsigned char[]> shared;
 };
 
+struct ClusterRun {
+  std::vector<BlockRun> blocks;  // by rank
+  const std::function<void()>* body = nullptr;
+  bool overlapped = false;  // launched with programmatic stream serialization
+  size_t shared_bytes = 0;
+  int done = 0;  // threads of all blocks that exited
+  int arrived = 0;  // at the cluster barrier in progress
+  const char* barrier_file = nullptr;
+  int barrier_line = 0;
+};
+
 Schedule g_schedule = Schedule::Forward;
-BlockRun* g_run = nullptr;
+ClusterRun* g_cluster = nullptr;
+BlockRun* g_run = nullptr;  // the block of the running thread
 std::map<const void*, int> g_max_dynamic_shared;
 
-Fiber g_fibers[kMaxThreads];
+Fiber g_fibers[kMaxFibers];
 int g_fiber_count = 0;
 jmp_buf g_scheduler_jump;
 #if QAMW_EMU_ASAN
@@ -105,7 +121,7 @@ size_t g_scheduler_stack_size = 0;
 // One stack per fiber, reserved once; pages are committed only when touched.
 unsigned char* stack_of(int i) {
   static unsigned char* stacks = [] {
-    void* p = mmap(nullptr, kStackBytes * kMaxThreads, PROT_READ | PROT_WRITE,
+    void* p = mmap(nullptr, kStackBytes * kMaxFibers, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) fail("cannot reserve fiber stacks");
     return static_cast<unsigned char*>(p);
@@ -139,7 +155,7 @@ __attribute__((noinline)) void to_fiber(int i) {
 #endif
 }
 
-void yield() { to_scheduler(g_run->current); }
+void yield() { to_scheduler(g_run->first_fiber + g_run->current); }
 
 void release_barrier(BlockRun& r) {
   for (Thread& t : r.threads)
@@ -147,19 +163,24 @@ void release_barrier(BlockRun& r) {
   r.arrived = 0;
 }
 
-void thread_exit(BlockRun& r, int i) {
+void thread_exit(ClusterRun& c, BlockRun& r, int i) {
   r.threads[i].state = State::Done;
-  ++r.done;
+  ++c.done;
+  // A GPU frees an exited block's shared memory: a peer that reads it after this reads NaN.
+  if (++r.done == static_cast<int>(r.threads.size()))
+    std::memset(r.shared.get(), 0xff, c.shared_bytes);
   if (r.arrived > 0) fail("thread exited while others wait at a __syncthreads");
+  if (c.arrived > 0) fail("thread exited while others of its cluster wait at a cluster barrier");
   const Exchange& e = r.warps[i / warpSize];
   if (e.arrived != 0 && (e.mask >> (i % warpSize) & 1))
     fail("thread exited while its warp waits for it in a shuffle");
   if (r.mmas[i / warpSize].arrived != 0) fail("thread exited while its warp waits in an mma");
-  if (r.overlapped && !r.threads[i].waited)
+  if (c.overlapped && !r.threads[i].waited)
     fail("thread of an overlapped launch exited without cudaGridDependencySynchronize");
 }
 
-// Fiber i: runs the current block's thread i each time the scheduler resumes it.
+// Fiber i: runs a thread of the cluster (the same one while a launch runs) each time the
+// scheduler resumes it.
 int g_new_fiber = 0;
 void fiber_main() {
   const int i = g_new_fiber;
@@ -167,9 +188,9 @@ void fiber_main() {
   __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack, &g_scheduler_stack_size);
 #endif
   for (;;) {
-    to_scheduler(i);  // parked until a block needs thread i
-    (*g_run->body)();
-    thread_exit(*g_run, i);
+    to_scheduler(i);  // parked until a block needs the thread
+    (*g_cluster->body)();
+    thread_exit(*g_cluster, *g_run, g_run->current);
   }
 }
 
@@ -195,34 +216,58 @@ void make_fibers(int count) {
   }
 }
 
-void run_block(BlockRun& r, int nthreads) {
-  for (int i = 0; i < nthreads; ++i)
-    r.threads[i] = Thread{State::Ready, uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y,
-                                              i / (blockDim.x * blockDim.y)}};
-  r.done = 0;
-  r.arrived = 0;
-  for (Exchange& e : r.warps) e = Exchange{};
-  for (Mma& m : r.mmas) m.arrived = 0;
-  while (r.done < nthreads) {
+void check_cluster_size(unsigned blocks) {
+  if (blocks < 1 || blocks > kMaxClusterBlocks) fail("cluster of other than 1 to 8 blocks");
+}
+
+// Runs the cluster's blocks, whose blockIdx are set, from their first instruction to the end.
+void run_cluster(ClusterRun& c) {
+  const int nthreads = static_cast<int>(c.blocks[0].threads.size());
+  const int nblocks = static_cast<int>(c.blocks.size());
+  for (BlockRun& r : c.blocks) {
+    for (int i = 0; i < nthreads; ++i) {
+      r.threads[i] = Thread{};
+      r.threads[i].index = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y,
+                                 i / (blockDim.x * blockDim.y)};
+    }
+    r.done = 0;
+    r.arrived = 0;
+    for (Exchange& e : r.warps) e = Exchange{};
+    for (Mma& m : r.mmas) m.arrived = 0;
+    r.shared.reset(new unsigned char[c.shared_bytes]);
+    std::memset(r.shared.get(), 0xff, c.shared_bytes);  // NaN floats until written
+  }
+  c.done = 0;
+  c.arrived = 0;
+  const bool forward = g_schedule == Schedule::Forward;
+  while (c.done < nblocks * nthreads) {
     bool progressed = false;
-    for (int k = 0; k < nthreads; ++k) {
-      const int i = g_schedule == Schedule::Forward ? k : nthreads - 1 - k;
-      if (r.threads[i].state != State::Ready) continue;
-      r.current = i;
-      threadIdx = r.threads[i].index;
-      to_fiber(i);
-      progressed = true;
+    for (int b = 0; b < nblocks; ++b) {
+      BlockRun& r = c.blocks[forward ? b : nblocks - 1 - b];
+      for (int k = 0; k < nthreads; ++k) {
+        const int i = forward ? k : nthreads - 1 - k;
+        if (r.threads[i].state != State::Ready) continue;
+        g_run = &r;
+        r.current = i;
+        blockIdx = r.index;
+        threadIdx = r.threads[i].index;
+        to_fiber(r.first_fiber + i);
+        progressed = true;
+      }
     }
     if (!progressed) {
-      int at_barrier = 0, at_exchange = 0;
-      for (const Thread& t : r.threads) {
-        at_barrier += t.state == State::AtBarrier;
-        at_exchange += t.state == State::AtExchange;
-      }
-      char what[160];
+      int at_barrier = 0, at_cluster_barrier = 0, at_exchange = 0;
+      for (const BlockRun& r : c.blocks)
+        for (const Thread& t : r.threads) {
+          at_barrier += t.state == State::AtBarrier;
+          at_cluster_barrier += t.state == State::AtClusterBarrier;
+          at_exchange += t.state == State::AtExchange;
+        }
+      char what[200];
       std::snprintf(what, sizeof what,
-                    "deadlock: %d threads wait at __syncthreads, %d in shuffles, %d exited",
-                    at_barrier, at_exchange, r.done);
+                    "deadlock: %d threads wait at __syncthreads, %d at a cluster barrier, "
+                    "%d in shuffles, %d exited",
+                    at_barrier, at_cluster_barrier, at_exchange, c.done);
       fail(what);
     }
   }
@@ -354,6 +399,49 @@ void pipeline_wait_prior(size_t prior) {
 
 void* dynamic_shared_memory() { return g_run->shared.get(); }
 
+unsigned cluster_rank() { return g_run->rank; }
+
+unsigned cluster_size() { return static_cast<unsigned>(g_cluster->blocks.size()); }
+
+void sync_cluster(const char* file, int line) {
+  ClusterRun& c = *g_cluster;
+  if (c.done > 0) fail("cluster barrier reached after a thread of the cluster exited");
+  if (c.arrived == 0) {
+    c.barrier_file = file;
+    c.barrier_line = line;
+  } else if (c.barrier_line != line || std::strcmp(c.barrier_file, file) != 0) {
+    char what[512];
+    std::snprintf(what, sizeof what, "threads wait at different cluster barriers: %s:%d and %s:%d",
+                  c.barrier_file, c.barrier_line, file, line);
+    fail(what);
+  }
+  g_run->threads[g_run->current].state = State::AtClusterBarrier;
+  const size_t cluster_threads = c.blocks.size() * c.blocks[0].threads.size();
+  if (++c.arrived == static_cast<int>(cluster_threads)) {
+    for (BlockRun& r : c.blocks)
+      for (Thread& t : r.threads)
+        if (t.state == State::AtClusterBarrier) t.state = State::Ready;
+    c.arrived = 0;
+  }
+  yield();
+}
+
+void* cluster_shared(void* p, unsigned rank) {
+  const ClusterRun& c = *g_cluster;
+  // As integers: p may point anywhere, and below the buffer the difference wraps to a large one.
+  const uintptr_t offset =
+      reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(g_run->shared.get());
+  if (offset >= c.shared_bytes)
+    fail("cluster_shared of a pointer outside the block's dynamic shared memory");
+  if (rank >= c.blocks.size()) {
+    char what[128];
+    std::snprintf(what, sizeof what, "cluster_shared of block %u of a cluster of %zu", rank,
+                  c.blocks.size());
+    fail(what);
+  }
+  return c.blocks[rank].shared.get() + offset;
+}
+
 void set_max_dynamic_shared(const void* kernel, int bytes) { g_max_dynamic_shared[kernel] = bytes; }
 
 int max_dynamic_shared(const void* kernel) {
@@ -361,38 +449,58 @@ int max_dynamic_shared(const void* kernel) {
   return it == g_max_dynamic_shared.end() ? kDefaultDynamicShared : it->second;
 }
 
+unsigned cluster_blocks(const cudaLaunchConfig_t* config) {
+  unsigned blocks = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id != cudaLaunchAttributeClusterDimension) continue;
+    const auto& dim = config->attrs[i].val.clusterDim;
+    if (dim.y != 1 || dim.z != 1) fail("cluster dimension other than 1 along y or z");
+    check_cluster_size(dim.x);
+    blocks = dim.x;
+  }
+  return blocks;
+}
+
 void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
-              const std::function<void()>& thread_body, bool overlapped) {
+              const std::function<void()>& thread_body, bool overlapped, unsigned cluster) {
   const int64_t nthreads = int64_t{block.x} * block.y * block.z;
   if (nthreads < 1 || nthreads > kMaxThreads || block.z > 64)
     fail("launch with an invalid number of threads per block");
   if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 0x7fffffffu || grid.y > 65535 ||
       grid.z > 65535)
     fail("launch with an invalid grid");
+  check_cluster_size(cluster);
+  if (grid.x % cluster != 0) fail("launch with a cluster size that does not divide gridDim.x");
   if (smem > static_cast<size_t>(device().shared_per_block_optin))
     fail("launch with more dynamic shared memory than the device has per block");
   if (smem > static_cast<size_t>(max_dynamic_shared(kernel)))
     fail("launch with more dynamic shared memory than cudaFuncSetAttribute allowed");
-  if (g_run != nullptr) fail("launch from inside a kernel");
+  if (g_cluster != nullptr) fail("launch from inside a kernel");
 
-  make_fibers(static_cast<int>(nthreads));
-  BlockRun run;
-  run.threads.resize(nthreads);
-  run.warps.resize((nthreads + warpSize - 1) / warpSize);
-  run.mmas.resize(run.warps.size());
+  make_fibers(static_cast<int>(cluster * nthreads));
+  ClusterRun run;
+  run.blocks.resize(cluster);
+  for (unsigned rank = 0; rank < cluster; ++rank) {
+    BlockRun& r = run.blocks[rank];
+    r.rank = rank;
+    r.first_fiber = static_cast<int>(rank * nthreads);
+    r.threads.resize(nthreads);
+    r.warps.resize((nthreads + warpSize - 1) / warpSize);
+    r.mmas.resize(r.warps.size());
+  }
   run.body = &thread_body;
   run.overlapped = overlapped;
-  g_run = &run;
+  run.shared_bytes = smem;
+  g_cluster = &run;
   blockDim = block;
   gridDim = grid;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        run.shared.reset(new unsigned char[smem]);
-        std::memset(run.shared.get(), 0xff, smem);  // NaN floats until written
-        run_block(run, static_cast<int>(nthreads));
+      for (unsigned x = 0; x < grid.x; x += cluster) {
+        for (BlockRun& r : run.blocks) r.index = uint3{x + r.rank, y, z};
+        run_cluster(run);
       }
+  g_cluster = nullptr;
   g_run = nullptr;
 }
 

@@ -10,8 +10,15 @@
 //   no-wait          a kernel launched overlapped (programmatic dependent launch) whose
 //                    threads never call cudaGridDependencySynchronize
 //   mma-exited       half a warp returns before the mma the other half calls
+//   cluster-exited   half the threads of one block of a cluster return before a cluster barrier
+//                    the others reach
+//   cluster-divergent the blocks of a cluster wait at two different cluster barriers
+//   cluster-shared-outside cluster_shared of a pointer to global memory
 // `ok` also multiplies two small integer matrices with the emulated mma.m16n8k16, each lane's
-// fragment elements placed by the PTX ISA's per-element formulas.
+// fragment elements placed by the PTX ISA's per-element formulas; runs clusters of 4 blocks that
+// add values from the shared memory of every block of their cluster, in both schedules; checks
+// cudaOccupancyMaxActiveClusters; and reads a peer's shared memory after the peer exited (NaN).
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -115,6 +122,116 @@ __global__ void mma_exited(float* out) {
   out[threadIdx.x] = d[0];
 }
 
+constexpr unsigned kClusterBlocks = 4;
+
+// Each block puts its 128 values, blockIdx.x * 128 + i, in its dynamic shared memory; then
+// thread t adds value (t + r) % 128 of each block r of the cluster. shape[blockIdx.x] is the
+// block's rank + 100 times the cluster size.
+__global__ void cluster_sums(float* out, unsigned* shape) {
+  float* own = qamw_emu::dynamic_shared<float>();
+  own[threadIdx.x] = static_cast<float>(blockIdx.x * kThreads + threadIdx.x);
+  qamw_emu::sync_cluster(__FILE__, __LINE__);
+  float sum = 0;
+  for (unsigned r = 0; r < qamw_emu::cluster_size(); ++r)
+    sum += static_cast<float*>(qamw_emu::cluster_shared(own, r))[(threadIdx.x + r) % kThreads];
+  out[blockIdx.x * kThreads + threadIdx.x] = sum;
+  if (threadIdx.x == 0)
+    shape[blockIdx.x] = qamw_emu::cluster_rank() + 100 * qamw_emu::cluster_size();
+  qamw_emu::sync_cluster(__FILE__, __LINE__);  // the peers read this block's memory until here
+}
+
+// Rank 0 exits after the first cluster barrier, without the second one that rank 1 needs to
+// read its memory. Rank 1's __syncthreads takes it one scheduling round, in which rank 0 runs
+// to its exit in either schedule: rank 1 then reads the memory of an exited block.
+__global__ void reads_exited_peer(float* out) {
+  float* own = qamw_emu::dynamic_shared<float>();
+  own[threadIdx.x] = 1.0f;
+  qamw_emu::sync_cluster(__FILE__, __LINE__);
+  if (qamw_emu::cluster_rank() == 0) return;
+  __syncthreads();
+  out[threadIdx.x] = static_cast<float*>(qamw_emu::cluster_shared(own, 0))[threadIdx.x];
+}
+
+__global__ void cluster_exited(float* out) {
+  if (qamw_emu::cluster_rank() == 1 && threadIdx.x >= 64) return;
+  qamw_emu::sync_cluster(__FILE__, __LINE__);
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void cluster_divergent(float* out) {
+  if (qamw_emu::cluster_rank() == 0) {
+    qamw_emu::sync_cluster(__FILE__, __LINE__);
+  } else {
+    qamw_emu::sync_cluster(__FILE__, __LINE__);
+  }
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void cluster_shared_outside(float* out) {
+  out[threadIdx.x] = *static_cast<float*>(qamw_emu::cluster_shared(out, 1));
+}
+
+// A launch of `grid` blocks of `threads` threads in clusters of `cluster`, with a float of
+// dynamic shared memory a thread; `dims` holds its cluster attribute.
+cudaLaunchConfig_t cluster_config(unsigned grid, unsigned threads, unsigned cluster,
+                                  cudaLaunchAttribute& dims) {
+  dims = cudaLaunchAttribute{};
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = cluster;
+  dims.val.clusterDim.y = dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = threads * sizeof(float);
+  config.attrs = &dims;
+  config.numAttrs = 1;
+  return config;
+}
+
+template <typename... Params, typename... Args>
+void launch_clusters(void (*kernel)(Params...), unsigned grid, unsigned cluster, Args... args) {
+  cudaLaunchAttribute dims;
+  const cudaLaunchConfig_t config = cluster_config(grid, kThreads, cluster, dims);
+  cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// Whether cluster_sums over 8 blocks gives every sum and shape in the given schedule.
+bool cluster_sums_match(qamw_emu::Schedule schedule) {
+  qamw_emu::set_schedule(schedule);
+  constexpr unsigned kBlocks = 2 * kClusterBlocks;
+  std::vector<float> out(kBlocks * kThreads, -1.0f);
+  std::vector<unsigned> shape(kBlocks, 0);
+  launch_clusters(cluster_sums, kBlocks, kClusterBlocks, out.data(), shape.data());
+  for (unsigned b = 0; b < kBlocks; ++b) {
+    if (shape[b] != b % kClusterBlocks + 100 * kClusterBlocks) {
+      std::printf("cluster: block %u has rank + 100 size %u\n", b, shape[b]);
+      return false;
+    }
+    const unsigned first = b - b % kClusterBlocks;
+    for (unsigned t = 0; t < kThreads; ++t) {
+      float want = 0;
+      for (unsigned r = 0; r < kClusterBlocks; ++r)
+        want += static_cast<float>((first + r) * kThreads + (t + r) % kThreads);
+      if (out[b * kThreads + t] != want) {
+        std::printf("cluster: block %u thread %u sums %g, want %g\n", b, t,
+                    out[b * kThreads + t], want);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// Whether a read of an exited peer's shared memory gives NaN in the given schedule.
+bool exited_peer_reads_nan(qamw_emu::Schedule schedule) {
+  qamw_emu::set_schedule(schedule);
+  std::vector<float> out(kThreads, 0.0f);
+  launch_clusters(reads_exited_peer, 2, 2, out.data());
+  for (float v : out)
+    if (!std::isnan(v)) return false;
+  return true;
+}
+
 std::vector<float> sums(const std::vector<float>& in, bool with_barrier,
                         qamw_emu::Schedule schedule) {
   qamw_emu::set_schedule(schedule);
@@ -162,7 +279,29 @@ int main(int argc, char** argv) {
           return 1;
         }
       }
-    std::printf("block sums match in both schedules; an overlapped launch ran; mma multiplies\n");
+    if (!cluster_sums_match(qamw_emu::Schedule::Forward) ||
+        !cluster_sums_match(qamw_emu::Schedule::Reverse))
+      return 1;
+    for (const qamw_emu::Schedule s : {qamw_emu::Schedule::Forward, qamw_emu::Schedule::Reverse}) {
+      if (!exited_peer_reads_nan(s)) {
+        std::printf("cluster: a read of an exited peer's shared memory is not NaN\n");
+        return 1;
+      }
+    }
+    // 3 SMs hold 4 blocks of 128 threads each (512 threads an SM), 1 of 512.
+    cudaLaunchAttribute dims;
+    int small = -1, large = -1;
+    cudaLaunchConfig_t config = cluster_config(8, kThreads, kClusterBlocks, dims);
+    cudaOccupancyMaxActiveClusters(&small, cluster_sums, &config);
+    config = cluster_config(8, 512, kClusterBlocks, dims);
+    cudaOccupancyMaxActiveClusters(&large, cluster_sums, &config);
+    if (small != 3 || large != 0) {
+      std::printf("cluster occupancy: %d clusters of 128 threads, %d of 512; want 3 and 0\n",
+                  small, large);
+      return 1;
+    }
+    std::printf("block sums match in both schedules; an overlapped launch ran; mma multiplies; "
+                "clusters share shared memory\n");
     return 0;
   }
   if (std::strcmp(mode, "divergent") == 0) qamw_emu::launch(divergent, 1, kThreads)(out.data());
@@ -175,6 +314,12 @@ int main(int argc, char** argv) {
     launch_overlapped_doubles(out.data(), false);
   else if (std::strcmp(mode, "mma-exited") == 0)
     qamw_emu::launch(mma_exited, 1, 32)(out.data());
+  else if (std::strcmp(mode, "cluster-exited") == 0)
+    launch_clusters(cluster_exited, 2, 2, out.data());
+  else if (std::strcmp(mode, "cluster-divergent") == 0)
+    launch_clusters(cluster_divergent, 2, 2, out.data());
+  else if (std::strcmp(mode, "cluster-shared-outside") == 0)
+    launch_clusters(cluster_shared_outside, 2, 2, out.data());
   else {
     std::printf("unknown mode %s\n", mode);
     return 2;
