@@ -130,11 +130,11 @@ namespace qamw_emu {
 
 enum class Schedule { Forward, Reverse };
 
-// The emulated device: an H100's limits with few SMs, so that persistent grids stride. Its
-// occupancy is that of the GEMV kernels on an H100, which registers (about 100 a thread, ptxas)
-// hold to two CTAs of 256 threads an SM.
+// The emulated device: an H100's limits with few SMs, so that persistent grids stride, but
+// enough for a cluster of 4 CTAs of 512 threads. Its occupancy is that of the GEMV kernels on an
+// H100, which registers (about 100 a thread, ptxas) hold to two CTAs of 256 threads an SM.
 struct Device {
-  int sms = 3;
+  int sms = 4;
   int max_threads_per_sm = 512;
   int max_blocks_per_sm = 32;
   int shared_per_sm = 228 * 1024;

@@ -288,15 +288,15 @@ int main(int argc, char** argv) {
         return 1;
       }
     }
-    // 3 SMs hold 4 blocks of 128 threads each (512 threads an SM), 1 of 512.
+    // 4 SMs hold 4 clusters of 4 blocks of 128 threads (512 threads an SM), none of 1024.
     cudaLaunchAttribute dims;
     int small = -1, large = -1;
     cudaLaunchConfig_t config = cluster_config(8, kThreads, kClusterBlocks, dims);
     cudaOccupancyMaxActiveClusters(&small, cluster_sums, &config);
-    config = cluster_config(8, 512, kClusterBlocks, dims);
+    config = cluster_config(8, 1024, kClusterBlocks, dims);
     cudaOccupancyMaxActiveClusters(&large, cluster_sums, &config);
-    if (small != 3 || large != 0) {
-      std::printf("cluster occupancy: %d clusters of 128 threads, %d of 512; want 3 and 0\n",
+    if (small != 4 || large != 0) {
+      std::printf("cluster occupancy: %d clusters of 128 threads, %d of 1024; want 4 and 0\n",
                   small, large);
       return 1;
     }
