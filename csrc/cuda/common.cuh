@@ -236,16 +236,45 @@ inline int sm_count() {
   return sms;
 }
 
-// CTAs for a persistent GEMV grid over `rows` rows: one per rows_per_cta, but no more than the
-// device holds at once (one wave; the CTAs stride over the rest).
+// Clusters of `cluster` CTAs (of `threads` threads and smem bytes, which the kernel must be
+// allowed) the device holds at once: CTAs an SM times the SMs when cluster is 1; 0 where none
+// fits.
 template <typename K>
-unsigned persistent_grid(K kernel, int threads, size_t smem, int64_t rows,
-                         int64_t rows_per_cta) {
-  const int sms = sm_count();
-  int per_sm = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  const int64_t wanted = ceil_div(rows, rows_per_cta);
-  const int64_t resident = int64_t{sms} * (per_sm > 0 ? per_sm : 1);
+int64_t resident_clusters(K kernel, int threads, size_t smem, int cluster) {
+  int resident = 0;
+  if (cluster == 1) {
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem);
+    return int64_t{resident} * sm_count();
+  }
+  cudaLaunchAttribute dims{};
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = static_cast<unsigned>(cluster);
+  dims.val.clusterDim.y = dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(cluster));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.attrs = &dims;
+  config.numAttrs = 1;
+  if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) resident = 0;
+  return resident;
+}
+
+// Whether the device can run a cluster of `cluster` CTAs of the kernel at all.
+template <typename K>
+bool clusters_fit(K kernel, int threads, size_t smem, int cluster) {
+  return allow_smem(kernel, smem) && resident_clusters(kernel, threads, smem, cluster) > 0;
+}
+
+// Units (clusters of `cluster` CTAs) of a persistent GEMV grid over `rows` rows: one per
+// rows_per_unit, but no more than the device holds at once (one wave; the units stride over the
+// rest).
+template <typename K>
+unsigned persistent_grid(K kernel, int threads, size_t smem, int64_t rows, int64_t rows_per_unit,
+                         int cluster = 1) {
+  const int64_t wanted = ceil_div(rows, rows_per_unit);
+  int64_t resident = resident_clusters(kernel, threads, smem, cluster);
+  if (resident < 1) resident = cluster == 1 ? sm_count() : 1;
   return static_cast<unsigned>(wanted < resident ? wanted : resident);
 }
 
@@ -255,7 +284,7 @@ unsigned persistent_grid(K kernel, int threads, size_t smem, int64_t rows,
 struct CtaSplit {
   int count;
   int64_t row_end[kMaxSiblings];  // cumulative, as Siblings::end
-  int cta_end[kMaxSiblings];      // cumulative CTAs
+  int cta_end[kMaxSiblings];      // cumulative CTAs (or units of them, cta_rows)
 };
 
 // The split of `grid` CTAs (a persistent grid for all m rows), and in `grid` the CTAs it takes.
@@ -287,12 +316,15 @@ struct CtaRows {
   int sibling;
   int64_t first, end, stride;
 };
-__device__ __forceinline__ CtaRows cta_rows(const CtaSplit& c, int64_t rows_per_cta) {
+// A cluster of `cluster` CTAs is one unit of the split: its CTAs share rows_per_unit rows.
+__device__ __forceinline__ CtaRows cta_rows(const CtaSplit& c, int64_t rows_per_unit,
+                                            int cluster = 1) {
+  const int unit = static_cast<int>(blockIdx.x) / cluster;
   int s = 0, cta0 = 0, cta1 = c.cta_end[0];
   int64_t row0 = 0, row1 = c.row_end[0];
 #pragma unroll
   for (int k = 1; k < kMaxSiblings; ++k) {
-    if (k < c.count && static_cast<int>(blockIdx.x) >= c.cta_end[k - 1]) {
+    if (k < c.count && unit >= c.cta_end[k - 1]) {
       s = k;
       cta0 = c.cta_end[k - 1];
       cta1 = c.cta_end[k];
@@ -300,8 +332,8 @@ __device__ __forceinline__ CtaRows cta_rows(const CtaSplit& c, int64_t rows_per_
       row1 = c.row_end[k];
     }
   }
-  return {s, row0 + (static_cast<int64_t>(blockIdx.x) - cta0) * rows_per_cta, row1,
-          int64_t{cta1 - cta0} * rows_per_cta};
+  return {s, row0 + int64_t{unit - cta0} * rows_per_unit, row1,
+          int64_t{cta1 - cta0} * rows_per_unit};
 }
 
 // Asks L2 for the 128-byte line holding p ahead of the load that needs it: the DRAM latency then
@@ -333,6 +365,48 @@ __device__ __forceinline__ void let_next_kernel_launch() {
 #endif
 }
 
+// Thread-block clusters (sm_90 and later; launch_clustered): the CTA's rank in its cluster, a
+// barrier for every thread of the cluster (cluster_sync: the writes to shared memory before it
+// are visible to every CTA of the cluster after it), and the address in CTA `rank`'s shared
+// memory of what p points to in this CTA's (distributed shared memory: a generic address that
+// plain loads read). A CTA must not exit while a peer may still read its shared memory. The
+// CUDA emulator runs the CTAs of a cluster side by side.
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+#elif defined(QAMW_CUDA_EMULATOR)
+  return qamw_emu::cluster_rank();
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(QAMW_CUDA_EMULATOR)
+  qamw_emu::sync_cluster(__FILE__, __LINE__);
+#endif
+}
+template <typename T>
+__device__ __forceinline__ T* cluster_shared(T* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint64_t peer;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(peer) : "l"(p), "r"(rank));
+  return reinterpret_cast<T*>(peer);
+#elif defined(__CUDA_ARCH__)
+  __trap();
+  return p;
+#elif defined(QAMW_CUDA_EMULATOR)
+  return static_cast<T*>(qamw_emu::cluster_shared(p, rank));
+#else
+  return p;
+#endif
+}
+
 // Whether the device is sm_<arch> or later and `kernel` was compiled from code for it (arch as
 // 90 for sm_90): what the device-specific instructions a kernel uses need.
 template <typename K>
@@ -355,34 +429,53 @@ bool overlap_allowed(K kernel) {
   return runs_as_sm(kernel, 90);
 }
 
-// kernel<<<grid, threads, smem, stream>>>(args...), overlapped with the kernel before it where
+// kernel<<<grid, threads, smem, stream>>>(args...) in clusters of `cluster` CTAs along x (1:
+// none; sm_90 and later, which the caller checks), overlapped with the kernel before it where
 // overlap_allowed. The kernel calls wait_for_prior_kernels() as described above.
 template <typename... Params, typename... Args>
-void launch_overlapped(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
-                       cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute overlap{};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
+void launch_clustered(void (*kernel)(Params...), int cluster, dim3 grid, int threads,
+                      size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attrs[2]{};
+  unsigned count = 0;
+  if (overlap_allowed(kernel)) {
+    attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attrs[count].id = cudaLaunchAttributeClusterDimension;
+    attrs[count].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attrs[count].val.clusterDim.y = 1;
+    attrs[count++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  config.attrs = &overlap;
-  config.numAttrs = overlap_allowed(kernel) ? 1 : 0;
+  config.attrs = attrs;
+  config.numAttrs = count;
   cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
+// kernel<<<grid, threads, smem, stream>>>(args...), overlapped as launch_clustered says.
+template <typename... Params, typename... Args>
+void launch_overlapped(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  launch_clustered(kernel, 1, grid, threads, smem, stream, std::forward<Args>(args)...);
+}
+
 // Launches a GEMV kernel on a persistent grid over the m rows of `siblings`: its shared memory
-// allowed, the grid sized by occupancy, the CTAs split among the siblings (p.split), overlapped
-// with the kernel before it.
+// allowed, the grid sized by occupancy, the CTAs split among the siblings (p.split) in units of
+// `cluster` CTAs (a thread-block cluster when more than 1) that share rows_per_unit rows,
+// overlapped with the kernel before it.
 template <typename Params>
 void launch_gemv(void (*kernel)(Params), int threads, size_t smem, const Siblings& siblings,
-                 int64_t m, int64_t rows_per_cta, cudaStream_t stream, Params& p) {
+                 int64_t m, int64_t rows_per_unit, cudaStream_t stream, Params& p,
+                 int cluster = 1) {
   allow_smem(kernel, smem);
-  unsigned grid = persistent_grid(kernel, threads, smem, m, rows_per_cta);
-  p.split = split_ctas(siblings, m, rows_per_cta, grid);
-  launch_overlapped(kernel, dim3(grid), threads, smem, stream, p);
+  unsigned units = persistent_grid(kernel, threads, smem, m, rows_per_unit, cluster);
+  p.split = split_ctas(siblings, m, rows_per_unit, units);
+  launch_clustered(kernel, cluster, dim3(units * cluster), threads, smem, stream, p);
 }
 
 // Code k of a packed row of `bits`-bit codes (kernels.h layout). A code straddles two words

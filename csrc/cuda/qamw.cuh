@@ -146,21 +146,25 @@ struct RotationArgs {
   int order, pow2, table;
 };
 
-// Rotates the row (with sibling `sibling`'s channel scale) into shared memory, value j at
-// dst[padded_index(j, pad_shift)]. Every thread of the CTA calls it, and the values are in
-// place when it returns.
+// Rotates values [first, first + count) of the row (with sibling `sibling`'s channel scale)
+// into shared memory, value first + j at dst[padded_index(j, pad_shift)]: whole Hadamard blocks
+// (first and count multiples of order * pow2, or count up to n), as the rotation is block-
+// diagonal. Every thread of the CTA calls it, and the values are in place when it returns.
 inline __device__ void rotate_into_shared(const RotationArgs& r, int sibling, float* dst,
-                                          int pad_shift) {
+                                          int pad_shift, int first = 0, int count = -1) {
+  if (count < 0) count = r.n;
   const float* channel_scale =
-      r.channel_scale ? r.channel_scale + int64_t{sibling} * r.n : nullptr;
+      r.channel_scale ? r.channel_scale + int64_t{sibling} * r.n + first : nullptr;
+  const int8_t* signs = r.signs ? r.signs + first : nullptr;
   int staged_bits = 0;
   with_typed_activation(r.x, r.dtype, [&](auto* xt) {
-    staged_bits = stage_activation(xt, r.n, 1, channel_scale, r.signs, r.norm, r.vec, dst, r.n,
-                                   PaddedIndex{pad_shift}, staging_bits(r.pow2, r.n));
+    staged_bits = stage_activation(xt + first, count, 1, channel_scale, signs, r.norm, r.vec,
+                                   dst, count, PaddedIndex{pad_shift},
+                                   staging_bits(r.pow2, count));
   });
   __syncthreads();
-  fwht_shared(dst, 1, r.n, r.pow2, r.n, pad_shift, staged_bits);
-  if (r.order > 1) mix_shared(dst, 1, r.n, r.order, r.pow2, r.table, r.n, pad_shift);
+  fwht_shared(dst, 1, count, r.pow2, count, pad_shift, staged_bits);
+  if (r.order > 1) mix_shared(dst, 1, count, r.order, r.pow2, r.table, count, pad_shift);
 }
 
 // Whether the tensor-core GEMV serves this call (mma_wanted) on this device: sm_80 or later,

@@ -27,6 +27,9 @@
 // and 1 (the high and low parts), so a step's B is 8 entries, read by lanes 0-7 (the others
 // hold zeros). One launch, where the rotation kernel and its fragments in global memory take
 // two.
+#include <algorithm>
+#include <numeric>
+
 #include "mma.cuh"
 #include "qamw.cuh"
 
@@ -48,6 +51,9 @@ struct MmaParams {
   int seg_log2;           // log2 of the pairs sharing one row scale (>= 5), or 30: one a row
   int64_t m;
   int kblocks;
+  // A cluster of CLUSTER CTAs shares 32 * CLUSTER rows and splits their k-blocks in `granules`
+  // runs of granule_kblocks (whole Hadamard blocks, split_runs); without one, a run of all.
+  int granules, granule_kblocks;
   const uint2* fragments;
   int64_t fragments_stride;  // entries from one sibling's fragments to the next's (0: shared)
   RotationArgs rot;          // FUSED: the activation each CTA rotates
@@ -138,25 +144,78 @@ __device__ void fragments_in_place(float* xr, int n, int kblocks) {
   __syncthreads();
 }
 
-// NT: 8-column B tiles, each 4 batch rows (high and low parts); WARPS: mma_warps.
-template <int BITS, int NT, int WARPS, bool SCALED, bool FUSED>
+// Ends a row step of a cluster that splits the k-blocks of its 32 * cluster rows (batch 1): the
+// CTA adds its warps' sums of each 32-row tile, then CTA r adds the cluster's sums of tile r,
+// read from every CTA's shared memory (partial_s, 32 * cluster floats), and stores them. Every
+// thread calls it.
+template <int WARPS, int CLUSTER>
+__device__ void store_cluster_sums(const float (&acc)[kMmaGroups][1], float* sums_s,
+                                   float* partial_s, int64_t row0, int64_t end, void* out,
+                                   DType dtype) {
+  constexpr int kTileWarps = WARPS / CLUSTER;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < kMmaGroups; ++i) sums_s[(warp * kMmaGroups + i) * 32 + lane] = acc[i][0];
+  __syncthreads();
+  for (int o = threadIdx.x; o < kMmaRowsPerCta * CLUSTER; o += 32 * WARPS) {
+    const int tile = o / kMmaRowsPerCta, r = o % kMmaRowsPerCta;
+    const int i = r / 8, src = (r % 8) * 4;  // lane (g, 0) holds batch row 0 of row g
+    float y = 0.0f;
+#pragma unroll
+    for (int v = tile * kTileWarps; v < (tile + 1) * kTileWarps; ++v)
+      y += sums_s[(v * kMmaGroups + i) * 32 + src];
+    partial_s[o] = y;
+  }
+  cluster_sync();
+  if (threadIdx.x < kMmaRowsPerCta) {
+    const int r = threadIdx.x;
+    const unsigned rank = cluster_rank();
+    float y = 0.0f;
+#pragma unroll
+    for (int q = 0; q < CLUSTER; ++q)
+      y += cluster_shared(partial_s, q)[rank * kMmaRowsPerCta + r];
+    const int64_t row = row0 + rank * kMmaRowsPerCta + r;
+    if (row < end) store_from_float(out, dtype, row, y);
+  }
+  cluster_sync();  // every peer has read partial_s before the next rows write it, or CTAs exit
+}
+
+// NT: 8-column B tiles, each 4 batch rows (high and low parts); WARPS: mma_warps; CLUSTER: CTAs
+// of a thread-block cluster that split the k-blocks of 32 * CLUSTER rows (FUSED, or 1).
+template <int BITS, int NT, int WARPS, bool SCALED, bool FUSED, int CLUSTER>
 __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
     qamw_gemv_mma_kernel(MmaParams p) {
+  static_assert(CLUSTER == 1 || (FUSED && WARPS % CLUSTER == 0));
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta);
-  // The lane's row of group i (of 8 rows) in the CTA's rows from row0.
-  const auto lane_row = [&](int64_t row0, int i) { return row0 + 8 * i + g; };
+  // The CTA's k-blocks [kb_first, kb_end): runs [r * granules / CLUSTER, (r + 1) * granules /
+  // CLUSTER) at rank r; its warps split among the cluster's row tiles, kTileWarps a tile.
+  constexpr int kTileWarps = WARPS / CLUSTER;
+  const int tile = warp / kTileWarps, kb_warp = warp % kTileWarps;
+  int kb_first = 0, kb_end = p.kblocks;
+  if constexpr (CLUSTER > 1) {
+    const int rank = static_cast<int>(cluster_rank());
+    kb_first = rank * p.granules / CLUSTER * p.granule_kblocks;
+    const int kb_last = (rank + 1) * p.granules / CLUSTER * p.granule_kblocks;
+    if (kb_last < kb_end) kb_end = kb_last;
+  }
+  const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta * CLUSTER, CLUSTER);
+  // The lane's row of group i (of 8 rows) in the warp's tile of the rows from row0.
+  const auto lane_row = [&](int64_t row0, int i) {
+    return row0 + kMmaRowsPerCta * tile + 8 * i + g;
+  };
 #pragma unroll
-  for (int i = 0; i < kMmaGroups; ++i) prefetch_run<BITS>(p, lane_row(rows.first, i), warp, t);
+  for (int i = 0; i < kMmaGroups; ++i)
+    prefetch_run<BITS>(p, lane_row(rows.first, i), kb_first + kb_warp, t);
   wait_for_prior_kernels();
 
   static_assert(!FUSED || NT == 1, "a fused rotation serves a batch of one");
   const int copies_log2 = p.copies_log2;
   uint2* cb_s = reinterpret_cast<uint2*>(smem_raw);
   float* sums_s = reinterpret_cast<float*>(smem_raw + (sizeof(uint2) << (BITS + copies_log2)));
-  // FUSED: the rotated activation, after the sums.
-  uint2* b_s = reinterpret_cast<uint2*>(sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float));
+  // FUSED: the CTA's sums for its cluster's tiles, then its k-blocks of the rotated activation.
+  float* partial_s = sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float);
+  uint2* b_s = reinterpret_cast<uint2*>(partial_s + (CLUSTER > 1 ? kMmaRowsPerCta * CLUSTER : 0));
 #pragma unroll 4
   for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
     const int e = i >> copies_log2;
@@ -164,8 +223,11 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
     cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
   }
   if constexpr (FUSED) {
-    rotate_into_shared(p.rot, rows.sibling, reinterpret_cast<float*>(b_s), kNoPadding);
-    fragments_in_place<32 * WARPS>(reinterpret_cast<float*>(b_s), p.rot.n, p.kblocks);
+    const int first = kb_first * 2 * kBlockPairs, end = kb_end * 2 * kBlockPairs;
+    const int count = (end < p.rot.n ? end : p.rot.n) - first;
+    rotate_into_shared(p.rot, rows.sibling, reinterpret_cast<float*>(b_s), kNoPadding, first,
+                       count);
+    fragments_in_place<32 * WARPS>(reinterpret_cast<float*>(b_s), count, kb_end - kb_first);
   }
   __syncthreads();
   const LaneCopy<uint2> codebook(cb_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
@@ -175,7 +237,7 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
 
   for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
     float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += WARPS) {
+    for (int kb = kb_first + kb_warp; kb < kb_end; kb += kTileWarps) {
       uint32_t w[kMmaGroups][BITS];
       float scale[kMmaGroups];
       // The segment of the lane's run (the k-block's, unless SCALED); past n, none.
@@ -189,18 +251,19 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
                        : 0.0f;
       }
       // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + WARPS >= p.kblocks;
+      const bool last = kb + kTileWarps >= kb_end;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
         prefetch_run<BITS>(p, lane_row(last ? row0 + rows.stride : row0, i),
-                           last ? warp : kb + WARPS, t);
+                           last ? kb_first + kb_warp : kb + kTileWarps, t);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kSteps * NT * 32;
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
         uint32_t b[NT][2];
         if constexpr (FUSED) {
-          const uint2 v = g < 2 ? b_lane[8 * (kb * kSteps + s)] : make_uint2(0u, 0u);
+          const uint2 v =
+              g < 2 ? b_lane[8 * ((kb - kb_first) * kSteps + s)] : make_uint2(0u, 0u);
           b[0][0] = v.x;
           b[0][1] = v.y;
         } else {
@@ -227,7 +290,11 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
       }
       add_scaled_block<NT>(acc, part, scale);
     }
-    store_row_sums<NT, WARPS>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
+    if constexpr (CLUSTER > 1)
+      store_cluster_sums<WARPS, CLUSTER>(acc, sums_s, partial_s, row0, rows.end, p.out, p.dtype);
+    else
+      store_row_sums<NT, WARPS>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out,
+                                p.dtype);
   }
 }
 
@@ -250,9 +317,31 @@ int64_t kblock_values(const QamwWeight& w) { return int64_t{kblocks_of(w)} * 2 *
 // Whether a FUSED CTA holds the rotated activation of the weight's k-blocks.
 bool rotation_fits(const QamwWeight& w) { return kblock_values(w) <= kFusedValues; }
 
+// The runs of whole Hadamard blocks a cluster splits a FUSED GEMV's k-blocks in: each
+// granule_kblocks k-blocks (the least multiple of a k-block that holds whole blocks), granules
+// of them up to the last k-block.
+void split_runs(const QamwWeight& w, const RotationArgs& rot, MmaParams& p) {
+  const int64_t kblock = 2 * kBlockPairs, block = int64_t{rot.order} * rot.pow2;
+  p.granule_kblocks = static_cast<int>(std::lcm(kblock, block) / kblock);
+  p.granules = static_cast<int>(ceil_div(kblocks_of(w), p.granule_kblocks));
+}
+
+// CTAs a cluster of the FUSED GEMV takes: kFusedCluster where the weight has that many runs
+// (split_runs) on sm_90 and later, else 1. Each CTA rotates only its runs of the activation (the
+// rotation is block-diagonal), so a layer's CTAs rotate it once per 32 * kFusedCluster rows, not
+// once per 32. QAMW_GEMV_CLUSTER=0 takes 1, for side-by-side benchmarks; read at each launch, as
+// QAMW_GEMV_MMA is.
+constexpr int kFusedCluster = 4;
+template <typename K>
+int fused_cluster(const MmaParams& p, K kernel) {
+  const char* env = std::getenv("QAMW_GEMV_CLUSTER");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return 1;
+  return p.granules >= kFusedCluster && runs_as_sm(kernel, 90) ? kFusedCluster : 1;
+}
+
 // Launches the kernel for `batch` rows with B from `fragments` (of `rotations` activations), or
-// (FUSED, batch 1) rotated by each CTA; false when FUSED finds no room for the rotated
-// activation beside one codebook copy.
+// (FUSED, batch 1) rotated by each CTA, or each CTA of a cluster its share; false when FUSED
+// finds no room for the rotated activation beside one codebook copy.
 bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* fragments,
                 const RotationArgs* fused, void* out, DType dtype, cudaStream_t stream) {
   const int tiles = fragment_tiles(batch);
@@ -266,48 +355,70 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   p.seg_log2 = w.scales_per_row == 1 ? 30 : log2_of(w.n / 2 / w.scales_per_row);
   p.m = w.m;
   p.kblocks = kblocks_of(w);
+  p.granules = 1;
+  p.granule_kblocks = p.kblocks;
   p.fragments = fragments;
   p.fragments_stride = rotations > 1 ? fragment_entries<kRunCodes>(w.n, batch) : 0;
-  if (fused) p.rot = *fused;
+  if (fused) {
+    p.rot = *fused;
+    split_runs(w, *fused, p);
+  }
   p.batch = static_cast<int>(batch);
   p.out = out;
   p.dtype = dtype;
   if (fused && !rotation_fits(w)) return false;
   const int warps = mma_warps(tiles, w.m, w.bits);
-  // Beside the codebook copies: the warps' sums, and (FUSED) the activation, as floats and
-  // then as B entries, 4 bytes a value of the k-blocks.
-  const int64_t beside = mma_sums_bytes(warps, tiles) + (fused ? 4 * kblock_values(w) : 0);
-  // The copies take what the rest leaves of half an SM's shared memory where two CTAs share an
-  // SM and one copy fits so, else of a whole SM's.
-  int copies = mma_ctas_per_sm(warps, tiles) == 2
-                   ? codebook_copies(w.bits, sizeof(uint2), shared_per_block_two_an_sm() - beside)
-                   : 0;
-  if (copies == 0)
-    copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
-  if (copies == 0) {
-    if (fused) return false;
-    copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
-  }
-  p.copies_log2 = log2_of(copies);
-  const size_t smem = (sizeof(uint2) * copies << w.bits) + beside;
+  // The dynamic shared memory for clusters of `cluster` CTAs, its codebook copies in p; 0 where
+  // FUSED finds no room. Beside the copies: the warps' sums, and (FUSED) the cluster's partial
+  // sums and the CTA's k-blocks of the activation, as floats and then as B entries, 4 bytes a
+  // value.
+  const auto plan = [&](int cluster) -> size_t {
+    const int64_t values = ceil_div(p.granules, cluster) * p.granule_kblocks * 2 * kBlockPairs;
+    const int64_t partial = cluster > 1 ? 4 * kMmaRowsPerCta * cluster : 0;
+    const int64_t beside = mma_sums_bytes(warps, tiles) +
+                           (fused ? partial + 4 * std::min(values, kblock_values(w)) : 0);
+    // The copies take what the rest leaves of half an SM's shared memory where two CTAs share
+    // an SM and one copy fits so, else of a whole SM's.
+    int copies = mma_ctas_per_sm(warps, tiles) == 2
+                     ? codebook_copies(w.bits, sizeof(uint2), shared_per_block_two_an_sm() - beside)
+                     : 0;
+    if (copies == 0)
+      copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
+    if (copies == 0) {
+      if (fused) return 0;
+      copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
+    }
+    p.copies_log2 = log2_of(copies);
+    return (sizeof(uint2) * copies << w.bits) + beside;
+  };
+  int cluster = fused ? fused_cluster(p, qamw_gemv_mma_kernel<8, 1, 8, false, true, 1>) : 1;
+  size_t smem = plan(cluster);
+  if (smem == 0) return false;
   const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
       constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
       dispatch_warps<kNt>(warps, [&](auto wp) {
         constexpr int kWarps = decltype(wp)::value;
-        const auto launch = [&](auto kernel) {
-          launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta, stream, p);
+        const auto launch = [&](void (*kernel)(MmaParams)) {
+          launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta * cluster,
+                      stream, p, cluster);
         };
         if constexpr (kNt == 1) {
-          if (fused) {
-            if (scaled) launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true>);
-            else launch(qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true>);
-            return;
+          if (fused && cluster > 1) {
+            constexpr int kC = kFusedCluster;
+            const auto kernel = scaled ? qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true, kC>
+                                       : qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true, kC>;
+            if (clusters_fit(kernel, 32 * kWarps, smem, cluster)) return launch(kernel);
+            cluster = 1;  // the device cannot hold such a cluster at all
+            smem = plan(1);
           }
+          if (fused)
+            return launch(scaled ? qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true, 1>
+                                 : qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true, 1>);
         }
-        if (scaled) launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false>);
-        else launch(qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false>);
+        launch(scaled ? qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false, 1>
+                      : qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false, 1>);
       });
     });
   });
@@ -336,7 +447,8 @@ bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
   // v12). At 7 bits (runs of odd word counts: 4-byte loads) and 11 (conflicting lookups) it
   // was slower; the widths not measured keep the CUDA-core kernel.
   const int from = w.bits == 8 && rotation_fits(w) ? 1 : 2;
-  return mma_wanted(batch, from) && mma_allowed(qamw_gemv_mma_kernel<8, 1, 8, false, false>);
+  return mma_wanted(batch, from) &&
+         mma_allowed(qamw_gemv_mma_kernel<8, 1, 8, false, false, 1>);
 }
 
 }  // namespace qamw::cuda

@@ -153,12 +153,19 @@ void test_pack() {
 
 // Calls f(setting) with each GEMV kernel family forced (QAMW_GEMV_MMA=0: CUDA cores, =1:
 // tensor cores where the weight allows), so that both run at every batch; the default takes
-// one of the two (mma_wanted).
+// one of the two (mma_wanted). With `clusters` (QAM-W at batch 1) tensor cores run twice: in
+// clusters of CTAs that split the k-blocks where the weight allows, and each CTA alone
+// (QAMW_GEMV_CLUSTER=0).
 template <typename F>
-void for_each_gemv_family(F&& f) {
+void for_each_gemv_family(bool clusters, F&& f) {
   for (const char* setting : {"0", "1"}) {
     setenv("QAMW_GEMV_MMA", setting, 1);
     f(setting);
+  }
+  if (clusters) {
+    setenv("QAMW_GEMV_CLUSTER", "0", 1);
+    f("1, QAMW_GEMV_CLUSTER=0");
+    unsetenv("QAMW_GEMV_CLUSTER");
   }
   unsetenv("QAMW_GEMV_MMA");
 }
@@ -196,7 +203,7 @@ void test_qamw() {
       {8, 21, 320, 64, true, true, false, {2, 5}},
       {6, 17, 384, 128, true, false, false, {1, 9}},
       {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
-      {7, 260, 2048, 256, true, true, false, {1, 3}},       // 9 CTAs on 6 slots: grids stride
+      {7, 260, 2048, 256, true, true, false, {1, 3}},       // 9 CTAs on 8 slots: grids stride
       // Blocks whose tile exceeds 99 KiB: the global-memory rotation on the small device.
       {8, 4, 28672, 28672, false, true, false, {1, 2}},     // 28 * 1024
       {11, 3, 32768, 32768, false, true, false, {1}},
@@ -210,6 +217,13 @@ void test_qamw() {
       {9, 7, 28672, 28672, false, true, false, {1}, {3, 4}},  // rotated in global memory
       {7, 64, 512, 64, false, false, false, {1, 2}, {32, 32}},  // no channel scale
       {6, 41, 8192, 8192, false, false, false, {3}, {21, 20}},  // nor in the workspace
+      // Batch 1 on tensor cores in clusters of 4 CTAs, each rotating its runs of whole blocks
+      // (the 256 values of a k-block, or lcm(256, block)): 2304 values of 36 * 16 each; 6 runs
+      // split 1, 2, 1, 2; 5 runs, the last k-block partial; a cluster's 128 rows past m.
+      {8, 50, 9216, 576, false, true, false, {1}},
+      {8, 70, 1536, 256, true, true, false, {1}},
+      {6, 3, 1088, 64, true, true, true, {1}},
+      {4, 130, 1024, 32, false, false, false, {1}, {100, 30}},
   };
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2;
@@ -233,7 +247,7 @@ void test_qamw() {
                              c.scaled ? signs.data() : nullptr, c.block, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        for_each_gemv_family([&](const char* mma) {
+        for_each_gemv_family(batch == 1, [&](const char* mma) {
           // `unaligned`: the activation starts one element in too (the scalar staging path).
           std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(w, batch), NAN);
           const double err = gemv_difference(
@@ -284,7 +298,7 @@ void test_aaac() {
       {16, 29, 384, qamw::ScaleType::F8E4M3, false, false, {1, 2, 8}},
       {64, 35, 256, qamw::ScaleType::F16, false, false, {3, 16}},
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
-      {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 6 slots: strides
+      {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 8 slots: strides
       // Fused siblings with their own codebooks, tensor and channel scales.
       {64, 97, 1024, qamw::ScaleType::F16, true, false, {1, 3}, {64, 17, 16}},
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 16}, {1, 296, 2, 1}},
@@ -311,7 +325,7 @@ void test_aaac() {
                              c.scaled ? channel.data() : nullptr, c.group, c.m, c.n, siblings};
     for (const qamw::DType d : kDtypes) {
       for (const int64_t batch : c.batches) {
-        for_each_gemv_family([&](const char* mma) {
+        for_each_gemv_family(false, [&](const char* mma) {
           std::vector<float> workspace(qamw::cuda::aaac_gemv_workspace_floats(w, batch), NAN);
           const double err = gemv_difference(
               d, batch, c.m, c.n, off,
