@@ -57,6 +57,12 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
             below = r["batch"] < bench_ops.MMA_FROM_BATCH.get(r["codec"], 2)
             assert r["other_kernel"] == ("tensor cores" if below else "CUDA cores")
             assert positive(r["other_kernel_ms"]) and positive(r["other_kernel_speedup_vs_dense"])
+        # QAM-W's batch 1 on tensor cores, in clusters and alone
+        assert ("mma_cluster_ms" in r) == (r["batch"] == 1 and r["codec"].startswith("qamw"))
+        if "mma_cluster_ms" in r:
+            assert positive(r["mma_alone_ms"]) and positive(r["cluster_speedup"])
+            on_mma = r["other_kernel"] == "CUDA cores"   # tensor cores by default
+            assert r["mma_cluster_ms"] == (r["ms"] if on_mma else r["other_kernel_ms"])
         m, n = r["shape"]
         io = r["batch"] * (m + n) * 2     # fp16 / bf16 activation and output
         assert r["dense_bytes"] == m * n * 2 + io
@@ -77,6 +83,7 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
     table = (tmp_path / "ops.md").read_text()
     for heading in ("## GEMV, batch 1", "without programmatic dependent launch",
                     "## GEMV, batches > 1", "## GEMV: tensor-core and CUDA-core kernels",
+                    "CTAs in clusters or alone",
                     "## Block Hadamard", "## Targets"):
         assert heading in table
 
