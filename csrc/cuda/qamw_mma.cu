@@ -26,7 +26,9 @@
 // kernel does, and rewrites it in place as its B registers: a batch of one has only columns 0
 // and 1 (the high and low parts), so a step's B is 8 entries, read by lanes 0-7 (the others
 // hold zeros). One launch, where the rotation kernel and its fragments in global memory take
-// two.
+// two. On sm_90 the CTAs of a FUSED launch run in thread-block clusters of 4 (CLUSTER) that
+// share 128 rows and split their k-blocks in runs of whole Hadamard blocks, so that each CTA
+// rotates a quarter of the activation; the partial sums meet in distributed shared memory.
 #include <algorithm>
 #include <numeric>
 
