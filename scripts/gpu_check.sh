@@ -114,9 +114,10 @@ step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py -
 # the linears), then the whole step in a CUDA graph. The rows are written as they come, the
 # ones the targets need first (+fused: the conversion with fuse_siblings=true; +head=qamw-5.5:
 # lm_head quantized too, at 5.5 bpw; +nopdl: the GEMVs launched without programmatic dependent
-# launch; +gluepdl: Inductor's glue launched with it too; +mma: the GEMVs on tensor cores).
+# launch; +gluepdl: Inductor's glue launched with it too; +mma: the GEMVs on tensor cores;
+# +alone: QAM-W's batch-1 tensor-core GEMVs without clusters of CTAs).
 step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compile \
-  --configs bf16,qamw-4+fused,qamw-4+fused+head=qamw-5.5,qamw-4+fused+mma,aaac-int4+fused,qamw-5.5+fused,qamw-5.5+fused+mma,aaac-int4+fused+mma,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
+  --configs bf16,qamw-4+fused,qamw-4+fused+alone,qamw-4+fused+head=qamw-5.5,qamw-4+fused+mma,aaac-int4+fused,qamw-5.5+fused,qamw-5.5+fused+mma,aaac-int4+fused+mma,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
   --out "$out/decode_cuda.json"
 # Where each batch-1 GEMV's warps wait (stall reasons) and how often its schedulers issue: what
 # bounds the kernels beyond bytes. Last, in whatever time is left. This step and `ncu` profile

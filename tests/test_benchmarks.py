@@ -211,11 +211,12 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
     assert with_head["bytes"]["lm_head"] > rows["qamw-4+fused"]["bytes"]["lm_head"] * 5.5 / 16
     assert bench_decode.parse_config("aaac-int4+head+fused") == (
         "aaac-int4", {"fused": True, "head": "aaac-int4", "pdl": True, "glue_pdl": False,
-                      "mma": False})
-    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl+mma") == (
-        "qamw-4", {"fused": True, "head": None, "pdl": False, "glue_pdl": True, "mma": True})
+                      "mma": False, "clusters": True})
+    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl+mma+alone") == (
+        "qamw-4", {"fused": True, "head": None, "pdl": False, "glue_pdl": True, "mma": True,
+                   "clusters": False})
     for bad in ("bf16+head", "qamw-4+head=bf16", "qamw-4+fast", "int4", "qamw-4+fused=1",
-                "qamw-4+nopdl=1", "qamw-4+mma=1"):
+                "qamw-4+nopdl=1", "qamw-4+mma=1", "qamw-4+alone=1"):
         with pytest.raises(ValueError, match="unknown config"):
             bench_decode.parse_config(bad)
     assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
@@ -321,6 +322,16 @@ def test_bench_decode_mma_times_with_tensor_core_gemvs(monkeypatch, tmp_path, on
                                              "QAMW_GEMV_MMA")
     assert seen == ["1", None] and "QAMW_GEMV_MMA" not in os.environ
     assert [r["mma"] for r in rows] == [True, False]
+
+
+def test_bench_decode_alone_times_without_clusters(monkeypatch, tmp_path, one_thread):
+    """+alone: QAMW_GEMV_CLUSTER=0 while the config is built, compiled and timed, and the
+    environment as it was afterwards."""
+    monkeypatch.delenv("QAMW_GEMV_CLUSTER", raising=False)
+    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path, "qamw-4+fused+alone,qamw-4",
+                                             "QAMW_GEMV_CLUSTER")
+    assert seen == ["0", None] and "QAMW_GEMV_CLUSTER" not in os.environ
+    assert [r["clusters"] for r in rows] == [False, True]
 
 
 def test_bench_decode_nopdl_times_with_plain_launches(monkeypatch, tmp_path, one_thread):
