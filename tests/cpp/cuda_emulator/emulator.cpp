@@ -273,6 +273,21 @@ void run_cluster(ClusterRun& c) {
   }
 }
 
+// Records where the first thread to arrive at a barrier waits (`arrived` before it is 0); a
+// later one waiting elsewhere is an error, `barriers` naming the kind.
+void check_barrier_place(int arrived, const char*& place_file, int& place_line, const char* file,
+                         int line, const char* barriers) {
+  if (arrived == 0) {
+    place_file = file;
+    place_line = line;
+  } else if (place_line != line || std::strcmp(place_file, file) != 0) {
+    char what[512];
+    std::snprintf(what, sizeof what, "threads wait at different %s: %s:%d and %s:%d", barriers,
+                  place_file, place_line, file, line);
+    fail(what);
+  }
+}
+
 }  // namespace
 
 Device& device() {
@@ -285,15 +300,7 @@ void set_schedule(Schedule s) { g_schedule = s; }
 void sync_block(const char* file, int line) {
   BlockRun& r = *g_run;
   if (r.done > 0) fail("__syncthreads reached after another thread of the block exited");
-  if (r.arrived == 0) {
-    r.barrier_file = file;
-    r.barrier_line = line;
-  } else if (r.barrier_line != line || std::strcmp(r.barrier_file, file) != 0) {
-    char what[512];
-    std::snprintf(what, sizeof what, "threads wait at different __syncthreads: %s:%d and %s:%d",
-                  r.barrier_file, r.barrier_line, file, line);
-    fail(what);
-  }
+  check_barrier_place(r.arrived, r.barrier_file, r.barrier_line, file, line, "__syncthreads");
   r.threads[r.current].state = State::AtBarrier;
   if (++r.arrived == static_cast<int>(blockDim.x * blockDim.y * blockDim.z)) release_barrier(r);
   yield();
@@ -406,15 +413,7 @@ unsigned cluster_size() { return static_cast<unsigned>(g_cluster->blocks.size())
 void sync_cluster(const char* file, int line) {
   ClusterRun& c = *g_cluster;
   if (c.done > 0) fail("cluster barrier reached after a thread of the cluster exited");
-  if (c.arrived == 0) {
-    c.barrier_file = file;
-    c.barrier_line = line;
-  } else if (c.barrier_line != line || std::strcmp(c.barrier_file, file) != 0) {
-    char what[512];
-    std::snprintf(what, sizeof what, "threads wait at different cluster barriers: %s:%d and %s:%d",
-                  c.barrier_file, c.barrier_line, file, line);
-    fail(what);
-  }
+  check_barrier_place(c.arrived, c.barrier_file, c.barrier_line, file, line, "cluster barriers");
   g_run->threads[g_run->current].state = State::AtClusterBarrier;
   const size_t cluster_threads = c.blocks.size() * c.blocks[0].threads.size();
   if (++c.arrived == static_cast<int>(cluster_threads)) {
