@@ -260,10 +260,15 @@ int64_t resident_clusters(K kernel, int threads, size_t smem, int cluster) {
   return resident;
 }
 
-// Whether the device can run a cluster of `cluster` CTAs of the kernel at all.
-template <typename K>
-bool clusters_fit(K kernel, int threads, size_t smem, int cluster) {
-  return allow_smem(kernel, smem) && resident_clusters(kernel, threads, smem, cluster) > 0;
+// Waves of a persistent GEMV grid over the rows of `siblings` (m rows in all) in units of
+// rows_per_unit, `resident` units at once: each sibling's rows take whole units.
+inline int64_t gemv_waves(const Siblings& siblings, int64_t m, int64_t rows_per_unit,
+                          int64_t resident) {
+  int64_t units = 0;
+  for (int s = 0; s < siblings.count; ++s)
+    units += ceil_div((siblings.count == 1 ? m : siblings.end[s]) - siblings.begin(s),
+                      rows_per_unit);
+  return ceil_div(units, resident > 0 ? resident : 1);
 }
 
 // Units (clusters of `cluster` CTAs) of a persistent GEMV grid over `rows` rows: one per

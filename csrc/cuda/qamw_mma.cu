@@ -328,17 +328,17 @@ void split_runs(const QamwWeight& w, const RotationArgs& rot, MmaParams& p) {
   p.granules = static_cast<int>(ceil_div(kblocks_of(w), p.granule_kblocks));
 }
 
-// CTAs a cluster of the FUSED GEMV takes: kFusedCluster where the weight has that many runs
-// (split_runs) on sm_90 and later, else 1. Each CTA rotates only its runs of the activation (the
-// rotation is block-diagonal), so a layer's CTAs rotate it once per 32 * kFusedCluster rows, not
+// The most CTAs a cluster of the FUSED GEMV may take: 4, or 2 where the weight has 2 or 3 runs
+// (split_runs), on sm_90 and later; else 1. Each CTA rotates only its runs of the activation
+// (the rotation is block-diagonal), so a layer's CTAs rotate it once per 32 * cluster rows, not
 // once per 32. QAMW_GEMV_CLUSTER=0 takes 1, for side-by-side benchmarks; read at each launch, as
 // QAMW_GEMV_MMA is.
-constexpr int kFusedCluster = 4;
 template <typename K>
 int fused_cluster(const MmaParams& p, K kernel) {
   const char* env = std::getenv("QAMW_GEMV_CLUSTER");
   if (env != nullptr && std::strcmp(env, "0") == 0) return 1;
-  return p.granules >= kFusedCluster && runs_as_sm(kernel, 90) ? kFusedCluster : 1;
+  if (!runs_as_sm(kernel, 90)) return 1;
+  return p.granules >= 4 ? 4 : p.granules >= 2 ? 2 : 1;
 }
 
 // Launches the kernel for `batch` rows with B from `fragments` (of `rotations` activations), or
@@ -393,34 +393,50 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
     p.copies_log2 = log2_of(copies);
     return (sizeof(uint2) * copies << w.bits) + beside;
   };
-  int cluster = fused ? fused_cluster(p, qamw_gemv_mma_kernel<8, 1, 8, false, true, 1>) : 1;
-  size_t smem = plan(cluster);
+  const int most = fused ? fused_cluster(p, qamw_gemv_mma_kernel<8, 1, 8, false, true, 1>) : 1;
+  size_t smem = plan(most);
   if (smem == 0) return false;
+  // Whether the device holds clusters of `cluster` CTAs of `clustered` at all, and they take no
+  // more waves of the persistent grid than the CTAs of `alone`: the SMs of a GPC that no whole
+  // cluster fills stay idle, which at one CTA an SM (a 4096-row layer) could add a wave. Leaves
+  // p planned for the clusters.
+  const auto clusters_pay = [&](auto clustered, auto alone, int threads, int cluster) {
+    const size_t smem_alone = plan(1), smem_clustered = plan(cluster);
+    if (!allow_smem(alone, smem_alone) || !allow_smem(clustered, smem_clustered)) return false;
+    const int64_t rows = kMmaRowsPerCta, resident =
+        resident_clusters(clustered, threads, smem_clustered, cluster);
+    return resident > 0 &&
+           gemv_waves(w.siblings, w.m, rows * cluster, resident) <=
+               gemv_waves(w.siblings, w.m, rows, resident_clusters(alone, threads, smem_alone, 1));
+  };
   const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
       constexpr int kBits = decltype(bits)::value, kNt = decltype(nt)::value;
       dispatch_warps<kNt>(warps, [&](auto wp) {
         constexpr int kWarps = decltype(wp)::value;
-        const auto launch = [&](void (*kernel)(MmaParams)) {
-          launch_gemv(kernel, 32 * kWarps, smem, w.siblings, w.m, kMmaRowsPerCta * cluster,
-                      stream, p, cluster);
+        constexpr int kThreads = 32 * kWarps;
+        const auto launch = [&](void (*kernel)(MmaParams), size_t bytes, int cluster) {
+          launch_gemv(kernel, kThreads, bytes, w.siblings, w.m, kMmaRowsPerCta * cluster, stream,
+                      p, cluster);
         };
         if constexpr (kNt == 1) {
-          if (fused && cluster > 1) {
-            constexpr int kC = kFusedCluster;
-            const auto kernel = scaled ? qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true, kC>
-                                       : qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true, kC>;
-            if (clusters_fit(kernel, 32 * kWarps, smem, cluster)) return launch(kernel);
-            cluster = 1;  // the device cannot hold such a cluster at all
-            smem = plan(1);
+          if (fused) {
+            // Clusters of 4 CTAs, or of 2, where they pay; else each CTA alone.
+            const auto kernel = [&](auto cluster) {
+              constexpr int kC = decltype(cluster)::value;
+              return scaled ? qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true, kC>
+                            : qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true, kC>;
+            };
+            if (most >= 4 && clusters_pay(kernel(IntC<4>{}), kernel(IntC<1>{}), kThreads, 4))
+              return launch(kernel(IntC<4>{}), plan(4), 4);
+            if (most >= 2 && clusters_pay(kernel(IntC<2>{}), kernel(IntC<1>{}), kThreads, 2))
+              return launch(kernel(IntC<2>{}), plan(2), 2);
+            return launch(kernel(IntC<1>{}), plan(1), 1);
           }
-          if (fused)
-            return launch(scaled ? qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true, 1>
-                                 : qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true, 1>);
         }
         launch(scaled ? qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false, 1>
-                      : qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false, 1>);
+                      : qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false, 1>, smem, 1);
       });
     });
   });
