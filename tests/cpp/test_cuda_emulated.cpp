@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <utility>
 #include <cstdio>
 #include <vector>
@@ -188,7 +189,16 @@ qamw::Siblings siblings_of(const std::vector<int64_t>& rows, int64_t m) {
   return s;
 }
 
+// Launches in clusters of 2 or more CTAs so far.
+int64_t cluster_launches() {
+  int64_t count = 0;
+  for (unsigned blocks = 2; blocks <= 8; ++blocks) count += qamw_emu::cluster_launches(blocks);
+  return count;
+}
+
 void test_qamw() {
+  const int64_t clusters_of_4 = qamw_emu::cluster_launches(4);
+  const int64_t clusters_of_2 = qamw_emu::cluster_launches(2);
   const QamwCase cases[] = {
       {4, 37, 256, 256, false, true, false, {1, 2, 3}},
       {5, 70, 1024, 128, true, true, false, {1, 4, 16}},
@@ -250,6 +260,7 @@ void test_qamw() {
         for_each_gemv_family(batch == 1, [&](const char* mma) {
           // `unaligned`: the activation starts one element in too (the scalar staging path).
           std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(w, batch), NAN);
+          const int64_t clusters_before = cluster_launches();
           const double err = gemv_difference(
               d, batch, c.m, c.n, off,
               [&](const void* x, void* y) {
@@ -259,6 +270,11 @@ void test_qamw() {
           EXPECT(err < tolerance(d), "qamw_gemv bits=%d m=%lld n=%lld block=%lld batch=%lld dtype %d siblings %d QAMW_GEMV_MMA=%s: error %g",
                  c.bits, (long long)c.m, (long long)c.n, (long long)c.block, (long long)batch,
                  int(d), siblings.count, mma, err);
+          // Clusters only on tensor cores at batch 1, and not when switched off.
+          const bool may_cluster = batch == 1 && std::strcmp(mma, "1") == 0;
+          EXPECT(may_cluster || cluster_launches() == clusters_before,
+                 "qamw_gemv bits=%d m=%lld n=%lld batch=%lld QAMW_GEMV_MMA=%s: clusters",
+                 c.bits, (long long)c.m, (long long)c.n, (long long)batch, mma);
         });
       }
       const double err = dequantize_difference(
@@ -272,6 +288,9 @@ void test_qamw() {
              c.bits, (long long)c.n, (long long)c.block, int(d), err);
     }
   }
+  // The launcher chose clusters of 4 and of 2 for some of the weights above.
+  EXPECT(qamw_emu::cluster_launches(4) > clusters_of_4, "no QAM-W GEMV ran in clusters of 4");
+  EXPECT(qamw_emu::cluster_launches(2) > clusters_of_2, "no QAM-W GEMV ran in clusters of 2");
 }
 
 struct AaacCase {

@@ -106,6 +106,7 @@ struct ClusterRun {
 };
 
 Schedule g_schedule = Schedule::Forward;
+int64_t g_cluster_launches[kMaxClusterBlocks + 1] = {};  // by blocks a cluster
 ClusterRun* g_cluster = nullptr;
 BlockRun* g_run = nullptr;  // the block of the running thread
 std::map<const void*, int> g_max_dynamic_shared;
@@ -408,6 +409,10 @@ void* dynamic_shared_memory() { return g_run->shared.get(); }
 
 unsigned cluster_rank() { return g_run->rank; }
 
+int64_t cluster_launches(unsigned blocks) {
+  return blocks >= 2 && blocks <= kMaxClusterBlocks ? g_cluster_launches[blocks] : 0;
+}
+
 unsigned cluster_size() { return static_cast<unsigned>(g_cluster->blocks.size()); }
 
 void sync_cluster(const char* file, int line) {
@@ -470,6 +475,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem,
     fail("launch with an invalid grid");
   check_cluster_size(cluster);
   if (grid.x % cluster != 0) fail("launch with a cluster size that does not divide gridDim.x");
+  ++g_cluster_launches[cluster];
   if (smem > static_cast<size_t>(device().shared_per_block_optin))
     fail("launch with more dynamic shared memory than the device has per block");
   if (smem > static_cast<size_t>(max_dynamic_shared(kernel)))
