@@ -387,15 +387,20 @@ __device__ __forceinline__ unsigned cluster_rank() {
   return 0;
 #endif
 }
+#if defined(QAMW_CUDA_EMULATOR)
+// The emulator checks that the threads of a cluster wait at the same call.
+inline void cluster_sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  qamw_emu::sync_cluster(file, line);
+}
+#else
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();
-#elif defined(QAMW_CUDA_EMULATOR)
-  qamw_emu::sync_cluster(__FILE__, __LINE__);
 #endif
 }
+#endif
 template <typename T>
 __device__ __forceinline__ T* cluster_shared(T* p, unsigned rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
