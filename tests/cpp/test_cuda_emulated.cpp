@@ -152,18 +152,27 @@ void test_pack() {
     }
 }
 
+// Launches in clusters of 2 or more CTAs so far.
+int64_t cluster_launches() {
+  int64_t count = 0;
+  for (unsigned blocks = 2; blocks <= 8; ++blocks) count += qamw_emu::cluster_launches(blocks);
+  return count;
+}
+
 // Calls f(setting) with each GEMV kernel family forced (QAMW_GEMV_MMA=0: CUDA cores, =1:
 // tensor cores where the weight allows), so that both run at every batch; the default takes
-// one of the two (mma_wanted). With `clusters` (QAM-W at batch 1) tensor cores run twice: in
-// clusters of CTAs that split the k-blocks where the weight allows, and each CTA alone
+// one of the two (mma_wanted). With `clusters` (QAM-W at batch 1), where tensor cores ran in
+// clusters of CTAs that split the k-blocks, they run again with each CTA alone
 // (QAMW_GEMV_CLUSTER=0).
 template <typename F>
 void for_each_gemv_family(bool clusters, F&& f) {
+  int64_t before = 0;
   for (const char* setting : {"0", "1"}) {
     setenv("QAMW_GEMV_MMA", setting, 1);
+    before = cluster_launches();
     f(setting);
   }
-  if (clusters) {
+  if (clusters && cluster_launches() > before) {
     setenv("QAMW_GEMV_CLUSTER", "0", 1);
     f("1, QAMW_GEMV_CLUSTER=0");
     unsetenv("QAMW_GEMV_CLUSTER");
@@ -187,13 +196,6 @@ qamw::Siblings siblings_of(const std::vector<int64_t>& rows, int64_t m) {
   for (size_t i = 0; i < rows.size(); ++i) s.end[i] = total += rows[i];
   if (!rows.empty()) s.count = static_cast<int>(rows.size());
   return s;
-}
-
-// Launches in clusters of 2 or more CTAs so far.
-int64_t cluster_launches() {
-  int64_t count = 0;
-  for (unsigned blocks = 2; blocks <= 8; ++blocks) count += qamw_emu::cluster_launches(blocks);
-  return count;
 }
 
 void test_qamw() {
