@@ -11,7 +11,7 @@ qamw_ext.convert leaves them. The GEMV kernels launch overlapped with the kernel
 (programmatic dependent launch, sm_90+): "+nopdl" launches them plainly (QAMW_PDL=0), and
 "+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl); "+mma" runs
 the batch-1 GEMVs on the tensor-core kernels (QAMW_GEMV_MMA=1) where a weight allows; "+alone"
-runs QAM-W's batch-1 tensor-core GEMVs with each CTA alone, not in clusters of 4 CTAs that
+runs QAM-W's batch-1 tensor-core GEMVs with each CTA alone, not in clusters of CTAs that
 split the k-blocks (QAMW_GEMV_CLUSTER=0; clusters need sm_90). Reports
 tokens/s, the bytes read per token, the bandwidth they imply and its fraction of the
 device-to-device copy bandwidth measured in the same run; JSON to --out and a markdown table
@@ -235,8 +235,8 @@ def step_linear_names(model):
 
 def parse_config(name):
     """(codec or "bf16", {"fused": bool, "head": lm_head's codec or None, "pdl": bool,
-    "glue_pdl": bool, "mma": bool, "clusters": bool}) of a config name such as qamw-4+fused+head (lm_head as
-    qamw-4), qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
+    "glue_pdl": bool, "mma": bool, "clusters": bool}) of a config name such as
+    qamw-4+fused+head (lm_head as qamw-4), qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
     codec, *suffixes = name.split("+")
     flags = {"fused": False, "head": None, "pdl": True, "glue_pdl": False, "mma": False,
              "clusters": True}
@@ -258,8 +258,8 @@ def parse_config(name):
             codec = None
     if codec not in ("bf16", *CODECS):
         raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, then "
-                         f"optionally +fused, +nopdl, +gluepdl, +mma, +alone, and for a codec +head or "
-                         f"+head=CODEC")
+                         f"optionally +fused, +nopdl, +gluepdl, +mma, +alone, and for a codec "
+                         f"+head or +head=CODEC")
     return codec, flags
 
 
@@ -500,8 +500,8 @@ def main(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
                              " each optionally with +fused (q/k/v and gate/up as one layer "
-                             "each), +nopdl, +gluepdl, +mma or +alone (see above) and, for a codec, "
-                             "+head or +head=CODEC (lm_head quantized too)")
+                             "each), +nopdl, +gluepdl, +mma or +alone (see above) and, for a "
+                             "codec, +head or +head=CODEC (lm_head quantized too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")

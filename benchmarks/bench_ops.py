@@ -286,12 +286,6 @@ def other_gemv_kernel(codec, batch):
     return "CUDA cores", environment("QAMW_GEMV_MMA", "0")
 
 
-def tensor_cores_alone():
-    """QAM-W's batch-1 GEMV on tensor cores with each CTA rotating the whole activation
-    (QAMW_GEMV_CLUSTER=0), not a cluster of 4 CTAs splitting it: the two, side by side."""
-    return environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_CLUSTER", "0")
-
-
 def copies_for(nbytes, s):
     """Copies of an operand of nbytes that together exceed the rotation size."""
     return max(2, min(s["max_copies"], math.ceil(s["rotation_bytes"] / nbytes)))
@@ -361,10 +355,10 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
                        other_kernel_speedup_vs_dense=t_dense / t_other)
             if batch == 1 and codec.startswith("qamw"):
+                # Tensor cores with each CTA rotating the whole activation, beside the default
+                # clusters of CTAs that split it.
                 mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
-                with contextlib.ExitStack() as stack:
-                    for switch in tensor_cores_alone():
-                        stack.enter_context(switch)
+                with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_CLUSTER", "0"):
                     t_alone, _ = time_calls(calls, device, s["calls"], s["repeats"])
                 pdl.update(mma_cluster_ms=mma_ms, mma_alone_ms=t_alone * 1e3,
                            cluster_speedup=t_alone * 1e3 / mma_ms)
@@ -547,11 +541,11 @@ def markdown(record):
     clustered = [r for r in gemv if "mma_cluster_ms" in r]
     if clustered:
         lines += ["## QAM-W GEMV, batch 1, tensor cores: CTAs in clusters or alone", "",
-                  "A cluster of 4 CTAs shares 128 rows and splits their k-blocks, each CTA "
-                  "rotating only its share of the activation (the default on sm_90+), or each CTA "
-                  "rotates the whole activation for its 32 rows (QAMW_GEMV_CLUSTER=0). Weights "
-                  "that one Hadamard block spans, or that have fewer than 4 runs of whole "
-                  "blocks, run alone either way.", ""]
+                  "A cluster of 4 CTAs (2 for weights of 2-3 runs of whole Hadamard blocks, or "
+                  "where 4 would add a wave) shares 128 rows and splits their k-blocks, each CTA "
+                  "rotating only its share of the activation (the default on sm_90+), or each "
+                  "CTA rotates the whole activation for its 32 rows (QAMW_GEMV_CLUSTER=0). "
+                  "Weights that one Hadamard block spans run alone either way.", ""]
         lines += md_table(["shape", "codec", "dtype", "clusters us", "alone us", "gain"],
                           [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
                             short_dtype(r["dtype"]), f"{r['mma_cluster_ms'] * 1e3:.1f}",
