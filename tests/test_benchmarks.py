@@ -314,34 +314,31 @@ def decode_rows_and_switch_seen(monkeypatch, tmp_path, configs, name):
     return json.loads((tmp_path / "decode.json").read_text())["results"], seen
 
 
-def test_bench_decode_mma_times_with_tensor_core_gemvs(monkeypatch, tmp_path, one_thread):
-    """+mma: QAMW_GEMV_MMA=1 while the config is built, compiled and timed, and the
-    environment as it was afterwards."""
-    monkeypatch.delenv("QAMW_GEMV_MMA", raising=False)
-    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path, "qamw-4+fused+mma,aaac-int4",
-                                             "QAMW_GEMV_MMA")
-    assert seen == ["1", None] and "QAMW_GEMV_MMA" not in os.environ
-    assert [r["mma"] for r in rows] == [True, False]
+# A suffix's switch, set while the config is built, compiled and timed (the launchers read it at
+# each launch), and the environment as it was afterwards: (configs, variable, its value before,
+# its values seen while each config was timed, the row's flag, its value in each row).
+SWITCHED_CONFIGS = [
+    ("qamw-4+fused+mma,aaac-int4", "QAMW_GEMV_MMA", None, ["1", None], "mma", [True, False]),
+    ("qamw-4+fused+alone,qamw-4", "QAMW_GEMV_CLUSTER", None, ["0", None], "clusters",
+     [False, True]),
+    ("qamw-4,qamw-4+nopdl,aaac-int4", "QAMW_PDL", "1", ["1", "0", "1"], "pdl",
+     [True, False, True]),
+]
 
 
-def test_bench_decode_alone_times_without_clusters(monkeypatch, tmp_path, one_thread):
-    """+alone: QAMW_GEMV_CLUSTER=0 while the config is built, compiled and timed, and the
-    environment as it was afterwards."""
-    monkeypatch.delenv("QAMW_GEMV_CLUSTER", raising=False)
-    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path, "qamw-4+fused+alone,qamw-4",
-                                             "QAMW_GEMV_CLUSTER")
-    assert seen == ["0", None] and "QAMW_GEMV_CLUSTER" not in os.environ
-    assert [r["clusters"] for r in rows] == [False, True]
-
-
-def test_bench_decode_nopdl_times_with_plain_launches(monkeypatch, tmp_path, one_thread):
-    """+nopdl: QAMW_PDL=0 while the config is built, compiled and timed (the launchers read
-    it at each launch), and the environment as it was afterwards."""
-    monkeypatch.setenv("QAMW_PDL", "1")
-    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path,
-                                             "qamw-4,qamw-4+nopdl,aaac-int4", "QAMW_PDL")
-    assert seen == ["1", "0", "1"] and os.environ["QAMW_PDL"] == "1"
-    assert [r["pdl"] for r in rows] == [True, False, True]
+@pytest.mark.parametrize("configs,name,before,seen_want,flag,flags", SWITCHED_CONFIGS,
+                         ids=["mma", "alone", "nopdl"])
+def test_bench_decode_suffix_switches_the_kernels(monkeypatch, tmp_path, one_thread, configs,
+                                                  name, before, seen_want, flag, flags):
+    """+mma: QAMW_GEMV_MMA=1 (tensor-core GEMVs); +alone: QAMW_GEMV_CLUSTER=0 (no clusters of
+    CTAs); +nopdl: QAMW_PDL=0 (plain launches)."""
+    if before is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, before)
+    rows, seen = decode_rows_and_switch_seen(monkeypatch, tmp_path, configs, name)
+    assert seen == seen_want and os.environ.get(name) == before
+    assert [r[flag] for r in rows] == flags
 
 
 @pytest.mark.parametrize("shape", ["llama3-8b", "llama2-7b"])
