@@ -236,6 +236,15 @@ inline int sm_count() {
   return sms;
 }
 
+// The launch attribute for thread-block clusters of `cluster` CTAs along x.
+inline cudaLaunchAttribute cluster_dimension(int cluster) {
+  cudaLaunchAttribute dims{};
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = static_cast<unsigned>(cluster);
+  dims.val.clusterDim.y = dims.val.clusterDim.z = 1;
+  return dims;
+}
+
 // Clusters of `cluster` CTAs (of `threads` threads and smem bytes, which the kernel must be
 // allowed) the device holds at once: CTAs an SM times the SMs when cluster is 1; 0 where none
 // fits.
@@ -246,10 +255,7 @@ int64_t resident_clusters(K kernel, int threads, size_t smem, int cluster) {
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem);
     return int64_t{resident} * sm_count();
   }
-  cudaLaunchAttribute dims{};
-  dims.id = cudaLaunchAttributeClusterDimension;
-  dims.val.clusterDim.x = static_cast<unsigned>(cluster);
-  dims.val.clusterDim.y = dims.val.clusterDim.z = 1;
+  cudaLaunchAttribute dims = cluster_dimension(cluster);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(cluster));
   config.blockDim = dim3(static_cast<unsigned>(threads));
@@ -451,12 +457,7 @@ void launch_clustered(void (*kernel)(Params...), int cluster, dim3 grid, int thr
     attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[count++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster > 1) {
-    attrs[count].id = cudaLaunchAttributeClusterDimension;
-    attrs[count].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attrs[count].val.clusterDim.y = 1;
-    attrs[count++].val.clusterDim.z = 1;
-  }
+  if (cluster > 1) attrs[count++] = cluster_dimension(cluster);
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = dim3(static_cast<unsigned>(threads));

@@ -146,13 +146,12 @@ __device__ __forceinline__ void add_scaled_block(float (&acc)[kMmaGroups][NT],
                         acc[i][nt]);
 }
 
-// Ends a row step of the CTA: every warp's acc (row g of group i, batch row 4 nt + t) added in
-// shared memory, and out[b * m + row0 + r] = factor * sum for the rows below `end` and the
-// batch rows below `batch`, consecutive threads on consecutive rows. Every thread calls it.
-template <int NT, int WARPS>
-__device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s, int64_t row0,
-                               int64_t end, int64_t m, int batch, float factor, void* out,
-                               DType dtype) {
+// Every warp's acc (row g of group i, batch row 4 nt + t) into shared memory, for the CTA's
+// threads to add after the barrier this ends with: sums_s[((warp * kMmaGroups + i) * NT + nt)
+// * 32 + lane]. Every thread calls it.
+template <int NT>
+__device__ __forceinline__ void stash_warp_sums(const float (&acc)[kMmaGroups][NT],
+                                                float* sums_s) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int i = 0; i < kMmaGroups; ++i)
@@ -160,6 +159,16 @@ __device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s
     for (int nt = 0; nt < NT; ++nt)
       sums_s[((warp * kMmaGroups + i) * NT + nt) * 32 + lane] = acc[i][nt];
   __syncthreads();
+}
+
+// Ends a row step of the CTA: every warp's acc (row g of group i, batch row 4 nt + t) added in
+// shared memory, and out[b * m + row0 + r] = factor * sum for the rows below `end` and the
+// batch rows below `batch`, consecutive threads on consecutive rows. Every thread calls it.
+template <int NT, int WARPS>
+__device__ void store_row_sums(const float (&acc)[kMmaGroups][NT], float* sums_s, int64_t row0,
+                               int64_t end, int64_t m, int batch, float factor, void* out,
+                               DType dtype) {
+  stash_warp_sums<NT>(acc, sums_s);
   for (int o = threadIdx.x; o < kMmaRowsPerCta * batch; o += 32 * WARPS) {
     const int r = o % kMmaRowsPerCta, b = o / kMmaRowsPerCta;
     const int i = r / 8, src = (r % 8) * 4 + b % 4, nt = b / 4;
