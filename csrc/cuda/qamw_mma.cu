@@ -155,10 +155,7 @@ __device__ void store_cluster_sums(const float (&acc)[kMmaGroups][1], float* sum
                                    float* partial_s, int64_t row0, int64_t end, void* out,
                                    DType dtype) {
   constexpr int kTileWarps = WARPS / CLUSTER;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int i = 0; i < kMmaGroups; ++i) sums_s[(warp * kMmaGroups + i) * 32 + lane] = acc[i][0];
-  __syncthreads();
+  stash_warp_sums<1>(acc, sums_s);
   for (int o = threadIdx.x; o < kMmaRowsPerCta * CLUSTER; o += 32 * WARPS) {
     const int tile = o / kMmaRowsPerCta, r = o % kMmaRowsPerCta;
     const int i = r / 8, src = (r % 8) * 4;  // lane (g, 0) holds batch row 0 of row g
@@ -370,11 +367,15 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   p.dtype = dtype;
   if (fused && !rotation_fits(w)) return false;
   const int warps = mma_warps(tiles, w.m, w.bits);
-  // The dynamic shared memory for clusters of `cluster` CTAs, its codebook copies in p; 0 where
-  // FUSED finds no room. Beside the copies: the warps' sums, and (FUSED) the cluster's partial
-  // sums and the CTA's k-blocks of the activation, as floats and then as B entries, 4 bytes a
-  // value.
-  const auto plan = [&](int cluster) -> size_t {
+  // The dynamic shared memory for clusters of `cluster` CTAs and the codebook copies it holds;
+  // no bytes where FUSED finds no room. Beside the copies: the warps' sums, and (FUSED) the
+  // cluster's partial sums and the CTA's k-blocks of the activation, as floats and then as B
+  // entries, 4 bytes a value.
+  struct Plan {
+    size_t smem;
+    int copies_log2;
+  };
+  const auto plan = [&](int cluster) -> Plan {
     const int64_t values = ceil_div(p.granules, cluster) * p.granule_kblocks * 2 * kBlockPairs;
     const int64_t partial = cluster > 1 ? 4 * kMmaRowsPerCta * cluster : 0;
     const int64_t beside = mma_sums_bytes(warps, tiles) +
@@ -387,28 +388,14 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
     if (copies == 0)
       copies = codebook_copies(w.bits, sizeof(uint2), shared_per_block_optin() - beside);
     if (copies == 0) {
-      if (fused) return 0;
+      if (fused) return {0, 0};
       copies = 1;  // 12 bits: 32 KiB, beside sums of at most 16 KiB
     }
-    p.copies_log2 = log2_of(copies);
-    return (sizeof(uint2) * copies << w.bits) + beside;
+    return {(sizeof(uint2) * copies << w.bits) + beside, log2_of(copies)};
   };
+  const Plan alone = plan(1);
+  if (alone.smem == 0) return false;
   const int most = fused ? fused_cluster(p, qamw_gemv_mma_kernel<8, 1, 8, false, true, 1>) : 1;
-  size_t smem = plan(most);
-  if (smem == 0) return false;
-  // Whether the device holds clusters of `cluster` CTAs of `clustered` at all, and they take no
-  // more waves of the persistent grid than the CTAs of `alone`: the SMs of a GPC that no whole
-  // cluster fills stay idle, which at one CTA an SM (a 4096-row layer) could add a wave. Leaves
-  // p planned for the clusters.
-  const auto clusters_pay = [&](auto clustered, auto alone, int threads, int cluster) {
-    const size_t smem_alone = plan(1), smem_clustered = plan(cluster);
-    if (!allow_smem(alone, smem_alone) || !allow_smem(clustered, smem_clustered)) return false;
-    const int64_t rows = kMmaRowsPerCta, resident =
-        resident_clusters(clustered, threads, smem_clustered, cluster);
-    return resident > 0 &&
-           gemv_waves(w.siblings, w.m, rows * cluster, resident) <=
-               gemv_waves(w.siblings, w.m, rows, resident_clusters(alone, threads, smem_alone, 1));
-  };
   const bool scaled = scaled_in_a(w);
   dispatch_qamw_bits(w.bits, [&](auto bits) {
     dispatch_tiles(tiles, [&](auto nt) {
@@ -416,27 +403,43 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
       dispatch_warps<kNt>(warps, [&](auto wp) {
         constexpr int kWarps = decltype(wp)::value;
         constexpr int kThreads = 32 * kWarps;
-        const auto launch = [&](void (*kernel)(MmaParams), size_t bytes, int cluster) {
-          launch_gemv(kernel, kThreads, bytes, w.siblings, w.m, kMmaRowsPerCta * cluster, stream,
-                      p, cluster);
+        const auto launch = [&](void (*kernel)(MmaParams), const Plan& at, int cluster) {
+          p.copies_log2 = at.copies_log2;
+          launch_gemv(kernel, kThreads, at.smem, w.siblings, w.m, kMmaRowsPerCta * cluster,
+                      stream, p, cluster);
         };
         if constexpr (kNt == 1) {
           if (fused) {
-            // Clusters of 4 CTAs, or of 2, where they pay; else each CTA alone.
             const auto kernel = [&](auto cluster) {
               constexpr int kC = decltype(cluster)::value;
               return scaled ? qamw_gemv_mma_kernel<kBits, 1, kWarps, true, true, kC>
                             : qamw_gemv_mma_kernel<kBits, 1, kWarps, false, true, kC>;
             };
-            if (most >= 4 && clusters_pay(kernel(IntC<4>{}), kernel(IntC<1>{}), kThreads, 4))
-              return launch(kernel(IntC<4>{}), plan(4), 4);
-            if (most >= 2 && clusters_pay(kernel(IntC<2>{}), kernel(IntC<1>{}), kThreads, 2))
-              return launch(kernel(IntC<2>{}), plan(2), 2);
-            return launch(kernel(IntC<1>{}), plan(1), 1);
+            if (most > 1) {
+              // Clusters of 4 CTAs, or of 2, where the device holds them at all and they take no
+              // more waves of the persistent grid than CTAs alone: the SMs of a GPC that no whole
+              // cluster fills stay idle, which at one CTA an SM (a 4096-row layer) could add a
+              // wave.
+              allow_smem(kernel(IntC<1>{}), alone.smem);
+              const int64_t alone_waves = gemv_waves(
+                  w.siblings, w.m, kMmaRowsPerCta,
+                  resident_clusters(kernel(IntC<1>{}), kThreads, alone.smem, 1));
+              const auto pays = [&](auto clustered, int cluster, const Plan& at) {
+                if (at.smem == 0 || !allow_smem(clustered, at.smem)) return false;
+                const int64_t resident = resident_clusters(clustered, kThreads, at.smem, cluster);
+                return resident > 0 && gemv_waves(w.siblings, w.m, kMmaRowsPerCta * cluster,
+                                                  resident) <= alone_waves;
+              };
+              const Plan four = plan(4), two = plan(2);
+              if (most >= 4 && pays(kernel(IntC<4>{}), 4, four))
+                return launch(kernel(IntC<4>{}), four, 4);
+              if (pays(kernel(IntC<2>{}), 2, two)) return launch(kernel(IntC<2>{}), two, 2);
+            }
+            return launch(kernel(IntC<1>{}), alone, 1);
           }
         }
         launch(scaled ? qamw_gemv_mma_kernel<kBits, kNt, kWarps, true, false, 1>
-                      : qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false, 1>, smem, 1);
+                      : qamw_gemv_mma_kernel<kBits, kNt, kWarps, false, false, 1>, alone, 1);
       });
     });
   });
