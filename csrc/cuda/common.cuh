@@ -8,6 +8,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "../kernels.h"
@@ -163,15 +166,59 @@ inline int64_t shared_per_block_two_an_sm() {
   return (int64_t{shared_per_block_optin()} + 1024) / 2 - 1024;
 }
 
+// What the runtime says of a kernel on a device, asked once a process and kept: the occupancy
+// calculator and cudaFuncGetAttributes cost microseconds a call, and a batch-1 GEMV launched
+// eagerly (~10 us on an H100) would otherwise ask several at every launch (the launcher's plan,
+// the persistent grid, PDL). None of it changes while the process runs.
+enum class LaunchFact { kPtxVersion, kResidentClusters, kSharedAllowed };
+struct LaunchFacts {
+  // fact, device, kernel, then the launch shape: threads, shared memory bytes, cluster
+  using Key = std::tuple<LaunchFact, int, const void*, int, size_t, int>;
+  std::mutex mutex;
+  std::map<Key, int64_t> values;
+};
+inline LaunchFacts& launch_facts() {
+  static LaunchFacts facts;
+  return facts;
+}
+template <typename K>
+LaunchFacts::Key launch_fact_key(LaunchFact fact, K kernel, int threads = 0, size_t smem = 0,
+                                 int cluster = 0) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  return {fact, dev, reinterpret_cast<const void*>(kernel), threads, smem, cluster};
+}
+
+// ask() for `key`, on the first call with that key only.
+template <typename Ask>
+int64_t remembered(const LaunchFacts::Key& key, Ask&& ask) {
+  LaunchFacts& facts = launch_facts();
+  {
+    std::lock_guard<std::mutex> lock(facts.mutex);
+    const auto it = facts.values.find(key);
+    if (it != facts.values.end()) return it->second;
+  }
+  const int64_t value = ask();  // unlocked: two threads may both ask, and get the same answer
+  std::lock_guard<std::mutex> lock(facts.mutex);
+  return facts.values.emplace(key, value).first->second;
+}
+
 // Shared memory a kernel may use, raising the 48 KiB default when needed; false when the
-// device has less.
+// device has less. The limit is raised once to the most bytes asked so far on the device, so
+// later launches asking as much or less leave the runtime alone.
 template <typename K>
 bool allow_smem(K kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return true;
   if (bytes > static_cast<size_t>(shared_per_block_optin())) return false;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       static_cast<int>(bytes));
-  return true;
+  const LaunchFacts::Key key = launch_fact_key(LaunchFact::kSharedAllowed, kernel);
+  LaunchFacts& facts = launch_facts();
+  std::lock_guard<std::mutex> lock(facts.mutex);
+  int64_t& allowed = facts.values[key];
+  if (allowed < static_cast<int64_t>(bytes) &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)) == cudaSuccess)
+    allowed = static_cast<int64_t>(bytes);
+  return allowed >= static_cast<int64_t>(bytes);
 }
 
 constexpr int64_t kCodebookCopiesBytes = 128 * 1024;
@@ -250,20 +297,23 @@ inline cudaLaunchAttribute cluster_dimension(int cluster) {
 // fits.
 template <typename K>
 int64_t resident_clusters(K kernel, int threads, size_t smem, int cluster) {
-  int resident = 0;
-  if (cluster == 1) {
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem);
-    return int64_t{resident} * sm_count();
-  }
-  cudaLaunchAttribute dims = cluster_dimension(cluster);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(cluster));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = smem;
-  config.attrs = &dims;
-  config.numAttrs = 1;
-  if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) resident = 0;
-  return resident;
+  const auto key = launch_fact_key(LaunchFact::kResidentClusters, kernel, threads, smem, cluster);
+  return remembered(key, [&]() -> int64_t {
+    int resident = 0;
+    if (cluster == 1) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem);
+      return int64_t{resident} * sm_count();
+    }
+    cudaLaunchAttribute dims = cluster_dimension(cluster);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(cluster));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = smem;
+    config.attrs = &dims;
+    config.numAttrs = 1;
+    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess) resident = 0;
+    return resident;
+  });
 }
 
 // Waves of a persistent GEMV grid over the rows of `siblings` (m rows in all) in units of
@@ -430,9 +480,12 @@ bool runs_as_sm(K kernel, int arch) {
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaFuncAttributes attributes{};
-  return major >= arch / 10 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
-         attributes.ptxVersion >= arch;
+  if (major < arch / 10) return false;
+  return remembered(launch_fact_key(LaunchFact::kPtxVersion, kernel), [&]() -> int64_t {
+           cudaFuncAttributes attributes{};
+           return cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess
+                      ? attributes.ptxVersion : 0;
+         }) >= arch;
 }
 
 // Whether `kernel` may be launched overlapped: the device is sm_90 or later, the kernel was

@@ -6,7 +6,8 @@
 // in every activation dtype, at odd sizes and with unaligned pointers. Outputs are NaN until
 // written. The whole run is repeated with each step's threads scheduled in reverse order, so
 // that a result depending on a missing barrier differs between the two runs, and again on a
-// device with 99 KiB of shared memory per block instead of an H100's 227 KiB.
+// second device with 99 KiB of shared memory per block instead of an H100's 227 KiB. The
+// launchers must ask the runtime about a kernel only once a device and launch shape.
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -368,6 +369,66 @@ void test_aaac() {
   }
 }
 
+// Each launcher asks the runtime about a kernel (its attributes, occupancy, shared memory limit)
+// once a device and launch shape (common.cuh, remembered): the same call again asks nothing.
+// QAM-W at batch 1 in clusters, at batch 3 on tensor cores and on CUDA cores, AAAC at batches 1
+// and 4, and a staged Hadamard block of 2^14.
+void test_launch_facts() {
+  const auto asks_once = [](const char* what, const auto& call) {
+    call();
+    const int64_t before = qamw_emu::runtime_queries();
+    call();
+    EXPECT(qamw_emu::runtime_queries() == before, "%s asked the runtime %lld times more", what,
+           (long long)(qamw_emu::runtime_queries() - before));
+  };
+  const qamw::DType d = qamw::DType::BF16;
+  const int64_t m = 70, n = 1536, pairs = n / 2, words = qamw::packed_words_per_row(pairs, 8);
+  std::vector<int32_t> codes(m * pairs), packed(m * words);
+  for (auto& v : codes) v = static_cast<int32_t>(rng() & 255);
+  qamw::cpu::pack_bits(codes.data(), m, pairs, 8, packed.data());
+  std::vector<float> codebook(2 * 256), row_scale(m), channel(n);
+  for (auto& v : codebook) v = normal();
+  for (auto& v : row_scale) v = 0.5f + std::abs(normal());
+  for (auto& v : channel) v = 0.5f + std::abs(normal());
+  const std::vector<int8_t> signs = random_signs(n);
+  const qamw::QamwWeight qamw_w{packed.data(), words, codebook.data(), 8, row_scale.data(), 1,
+                                channel.data(), signs.data(), 256, m, n, siblings_of({}, m)};
+  Activations x(d, 4 * n), y(d, 4 * m);
+  for (int64_t i = 0; i < 4 * n; ++i) x.set(i, normal());
+  for (const int64_t batch : {1, 3})
+    for (const char* mma : {"1", "0"}) {
+      setenv("QAMW_GEMV_MMA", mma, 1);
+      std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(qamw_w, batch));
+      asks_once(batch == 1 ? "qamw_gemv, batch 1" : "qamw_gemv, batch 3", [&] {
+        qamw::cuda::qamw_gemv(qamw_w, x.data(), d, batch, y.data(), workspace.data(), nullptr);
+      });
+    }
+  unsetenv("QAMW_GEMV_MMA");
+
+  const int64_t group = 128, aaac_words = qamw::packed_words_per_row(n, 4);
+  std::vector<int32_t> nibbles(m * aaac_words);
+  for (auto& v : nibbles) v = static_cast<int32_t>(rng());
+  std::vector<float> codebooks(32);
+  for (auto& v : codebooks) v = normal();
+  const AaacScales scales(m * (n / group));
+  const qamw::AaacWeight aaac_w{nibbles.data(), aaac_words, scales.data(qamw::ScaleType::F16),
+                                qamw::ScaleType::F16, codebooks.data(), nullptr, nullptr,
+                                group, m, n, siblings_of({}, m)};
+  for (const int64_t batch : {1, 4}) {
+    std::vector<float> workspace(qamw::cuda::aaac_gemv_workspace_floats(aaac_w, batch));
+    asks_once("aaac_gemv", [&] {
+      qamw::cuda::aaac_gemv(aaac_w, x.data(), d, batch, y.data(), workspace.data(), nullptr);
+    });
+  }
+
+  Activations rows(d, 2 * 16384), rotated(d, 2 * 16384);
+  for (int64_t i = 0; i < 2 * 16384; ++i) rows.set(i, normal());
+  asks_once("hadamard of 2^14", [&] {
+    qamw::cuda::hadamard(rows.data(), rotated.data(), d, 2, 16384, 16384, nullptr, false,
+                         nullptr);
+  });
+}
+
 }  // namespace
 
 int main() {
@@ -375,20 +436,24 @@ int main() {
                                                       {"nearest codeword", test_nearest},
                                                       {"bit packing", test_pack},
                                                       {"QAM-W", test_qamw},
-                                                      {"AAAC", test_aaac}};
-  // An H100's shared memory in both schedules, then 99 KiB per block (sm_86 / sm_89 GPUs).
+                                                      {"AAAC", test_aaac},
+                                                      {"launch facts", test_launch_facts}};
+  // Device 0 has an H100's shared memory, device 1 99 KiB per block (sm_86 / sm_89 GPUs): a
+  // second device in the same process, as the launchers remember what the runtime says of each.
+  cudaSetDevice(1);
+  qamw_emu::device().shared_per_block_optin = 99 * 1024;
+  qamw_emu::device().shared_per_sm = 100 * 1024;
   struct Pass {
     const char* name;
     qamw_emu::Schedule schedule;
-    int shared_per_block;
+    int device;
   };
-  const Pass passes[] = {{"forward", qamw_emu::Schedule::Forward, 227 * 1024},
-                         {"reverse", qamw_emu::Schedule::Reverse, 227 * 1024},
-                         {"99 KiB shared memory", qamw_emu::Schedule::Forward, 99 * 1024}};
+  const Pass passes[] = {{"forward", qamw_emu::Schedule::Forward, 0},
+                         {"reverse", qamw_emu::Schedule::Reverse, 0},
+                         {"99 KiB shared memory", qamw_emu::Schedule::Forward, 1}};
   for (const Pass& pass : passes) {
     qamw_emu::set_schedule(pass.schedule);
-    qamw_emu::device().shared_per_block_optin = pass.shared_per_block;
-    qamw_emu::device().shared_per_sm = pass.shared_per_block + 1024;
+    cudaSetDevice(pass.device);
     for (const auto& [name, test] : tests) {
       const auto start = std::chrono::steady_clock::now();
       const int before = failures;

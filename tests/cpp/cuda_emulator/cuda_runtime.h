@@ -27,6 +27,8 @@
 // reads of values never written show up as NaN; it is filled with NaN bytes again once all its
 // block's threads have exited, so a peer that reads it after that (no final cluster barrier)
 // reads NaN.
+// Devices: kDevices of them, each with its own limits and its kernels' shared memory allowances;
+// runtime_queries() counts the calls that ask about a kernel or set its attributes.
 // Schedule::Reverse runs each step's blocks and threads in the opposite order: a missing barrier
 // then gives a different result.
 // Not emulated: timing, the memory model beyond barriers, warp-synchronous execution
@@ -133,6 +135,7 @@ enum class Schedule { Forward, Reverse };
 // The emulated device: an H100's limits with few SMs, so that persistent grids stride, but
 // enough for a cluster of 4 CTAs of 512 threads. Its occupancy is that of the GEMV kernels on an
 // H100, which registers (about 100 a thread, ptxas) hold to two CTAs of 256 threads an SM.
+// kDevices of them, each with its own limits; cudaSetDevice picks the current one.
 struct Device {
   int sms = 4;
   int max_threads_per_sm = 512;
@@ -140,7 +143,14 @@ struct Device {
   int shared_per_sm = 228 * 1024;
   int shared_per_block_optin = 227 * 1024;
 };
-Device& device();
+constexpr int kDevices = 2;
+Device& device();  // the current one
+int current_device();
+void set_current_device(int dev);
+// Calls so far that ask the runtime about a kernel or set its attributes (cudaFuncGetAttributes,
+// cudaFuncSetAttribute, the occupancy calculator): what a test checks the launchers remember.
+int64_t runtime_queries();
+void count_runtime_query();
 void set_schedule(Schedule s);
 
 void sync_block(const char* file, int line);
@@ -209,7 +219,14 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize
   return out;
 }
 
-inline cudaError_t cudaGetDevice(int* dev) { *dev = 0; return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = qamw_emu::current_device();
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int dev) {
+  qamw_emu::set_current_device(dev);
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   const qamw_emu::Device& d = qamw_emu::device();
   *value = attr == cudaDevAttrMultiProcessorCount          ? d.sms
@@ -220,6 +237,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
 // Every kernel is built from sm_90 code.
 template <typename K>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, K) {
+  qamw_emu::count_runtime_query();
   *attributes = cudaFuncAttributes{90, 90};
   return cudaSuccess;
 }
@@ -242,6 +260,7 @@ inline void cudaGridDependencySynchronize() { qamw_emu::grid_dependency_wait(); 
 inline void cudaTriggerProgrammaticLaunchCompletion() {}
 template <typename K>
 cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
+  qamw_emu::count_runtime_query();
   qamw_emu::set_max_dynamic_shared(qamw_emu::kernel_key(kernel), bytes);
   return cudaSuccess;
 }
@@ -249,6 +268,7 @@ cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute, int bytes) {
 template <typename K>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int threads,
                                                           size_t smem) {
+  qamw_emu::count_runtime_query();
   const qamw_emu::Device& d = qamw_emu::device();
   int n = d.max_threads_per_sm / threads;
   if (n > d.max_blocks_per_sm) n = d.max_blocks_per_sm;
@@ -257,7 +277,7 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int th
   return cudaSuccess;
 }
 // Clusters of the config's size resident at once: the device's blocks, as above, in whole
-// clusters.
+// clusters (one runtime query, the one above).
 template <typename K>
 cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, K kernel,
                                            const cudaLaunchConfig_t* config) {

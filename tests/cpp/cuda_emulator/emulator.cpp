@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -109,7 +110,10 @@ Schedule g_schedule = Schedule::Forward;
 int64_t g_cluster_launches[kMaxClusterBlocks + 1] = {};  // by blocks a cluster
 ClusterRun* g_cluster = nullptr;
 BlockRun* g_run = nullptr;  // the block of the running thread
-std::map<const void*, int> g_max_dynamic_shared;
+std::map<std::pair<int, const void*>, int> g_max_dynamic_shared;  // by device and kernel
+Device g_devices[kDevices];
+int g_current_device = 0;
+int64_t g_runtime_queries = 0;
 
 Fiber g_fibers[kMaxFibers];
 int g_fiber_count = 0;
@@ -291,10 +295,18 @@ void check_barrier_place(int arrived, const char*& place_file, int& place_line, 
 
 }  // namespace
 
-Device& device() {
-  static Device d;
-  return d;
+Device& device() { return g_devices[g_current_device]; }
+
+int current_device() { return g_current_device; }
+
+void set_current_device(int dev) {
+  if (dev < 0 || dev >= kDevices) fail("cudaSetDevice of a device that does not exist");
+  g_current_device = dev;
 }
+
+int64_t runtime_queries() { return g_runtime_queries; }
+
+void count_runtime_query() { ++g_runtime_queries; }
 
 void set_schedule(Schedule s) { g_schedule = s; }
 
@@ -446,10 +458,12 @@ void* cluster_shared(void* p, unsigned rank) {
   return c.blocks[rank].shared.get() + offset;
 }
 
-void set_max_dynamic_shared(const void* kernel, int bytes) { g_max_dynamic_shared[kernel] = bytes; }
+void set_max_dynamic_shared(const void* kernel, int bytes) {
+  g_max_dynamic_shared[{g_current_device, kernel}] = bytes;
+}
 
 int max_dynamic_shared(const void* kernel) {
-  const auto it = g_max_dynamic_shared.find(kernel);
+  const auto it = g_max_dynamic_shared.find({g_current_device, kernel});
   return it == g_max_dynamic_shared.end() ? kDefaultDynamicShared : it->second;
 }
 

@@ -17,7 +17,8 @@
 // `ok` also multiplies two small integer matrices with the emulated mma.m16n8k16, each lane's
 // fragment elements placed by the PTX ISA's per-element formulas; runs clusters of 4 blocks that
 // add values from the shared memory of every block of their cluster, in both schedules; checks
-// cudaOccupancyMaxActiveClusters; and reads a peer's shared memory after the peer exited (NaN).
+// cudaOccupancyMaxActiveClusters, that each call counts as a runtime query and that a second
+// device has its own limits; and reads a peer's shared memory after the peer exited (NaN).
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -291,6 +292,7 @@ int main(int argc, char** argv) {
     // 4 SMs hold 4 clusters of 4 blocks of 128 threads (512 threads an SM), none of 1024.
     cudaLaunchAttribute dims;
     int small = -1, large = -1;
+    const int64_t queries = qamw_emu::runtime_queries();
     cudaLaunchConfig_t config = cluster_config(8, kThreads, kClusterBlocks, dims);
     cudaOccupancyMaxActiveClusters(&small, cluster_sums, &config);
     config = cluster_config(8, 1024, kClusterBlocks, dims);
@@ -298,6 +300,24 @@ int main(int argc, char** argv) {
     if (small != 4 || large != 0) {
       std::printf("cluster occupancy: %d clusters of 128 threads, %d of 1024; want 4 and 0\n",
                   small, large);
+      return 1;
+    }
+    if (qamw_emu::runtime_queries() != queries + 2) {
+      std::printf("two occupancy queries counted as %lld\n",
+                  static_cast<long long>(qamw_emu::runtime_queries() - queries));
+      return 1;
+    }
+    // Each device has its own limits and its own kernel attributes.
+    cudaFuncSetAttribute(cluster_sums, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
+    cudaSetDevice(1);
+    qamw_emu::device().sms = 2;
+    config = cluster_config(8, kThreads, kClusterBlocks, dims);
+    cudaOccupancyMaxActiveClusters(&small, cluster_sums, &config);
+    const int allowed = qamw_emu::max_dynamic_shared(qamw_emu::kernel_key(cluster_sums));
+    cudaSetDevice(0);
+    if (small != 2 || allowed != 48 * 1024) {
+      std::printf("device 1: %d clusters of 128 threads (want 2), %d bytes of shared memory "
+                  "allowed (want 49152)\n", small, allowed);
       return 1;
     }
     std::printf("block sums match in both schedules; an overlapped launch ran; mma multiplies; "
