@@ -12,7 +12,9 @@ qamw_ext.convert leaves them. The GEMV kernels launch overlapped with the kernel
 "+gluepdl" has Inductor's compiled glue launch overlapped too (triton.enable_pdl); "+mma" runs
 the batch-1 GEMVs on the tensor-core kernels (QAMW_GEMV_MMA=1) where a weight allows; "+alone"
 runs QAM-W's batch-1 tensor-core GEMVs with each CTA alone, not in clusters of CTAs that
-split the k-blocks (QAMW_GEMV_CLUSTER=0; clusters need sm_90). Reports
+split the k-blocks (QAMW_GEMV_CLUSTER=0; clusters need sm_90); "+once" has a kernel of its own
+rotate QAM-W's batch-1 activation once, before the GEMV, instead of each CTA or cluster
+(QAMW_GEMV_ROTATE_ONCE=1). Reports
 tokens/s, the bytes read per token, the bandwidth they imply and its fraction of the
 device-to-device copy bandwidth measured in the same run; JSON to --out and a markdown table
 beside it.
@@ -235,11 +237,11 @@ def step_linear_names(model):
 
 def parse_config(name):
     """(codec or "bf16", {"fused": bool, "head": lm_head's codec or None, "pdl": bool,
-    "glue_pdl": bool, "mma": bool, "clusters": bool}) of a config name such as
-    qamw-4+fused+head (lm_head as qamw-4), qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
+    "glue_pdl": bool, "mma": bool, "clusters": bool, "rotate_once": bool}) of a config name
+    such as qamw-4+fused+head (lm_head as qamw-4), qamw-4+head=qamw-5.5 or qamw-4+fused+nopdl."""
     codec, *suffixes = name.split("+")
     flags = {"fused": False, "head": None, "pdl": True, "glue_pdl": False, "mma": False,
-             "clusters": True}
+             "clusters": True, "rotate_once": False}
     for suffix in suffixes:
         key, eq, value = suffix.partition("=")
         if key == "fused" and not eq:
@@ -252,14 +254,16 @@ def parse_config(name):
             flags["mma"] = True
         elif key == "alone" and not eq:
             flags["clusters"] = False
+        elif key == "once" and not eq:
+            flags["rotate_once"] = True
         elif key == "head" and codec != "bf16" and (value if eq else codec) in CODECS:
             flags["head"] = value if eq else codec
         else:
             codec = None
     if codec not in ("bf16", *CODECS):
         raise ValueError(f"unknown config {name!r}: bf16 or one of {', '.join(CODECS)}, then "
-                         f"optionally +fused, +nopdl, +gluepdl, +mma, +alone, and for a codec "
-                         f"+head or +head=CODEC")
+                         f"optionally +fused, +nopdl, +gluepdl, +mma, +alone, +once, and for "
+                         f"a codec +head or +head=CODEC")
     return codec, flags
 
 
@@ -417,6 +421,8 @@ def bench_config(name, model, linear_names, args, generator, copy_gbps):
                 switches.enter_context(environment("QAMW_GEMV_MMA", "1"))
             if not flags["clusters"]:
                 switches.enter_context(environment("QAMW_GEMV_CLUSTER", "0"))
+            if flags["rotate_once"]:
+                switches.enter_context(environment("QAMW_GEMV_ROTATE_ONCE", "1"))
             row = time_config(name, model, linear_names, args, copy_gbps, codec, flags)
     finally:
         restore(model, replaced)
@@ -500,8 +506,8 @@ def main(argv=None):
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"bf16 and/or codecs of random_layers.CODECS ({', '.join(CODECS)}),"
                              " each optionally with +fused (q/k/v and gate/up as one layer "
-                             "each), +nopdl, +gluepdl, +mma or +alone (see above) and, for a "
-                             "codec, +head or +head=CODEC (lm_head quantized too)")
+                             "each), +nopdl, +gluepdl, +mma, +alone or +once (see above) and, "
+                             "for a codec, +head or +head=CODEC (lm_head quantized too)")
     parser.add_argument("--tokens", type=int, default=128, help="timed tokens per config")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="groups the tokens are timed in")

@@ -355,13 +355,18 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
                        other_kernel_speedup_vs_dense=t_dense / t_other)
             if batch == 1 and codec.startswith("qamw"):
-                # Tensor cores with each CTA rotating the whole activation, beside the default
-                # clusters of CTAs that split it.
+                # Tensor cores with each CTA rotating the whole activation, and with the
+                # activation rotated once by a kernel of its own, beside the default clusters
+                # of CTAs that split the rotation.
                 mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
                 with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_CLUSTER", "0"):
                     t_alone, _ = time_calls(calls, device, s["calls"], s["repeats"])
+                with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_ROTATE_ONCE", "1"):
+                    t_once, _ = time_calls(calls, device, s["calls"], s["repeats"])
                 pdl.update(mma_cluster_ms=mma_ms, mma_alone_ms=t_alone * 1e3,
-                           cluster_speedup=t_alone * 1e3 / mma_ms)
+                           cluster_speedup=t_alone * 1e3 / mma_ms,
+                           mma_rotate_once_ms=t_once * 1e3,
+                           cluster_vs_rotate_once=t_once * 1e3 / mma_ms)
         moved = buffer_bytes(layers[0]) + io_bytes
         rows.append(dict(op="gemv", codec=codec, bits_per_weight=layers[0].bits_per_weight(),
                          shape=[m, n], batch=batch, dtype=str(dtype), copies=len(layers),
@@ -540,16 +545,22 @@ def markdown(record):
                            for r in other])
     clustered = [r for r in gemv if "mma_cluster_ms" in r]
     if clustered:
-        lines += ["## QAM-W GEMV, batch 1, tensor cores: CTAs in clusters or alone", "",
+        lines += ["## QAM-W GEMV, batch 1, tensor cores: where the activation is rotated", "",
                   "A cluster of 4 CTAs (2 for weights of 2-3 runs of whole Hadamard blocks, or "
                   "where 4 would add a wave) shares 128 rows and splits their k-blocks, each CTA "
-                  "rotating only its share of the activation (the default on sm_90+), or each "
-                  "CTA rotates the whole activation for its 32 rows (QAMW_GEMV_CLUSTER=0). "
-                  "Weights that one Hadamard block spans run alone either way.", ""]
-        lines += md_table(["shape", "codec", "dtype", "clusters us", "alone us", "gain"],
+                  "rotating only its share of the activation (the default on sm_90+); or each "
+                  "CTA rotates the whole activation for its 32 rows (QAMW_GEMV_CLUSTER=0); or a "
+                  "kernel of its own rotates it once, to global memory, before the GEMV "
+                  "(QAMW_GEMV_ROTATE_ONCE=1: two launches). Weights that one Hadamard block "
+                  "spans run alone in the first two. Gains are the clusters' time against each.",
+                  ""]
+        lines += md_table(["shape", "codec", "dtype", "clusters us", "alone us", "gain",
+                           "rotated once us", "gain"],
                           [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
                             short_dtype(r["dtype"]), f"{r['mma_cluster_ms'] * 1e3:.1f}",
-                            f"{r['mma_alone_ms'] * 1e3:.1f}", f"{r['cluster_speedup']:.2f}x"]
+                            f"{r['mma_alone_ms'] * 1e3:.1f}", f"{r['cluster_speedup']:.2f}x",
+                            f"{r['mma_rotate_once_ms'] * 1e3:.1f}",
+                            f"{r['cluster_vs_rotate_once']:.2f}x"]
                            for r in clustered])
     had = [r for r in res if r["op"] == "hadamard"]
     if had:

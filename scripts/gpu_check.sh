@@ -84,10 +84,11 @@ step build 330 "$benches" env MAX_JOBS="$(nproc)" python setup.py build_ext --in
 step tests 90 "$benches" "${pytest_ops[@]}" -q -k cuda
 # The sanitizer slows every kernel launch a hundredfold: a few cases per kernel family, the
 # staged 2^14 blocks (CTAs striding over 300) and K * 2^m blocks included, and every
-# tensor-core GEMV at batches 1, 5 and 16 (the families test with QAMW_GEMV_MMA=1); -v so
-# that a timed-out log shows how far it got.
+# tensor-core GEMV at batches 1, 5 and 16 (the families test with QAMW_GEMV_MMA=1, in clusters
+# and alone; rotated once, batch 1 runs the kernels of batches 2-4); -v so that a timed-out log
+# shows how far it got.
 step memcheck 60 "$benches" "${sanitizer[@]}" --tool memcheck "${pytest_ops[@]}" -x -v -k \
-  "cuda_gemv_kernel_families and 1 or cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or many_large_blocks and 16384-dtype1 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128) or fused_siblings and (rows1-576-576-4 or rows2-1024-1024-11 or rows1-512-128-scale_dtype0))"
+  "cuda_gemv_kernel_families and 1 and not once or cuda and (hadamard_matches_reference and (2048- or 32768-) and dtype2 or many_large_blocks and 16384-dtype1 or k_blocks_match_reference and dtype2 or pack_unpack and 11-cuda or qamw_dequantize_and_gemv and (96-32 or 576-576 or 1152-576 or 3072-1536 or 1536-1536 or 72-12 or 160-80 or 960-480) and 8-cuda or aaac_dequantize_and_gemv and (192-64 or 512-128) or fused_siblings and (rows1-576-576-4 or rows2-1024-1024-11 or rows1-512-128-scale_dtype0))"
 # racecheck and initcheck are slower still: the kernels with shared memory and reductions, at
 # small sizes and 4-bit codes (on an H100 the selection with 3072 x 1536 and 1024 x 1024 ran
 # past 25 s, and so did 11-bit codes, whose 128 KiB of codebook copies it checks store by
@@ -115,9 +116,10 @@ step bench_ops "$bench_ops_s" "$bench_decode_s" python benchmarks/bench_ops.py -
 # ones the targets need first (+fused: the conversion with fuse_siblings=true; +head=qamw-5.5:
 # lm_head quantized too, at 5.5 bpw; +nopdl: the GEMVs launched without programmatic dependent
 # launch; +gluepdl: Inductor's glue launched with it too; +mma: the GEMVs on tensor cores;
-# +alone: QAM-W's batch-1 tensor-core GEMVs without clusters of CTAs).
+# +alone: QAM-W's batch-1 tensor-core GEMVs without clusters of CTAs; +once: their activation
+# rotated once by a kernel of its own).
 step bench_decode 300 0 python benchmarks/bench_decode.py --device cuda --compile \
-  --configs bf16,qamw-4+fused,qamw-4+fused+alone,qamw-4+fused+head=qamw-5.5,qamw-4+fused+mma,aaac-int4+fused,qamw-5.5+fused,qamw-5.5+fused+mma,aaac-int4+fused+mma,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
+  --configs bf16,qamw-4+fused,qamw-4+fused+alone,qamw-4+fused+once,qamw-4+fused+head=qamw-5.5,qamw-4+fused+mma,aaac-int4+fused,qamw-5.5+fused,qamw-5.5+fused+mma,aaac-int4+fused+mma,qamw-4+fused+nopdl,qamw-4+fused+gluepdl,qamw-4,bf16+fused,bf16+gluepdl,aaac-int4,qamw-5.5 \
   --out "$out/decode_cuda.json"
 # Where each batch-1 GEMV's warps wait (stall reasons) and how often its schedulers issue: what
 # bounds the kernels beyond bytes. Last, in whatever time is left. This step and `ncu` profile

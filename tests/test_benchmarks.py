@@ -57,10 +57,12 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
             below = r["batch"] < bench_ops.MMA_FROM_BATCH.get(r["codec"], 2)
             assert r["other_kernel"] == ("tensor cores" if below else "CUDA cores")
             assert positive(r["other_kernel_ms"]) and positive(r["other_kernel_speedup_vs_dense"])
-        # QAM-W's batch 1 on tensor cores, in clusters and alone
+        # QAM-W's batch 1 on tensor cores, in clusters, alone, and rotated once
         assert ("mma_cluster_ms" in r) == (r["batch"] == 1 and r["codec"].startswith("qamw"))
         if "mma_cluster_ms" in r:
-            assert positive(r["mma_alone_ms"]) and positive(r["cluster_speedup"])
+            for key in ("mma_alone_ms", "cluster_speedup", "mma_rotate_once_ms",
+                        "cluster_vs_rotate_once"):
+                assert positive(r[key]), (key, r)
             on_mma = r["other_kernel"] == "CUDA cores"   # tensor cores by default
             assert r["mma_cluster_ms"] == (r["ms"] if on_mma else r["other_kernel_ms"])
         m, n = r["shape"]
@@ -83,7 +85,7 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
     table = (tmp_path / "ops.md").read_text()
     for heading in ("## GEMV, batch 1", "without programmatic dependent launch",
                     "## GEMV, batches > 1", "## GEMV: tensor-core and CUDA-core kernels",
-                    "CTAs in clusters or alone",
+                    "where the activation is rotated",
                     "## Block Hadamard", "## Targets"):
         assert heading in table
 
@@ -211,12 +213,12 @@ def test_bench_decode_smoke_writes_every_figure(tmp_path, one_thread):
     assert with_head["bytes"]["lm_head"] > rows["qamw-4+fused"]["bytes"]["lm_head"] * 5.5 / 16
     assert bench_decode.parse_config("aaac-int4+head+fused") == (
         "aaac-int4", {"fused": True, "head": "aaac-int4", "pdl": True, "glue_pdl": False,
-                      "mma": False, "clusters": True})
-    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl+mma+alone") == (
+                      "mma": False, "clusters": True, "rotate_once": False})
+    assert bench_decode.parse_config("qamw-4+fused+nopdl+gluepdl+mma+alone+once") == (
         "qamw-4", {"fused": True, "head": None, "pdl": False, "glue_pdl": True, "mma": True,
-                   "clusters": False})
+                   "clusters": False, "rotate_once": True})
     for bad in ("bf16+head", "qamw-4+head=bf16", "qamw-4+fast", "int4", "qamw-4+fused=1",
-                "qamw-4+nopdl=1", "qamw-4+mma=1", "qamw-4+alone=1"):
+                "qamw-4+nopdl=1", "qamw-4+mma=1", "qamw-4+alone=1", "qamw-4+once=1"):
         with pytest.raises(ValueError, match="unknown config"):
             bench_decode.parse_config(bad)
     assert "| qamw-4 |" in (tmp_path / "decode.md").read_text()
@@ -321,17 +323,20 @@ SWITCHED_CONFIGS = [
     ("qamw-4+fused+mma,aaac-int4", "QAMW_GEMV_MMA", None, ["1", None], "mma", [True, False]),
     ("qamw-4+fused+alone,qamw-4", "QAMW_GEMV_CLUSTER", None, ["0", None], "clusters",
      [False, True]),
+    ("qamw-4,qamw-4+fused+once", "QAMW_GEMV_ROTATE_ONCE", None, [None, "1"], "rotate_once",
+     [False, True]),
     ("qamw-4,qamw-4+nopdl,aaac-int4", "QAMW_PDL", "1", ["1", "0", "1"], "pdl",
      [True, False, True]),
 ]
 
 
 @pytest.mark.parametrize("configs,name,before,seen_want,flag,flags", SWITCHED_CONFIGS,
-                         ids=["mma", "alone", "nopdl"])
+                         ids=["mma", "alone", "once", "nopdl"])
 def test_bench_decode_suffix_switches_the_kernels(monkeypatch, tmp_path, one_thread, configs,
                                                   name, before, seen_want, flag, flags):
     """+mma: QAMW_GEMV_MMA=1 (tensor-core GEMVs); +alone: QAMW_GEMV_CLUSTER=0 (no clusters of
-    CTAs); +nopdl: QAMW_PDL=0 (plain launches)."""
+    CTAs); +once: QAMW_GEMV_ROTATE_ONCE=1 (the activation rotated by a kernel of its own);
+    +nopdl: QAMW_PDL=0 (plain launches)."""
     if before is None:
         monkeypatch.delenv(name, raising=False)
     else:

@@ -223,17 +223,20 @@ def test_aaac_dequantize_and_gemv(device, scale_dtype, m, n, group):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the two kernel families are CUDA's")
-@pytest.mark.parametrize("setting", ["0", "1", "1-alone"])
+@pytest.mark.parametrize("setting", ["0", "1", "1-alone", "0-once", "1-once"])
 def test_cuda_gemv_kernel_families_match_reference(monkeypatch, setting):
     """QAMW_GEMV_MMA=0 puts every batch on the CUDA-core GEMVs, =1 every batch on the
     tensor-core ones (weights they serve: per-row or 1024-block scales, AAAC groups of 128):
     both match the reference, at batch 1 too. Blocks of 128 and groups of 16 put their scales
     into the tensor cores' A operand; AAAC without channel scales reads bf16 activations in
     place. At batch 1, QAM-W with blocks of 128 and 256 (8 runs of whole blocks) runs in
-    clusters of 4 CTAs on sm_90, or each CTA alone (1-alone: QAMW_GEMV_CLUSTER=0)."""
+    clusters of 4 CTAs on sm_90, or each CTA alone (1-alone: QAMW_GEMV_CLUSTER=0), or after a
+    kernel of its own rotated the activation once (-once: QAMW_GEMV_ROTATE_ONCE=1)."""
     monkeypatch.setenv("QAMW_GEMV_MMA", setting[0])
     if setting.endswith("alone"):
         monkeypatch.setenv("QAMW_GEMV_CLUSTER", "0")
+    if setting.endswith("once"):
+        monkeypatch.setenv("QAMW_GEMV_ROTATE_ONCE", "1")
     for per_block, block in [(False, 1024), (True, 1024), (True, 128), (False, 256)]:
         w = qamw_weight(70, 2048, 8, block, per_block, "cuda")
         ref_w = reference.qamw_dequantize(*w, 8, block, 2048, torch.float64)

@@ -472,8 +472,9 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
 
   const int optin = shared_per_block_optin();
   // At batch 1 each CTA rotates the activation into shared memory, beside the codebook copies,
-  // when both fit. Otherwise, and at larger batches, a small kernel rotates it once into the
-  // workspace, and a batch of 1 runs the kernel for batches up to 4.
+  // when both fit (unless QAMW_GEMV_ROTATE_ONCE=1). Otherwise, and at larger batches, a small
+  // kernel rotates it once into the workspace, and a batch of 1 runs the kernel for batches up
+  // to 4.
   const int64_t fused_units = ceil_div(p.pairs, kChunk / rows_per_lane(1));
   const int64_t xr_bytes = int64_t{sizeof(float)} * (w.n + 2 * fused_units);
   const int entry_bytes = dtype == DType::BF16 ? sizeof(__half2) : sizeof(float2);
@@ -485,10 +486,10 @@ void qamw_gemv(const QamwWeight& w, const void* x, DType dtype, int64_t batch, v
     return c > 0 ? c : codebook_copies(w.bits, entry_bytes, optin - other);
   };
   const bool mma = qamw_use_mma(w, batch);  // qamw_mma.cu
+  const bool in_cta = batch == 1 && rotate_in_each_cta();
   // Tensor cores at batch 1 rotate in each CTA too, where the activation fits.
-  if (mma && batch == 1 && qamw_gemv_mma_fused(w, p.rot, out, dtype, s)) return;
-  int copies = !mma && batch == 1 && xr_bytes <= kFusedActivationBytes
-                   ? copies_beside(xr_bytes) : 0;
+  if (mma && in_cta && qamw_gemv_mma_fused(w, p.rot, out, dtype, s)) return;
+  int copies = !mma && in_cta && xr_bytes <= kFusedActivationBytes ? copies_beside(xr_bytes) : 0;
   const bool fused = copies > 0;
   if (!fused) copies = copies_beside(0);
   p.copies_log2 = log2_of(copies);

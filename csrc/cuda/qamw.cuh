@@ -167,6 +167,15 @@ inline __device__ void rotate_into_shared(const RotationArgs& r, int sibling, fl
   if (r.order > 1) mix_shared(dst, 1, count, r.order, r.pow2, r.table, count, pad_shift);
 }
 
+// Whether a batch-1 GEMV may rotate the activation in each CTA (one launch), where it fits in
+// shared memory. QAMW_GEMV_ROTATE_ONCE=1 rotates it once instead, in a kernel of its own that
+// writes it to global memory, as larger batches do (two launches, no rotation repeated per
+// CTA), so that benchmarks can time both designs side by side; read at each launch.
+inline bool rotate_in_each_cta() {
+  const char* env = std::getenv("QAMW_GEMV_ROTATE_ONCE");
+  return env == nullptr || std::strcmp(env, "1") != 0;
+}
+
 // Whether the tensor-core GEMV serves this call (mma_wanted) on this device: sm_80 or later,
 // and row scales over whole k-blocks of 128 pairs (one scale a row, or Hadamard blocks of 256
 // values and more), or over 32 or 64 pairs (blocks of 64 and 128), from batch 2; at 8 bits

@@ -162,21 +162,31 @@ int64_t cluster_launches() {
 
 // Calls f(setting) with each GEMV kernel family forced (QAMW_GEMV_MMA=0: CUDA cores, =1:
 // tensor cores where the weight allows), so that both run at every batch; the default takes
-// one of the two (mma_wanted). With `clusters` (QAM-W at batch 1), where tensor cores ran in
+// one of the two (mma_wanted). With `batch_one` (QAM-W at batch 1), where tensor cores ran in
 // clusters of CTAs that split the k-blocks, they run again with each CTA alone
-// (QAMW_GEMV_CLUSTER=0).
+// (QAMW_GEMV_CLUSTER=0); and both families run again with the activation rotated once by a
+// kernel of its own (QAMW_GEMV_ROTATE_ONCE=1).
 template <typename F>
-void for_each_gemv_family(bool clusters, F&& f) {
+void for_each_gemv_family(bool batch_one, F&& f) {
   int64_t before = 0;
   for (const char* setting : {"0", "1"}) {
     setenv("QAMW_GEMV_MMA", setting, 1);
     before = cluster_launches();
     f(setting);
   }
-  if (clusters && cluster_launches() > before) {
+  if (batch_one && cluster_launches() > before) {
     setenv("QAMW_GEMV_CLUSTER", "0", 1);
     f("1, QAMW_GEMV_CLUSTER=0");
     unsetenv("QAMW_GEMV_CLUSTER");
+  }
+  if (batch_one) {
+    setenv("QAMW_GEMV_ROTATE_ONCE", "1", 1);
+    for (const char* setting : {"0", "1"}) {
+      setenv("QAMW_GEMV_MMA", setting, 1);
+      f(std::strcmp(setting, "0") == 0 ? "0, QAMW_GEMV_ROTATE_ONCE=1"
+                                       : "1, QAMW_GEMV_ROTATE_ONCE=1");
+    }
+    unsetenv("QAMW_GEMV_ROTATE_ONCE");
   }
   unsetenv("QAMW_GEMV_MMA");
 }
@@ -264,6 +274,7 @@ void test_qamw() {
           // `unaligned`: the activation starts one element in too (the scalar staging path).
           std::vector<float> workspace(qamw::cuda::qamw_gemv_workspace_floats(w, batch), NAN);
           const int64_t clusters_before = cluster_launches();
+          const int64_t launches_before = qamw_emu::launches();
           const double err = gemv_difference(
               d, batch, c.m, c.n, off,
               [&](const void* x, void* y) {
@@ -278,6 +289,11 @@ void test_qamw() {
           EXPECT(may_cluster || cluster_launches() == clusters_before,
                  "qamw_gemv bits=%d m=%lld n=%lld batch=%lld QAMW_GEMV_MMA=%s: clusters",
                  c.bits, (long long)c.m, (long long)c.n, (long long)batch, mma);
+          // Rotated once: the rotation's launch, then the GEMV's.
+          EXPECT(std::strstr(mma, "ROTATE_ONCE") == nullptr ||
+                     qamw_emu::launches() >= launches_before + 2,
+                 "qamw_gemv bits=%d m=%lld n=%lld QAMW_GEMV_MMA=%s: one launch", c.bits,
+                 (long long)c.m, (long long)c.n, mma);
         });
       }
       const double err = dequantize_difference(

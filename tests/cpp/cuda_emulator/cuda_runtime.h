@@ -173,8 +173,10 @@ void* cluster_shared(void* p, unsigned rank);
 // The blocks a cluster of the launch has (1 without cudaLaunchAttributeClusterDimension); fails
 // on a cluster shape the emulation does not run.
 unsigned cluster_blocks(const cudaLaunchConfig_t* config);
-// Launches so far in clusters of `blocks` blocks (2 to 8): what a test checks a launcher chose.
+// Launches so far in clusters of `blocks` blocks (2 to 8), and in all: what a test checks a
+// launcher chose.
 int64_t cluster_launches(unsigned blocks);
+int64_t launches();
 void set_max_dynamic_shared(const void* kernel, int bytes);
 int max_dynamic_shared(const void* kernel);
 // Runs the grid in clusters of `cluster` blocks along x.

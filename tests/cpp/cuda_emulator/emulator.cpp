@@ -425,6 +425,12 @@ int64_t cluster_launches(unsigned blocks) {
   return blocks >= 2 && blocks <= kMaxClusterBlocks ? g_cluster_launches[blocks] : 0;
 }
 
+int64_t launches() {
+  int64_t count = 0;
+  for (const int64_t c : g_cluster_launches) count += c;
+  return count;
+}
+
 unsigned cluster_size() { return static_cast<unsigned>(g_cluster->blocks.size()); }
 
 void sync_cluster(const char* file, int line) {
