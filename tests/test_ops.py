@@ -262,6 +262,35 @@ def test_cuda_gemv_kernel_families_match_reference(monkeypatch, setting):
                                              atol=2e-4 * ref_y.abs().max().item())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_cuda_ops_capture_into_a_graph_after_one_call():
+    """After one call, a GEMV or Hadamard launch asks the runtime nothing (its kernel's facts
+    are remembered), so it captures into a CUDA graph in the strict (global) error mode, and
+    the replay on new values of the captured input gives the eager result."""
+    codes = torch.randint(0, 16, (300, 2048), dtype=torch.int32, device="cuda")
+    aaac = (ops.pack_bits(codes, 4), torch.randn(300, 16, device="cuda").half(),
+            torch.randn(2, 16, device="cuda"), torch.tensor([0.7], device="cuda"), None)
+    qamw8 = qamw_weight(300, 2048, 8, 256, False, "cuda")
+    qamw11 = qamw_weight(300, 2048, 11, 1024, True, "cuda")
+    cases = [(lambda x: ops.qamw_gemv(x, *qamw8, 8, 256), 1),   # clusters on sm_90
+             (lambda x: ops.qamw_gemv(x, *qamw11, 11, 1024), 1),
+             (lambda x: ops.qamw_gemv(x, *qamw8, 8, 256), 5),
+             (lambda x: ops.aaac_gemv(x, *aaac, 128), 1),
+             (lambda x: ops.hadamard(x, 2048), 4),
+             (lambda x: ops.hadamard(x.repeat(1, 8), 16384), 3)]
+    for op, batch in cases:
+        x = torch.randn(batch, 2048, device="cuda", dtype=torch.bfloat16)
+        op(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="global"):
+            out = op(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, op(x), rtol=0, atol=0)
+
+
 # Fused weights: the rows of 2 to 4 layers, each with its own per-layer parameters. Odd row
 # counts (a sibling's last rows share a lane's pair or a CTA's step with the next one's), a
 # sibling of one row, and both GEMV paths: the activation rotated in shared memory and (n of
