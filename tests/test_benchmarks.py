@@ -20,6 +20,7 @@ import bench_ops  # noqa: E402
 import profile_gemv  # noqa: E402
 import quality  # noqa: E402
 import quality_fusion  # noqa: E402
+import sass_loops  # noqa: E402
 import smem_wavefronts  # noqa: E402
 from random_layers import CODECS  # noqa: E402
 
@@ -416,3 +417,33 @@ def test_quality_script_records_a_complete_table(tmp_path):
     assert [r["config"] for r in record["rows"]] == ["rtn-int4-g128", "nf4"]
     assert all(r["kl"] > 0 for r in record["rows"])
     assert "| nf4 |" in (tmp_path / "q.md").read_text()
+
+
+# Two functions as cuobjdump -sass prints them: the first has an outer loop (0x0010-0x0070)
+# around an inner one (0x0020-0x0050) that holds both HMMAs; the second has no HMMA.
+SASS = """
+        Function : kernel_a
+        /*0000*/                   MOV R1, c[0x0][0x28] ;      /* 0x00000a00ff017b82 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDS.64 R8, [R6] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R12, R8, R4, R12 ;
+        /*0040*/              @!P0 HMMA.16816.F32.BF16 R16, R8, R4, R16 ;
+        /*0050*/               @P1 BRA 0x20 ;
+        /*0060*/                   PRMT R7, R5, 0x4440, RZ ;
+        /*0070*/                   BRA 0x10 ;
+        /*0080*/                   EXIT ;
+        Function : kernel_b
+        /*0000*/                   LDS R8, [R6] ;
+        /*0010*/                   BRA 0x0 ;
+"""
+
+
+def test_sass_loops_finds_the_innermost_loop_of_the_op():
+    functions = dict(sass_loops.functions(SASS))
+    assert list(functions) == ["kernel_a", "kernel_b"]
+    code = functions["kernel_a"]
+    assert [sass_loops.opcode(text) for _, text in code][2:5] == ["LDS", "HMMA", "HMMA"]
+    assert sass_loops.main_loop(code, "HMMA") == (2, 5)
+    assert sass_loops.main_loop(code, "PRMT") == (1, 7)
+    assert sass_loops.main_loop(functions["kernel_b"], "HMMA") is None
+
