@@ -33,6 +33,8 @@ void dispatch_qamw_bits(int bits, F&& f) {
 // loops: the shifts are constants).
 template <int BITS, int N>
 __device__ __forceinline__ uint32_t chunk_code(const uint32_t (&w)[N], int j) {
+  // A byte in one instruction (a permute) where a shift and a mask take two.
+  if constexpr (BITS == 8) return __byte_perm(w[j / 4], 0u, 0x4440u | (j % 4));
   const int bit = j * BITS, word = bit >> 5, sh = bit & 31;
   uint32_t v = w[word] >> sh;
   if (sh + BITS > 32) v = __funnelshift_r(w[word], w[word + 1], sh);

@@ -45,7 +45,6 @@ constexpr int kSteps = kRunCodes / 2;       // mma steps per k-block
 struct MmaParams {
   const int32_t* packed;
   int64_t words_per_row;
-  bool packed_vec;        // packed rows are 16-byte aligned
   const float* codebook;
   int copies_log2;        // log2 of the codebook's copies in shared memory
   const float* row_scale;
@@ -65,49 +64,44 @@ struct MmaParams {
   CtaSplit split;
 };
 
-// The BITS words of a lane's run of 32 codes: words [kb * 4 * BITS + t * BITS, + BITS) of
-// `row`, by the widest loads their alignment allows; rows past m and words past the row are
-// zeros (a vector is wholly inside the row or outside: rows are whole 16-byte vectors).
+// The BITS words of a lane's run of 32 codes: words [kb * 4 * BITS + t * BITS, + BITS) of the
+// row at `row_words` (a row below m: the caller clamps it), by the widest loads their
+// alignment allows (the launcher takes only 16-byte aligned codes). A vector past the row (the
+// last k-block's lanes past n) is read from the row's last vector instead: B is zero past n,
+// so whatever it decodes to adds nothing, and the loop has no branch.
 template <int BITS>
-__device__ __forceinline__ void load_run(const MmaParams& p, int64_t row, int kb, int t,
-                                         uint32_t (&w)[BITS]) {
+__device__ __forceinline__ void load_run(const uint32_t* row_words, int words_per_row, int kb,
+                                         int t, uint32_t (&w)[BITS]) {
   constexpr int kVec = BITS % 4 == 0 ? 4 : BITS % 2 == 0 ? 2 : 1;
-  const int64_t first = int64_t{kb} * 4 * BITS + t * BITS;
-  const uint32_t* src = reinterpret_cast<const uint32_t*>(p.packed) + row * p.words_per_row;
+  const int first = kb * 4 * BITS + t * BITS;
 #pragma unroll
   for (int v = 0; v < BITS / kVec; ++v) {
-    const int64_t word = first + kVec * v;
-    const bool inside = row < p.m && word < p.words_per_row;
-    if (kVec == 4 && p.packed_vec) {
-      const uint4 q = inside ? __ldg(reinterpret_cast<const uint4*>(src + word)) : uint4{};
+    const int word = std::min(first + kVec * v, words_per_row - kVec);
+    if constexpr (kVec == 4) {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(row_words + word));
       w[4 * v] = q.x;
       w[4 * v + 1] = q.y;
       w[4 * v + 2] = q.z;
       w[4 * v + 3] = q.w;
-    } else if (kVec == 2 && p.packed_vec) {
-      const uint2 q = inside ? __ldg(reinterpret_cast<const uint2*>(src + word)) : uint2{};
+    } else if constexpr (kVec == 2) {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(row_words + word));
       w[2 * v] = q.x;
       w[2 * v + 1] = q.y;
     } else {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) w[kVec * v + k] = inside ? __ldg(src + word + k) : 0u;
+      w[v] = __ldg(row_words + word);
     }
   }
 }
 
-// Asks L2 for a lane's run of k-block kb of `row` (BITS * 4 bytes: one or two lines), the
-// part inside the row.
+// Asks L2 for a lane's run of k-block kb (BITS * 4 bytes: one or two lines) of the row at
+// row_words, clamped into the row as load_run reads it.
 template <int BITS>
-__device__ __forceinline__ void prefetch_run(const MmaParams& p, int64_t row, int kb, int t) {
-  if (row >= p.m || kb >= p.kblocks) return;
-  const int64_t first = int64_t{kb} * 4 * BITS + t * BITS;
-  if (first >= p.words_per_row) return;
-  const int64_t last = first + BITS - 1 < p.words_per_row ? first + BITS - 1 : p.words_per_row - 1;
-  const int32_t* rowp = p.packed + row * p.words_per_row;
-  prefetch_l2(rowp + first);
-  prefetch_l2(rowp + last);
+__device__ __forceinline__ void prefetch_run(const uint32_t* row_words, int words_per_row,
+                                             int kb, int t) {
+  const int first = std::min(kb * 4 * BITS + t * BITS, words_per_row - BITS);
+  prefetch_l2(row_words + std::max(first, 0));
+  prefetch_l2(row_words + std::min(first + BITS, words_per_row) - 1);
 }
-
 
 // Values of the rotated activation a FUSED CTA holds (kblocks * 2 * kBlockPairs, 4 bytes each,
 // as floats and then as B entries), at most.
@@ -199,13 +193,19 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
     if (kb_last < kb_end) kb_end = kb_last;
   }
   const CtaRows rows = cta_rows(p.split, kMmaRowsPerCta * CLUSTER, CLUSTER);
-  // The lane's row of group i (of 8 rows) in the warp's tile of the rows from row0.
+  // The lane's row of group i (of 8 rows) in the warp's tile of the rows from row0, clamped
+  // below m: rows past m are read and decoded like the others, and never stored.
   const auto lane_row = [&](int64_t row0, int i) {
-    return row0 + kMmaRowsPerCta * tile + 8 * i + g;
+    const int64_t row = row0 + kMmaRowsPerCta * tile + 8 * i + g;
+    return row < p.m ? row : p.m - 1;
+  };
+  const int words_per_row = static_cast<int>(p.words_per_row);
+  const auto row_words = [&](int64_t row) {
+    return reinterpret_cast<const uint32_t*>(p.packed) + row * words_per_row;
   };
 #pragma unroll
   for (int i = 0; i < kMmaGroups; ++i)
-    prefetch_run<BITS>(p, lane_row(rows.first, i), kb_first + kb_warp, t);
+    prefetch_run<BITS>(row_words(lane_row(rows.first, i)), words_per_row, kb_first + kb_warp, t);
   wait_for_prior_kernels();
 
   static_assert(!FUSED || NT == 1, "a fused rotation serves a batch of one");
@@ -239,22 +239,22 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
     for (int kb = kb_first + kb_warp; kb < kb_end; kb += kTileWarps) {
       uint32_t w[kMmaGroups][BITS];
       float scale[kMmaGroups];
-      // The segment of the lane's run (the k-block's, unless SCALED); past n, none.
-      const int64_t segment = (int64_t{kb} * kBlockPairs + kRunCodes * t) >> p.seg_log2;
+      // The segment of the lane's run (the k-block's, unless SCALED); past n, the row's last
+      // (B is zero there).
+      const int segment = std::min((kb * kBlockPairs + kRunCodes * t) >> p.seg_log2,
+                              static_cast<int>(p.scales_per_row) - 1);
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = lane_row(row0, i);
-        load_run<BITS>(p, row, kb, t, w[i]);
-        scale[i] = row < p.m && segment < p.scales_per_row
-                       ? p.row_scale[row * p.scales_per_row + segment]
-                       : 0.0f;
+        load_run<BITS>(row_words(row), words_per_row, kb, t, w[i]);
+        scale[i] = __ldg(p.row_scale + row * p.scales_per_row + segment);
       }
       // The warp's next k-block of these rows, or its first of the next ones.
       const bool last = kb + kTileWarps >= kb_end;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
-        prefetch_run<BITS>(p, lane_row(last ? row0 + rows.stride : row0, i),
-                           last ? kb_first + kb_warp : kb + kTileWarps, t);
+        prefetch_run<BITS>(row_words(lane_row(last ? row0 + rows.stride : row0, i)),
+                           words_per_row, last ? kb_first + kb_warp : kb + kTileWarps, t);
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kSteps * NT * 32;
 #pragma unroll
@@ -347,7 +347,6 @@ bool launch_mma(const QamwWeight& w, int rotations, int64_t batch, const uint2* 
   MmaParams p{};
   p.packed = w.packed;
   p.words_per_row = w.words_per_row;
-  p.packed_vec = aligned16(w.packed);
   p.codebook = w.codebook;
   p.row_scale = w.row_scale;
   p.scales_per_row = w.scales_per_row;
@@ -468,7 +467,9 @@ bool qamw_use_mma(const QamwWeight& w, int64_t batch) {
   // v12). At 7 bits (runs of odd word counts: 4-byte loads) and 11 (conflicting lookups) it
   // was slower; the widths not measured keep the CUDA-core kernel.
   const int from = w.bits == 8 && rotation_fits(w) ? 1 : 2;
-  return mma_wanted(batch, from) &&
+  // 16-byte loads of the codes, with no other path in the kernel's loop (rows are whole 16-byte
+  // vectors, so a row slice of an aligned weight stays aligned).
+  return aligned16(w.packed) && mma_wanted(batch, from) &&
          mma_allowed(qamw_gemv_mma_kernel<8, 1, 8, false, false, 1>);
 }
 

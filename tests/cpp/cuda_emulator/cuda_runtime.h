@@ -89,6 +89,14 @@ inline unsigned __float_as_uint(float f) { unsigned v; std::memcpy(&v, &f, 4); r
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>(((uint64_t{hi} << 32) | lo) >> (shift & 31));
 }
+// Byte i of the result is byte (s >> 4 i) & 7 of the 8 bytes of (x, y), x first (no sign
+// replication: the kernels never ask for it).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t bytes = uint64_t{y} << 32 | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= unsigned(bytes >> 8 * ((s >> 4 * i) & 7) & 0xff) << 8 * i;
+  return r;
+}
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
