@@ -14,6 +14,8 @@
 // global.
 // From batch 2 a tensor-core kernel takes over (aaac_gemv_mma_kernel, below); from batch 4 for
 // groups under 128 values, whose scales enter its A operand.
+#include <algorithm>
+
 #include "mma.cuh"
 
 namespace qamw::cuda {
@@ -51,6 +53,13 @@ __device__ __forceinline__ void decode_scale(const void* scales, ScaleType type,
 __device__ __forceinline__ float2 pair_entry(const float* codebooks, int e) {
   const float* book = codebooks + 16 * (e >> 8);
   return make_float2(__ldg(book + (e & 15)), __ldg(book + ((e >> 4) & 15)));
+}
+
+// The pair table's entry of byte k (0-3) of `word` in the codebook whose first entry is `book`
+// (0 or 256): the byte and the codebook's bit placed by one byte permute, where a shift, a
+// mask and an or take three.
+__device__ __forceinline__ uint32_t book_entry(uint32_t word, int k, uint32_t book) {
+  return __byte_perm(word, book, 0x7650u | k);
 }
 
 // 16-byte vector `vector` of `row` of packed codes (zeros past w.m rows or past the row's
@@ -192,8 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
                                       : byte < 8  ? q[r].y
                                       : byte < 12 ? q[r].z
                                                   : q[r].w;
-                const uint32_t entry = book[r] | ((word >> (8 * (byte % 4))) & 0xFFu);
-                wv[r][t] = pairs[entry];
+                wv[r][t] = pairs[book_entry(word, byte % 4, book[r])];
               }
             }
 #pragma unroll
@@ -286,7 +294,6 @@ struct MmaParams {
   const uint2* x;            // DIRECT: the bf16 activation, 4 values an entry
   void* out;
   DType dtype;
-  bool packed_vec;
   int copies_log2;
   CtaSplit split;
 };
@@ -319,13 +326,21 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   w.m = rows.end;
   w.codebooks += 32 * rows.sibling;
   if (w.tensor_scale) w.tensor_scale += rows.sibling;
-  const auto prefetch_vector = [&](int64_t row, int kb) {
-    const int64_t word = (int64_t{kb} * 4 + t) * 4;
-    if (row < w.m && kb < p.kblocks && word < w.words_per_row)
-      prefetch_l2(w.packed + row * w.words_per_row + word);
+  // The lane's row of group i from row0, clamped into the weight: rows past the sibling's are
+  // decoded like the others and never stored. Its 16-byte vector of k-block kb, clamped into
+  // the row: a vector past it (the last k-block's lanes past n) meets zeros in B. So the loop
+  // has no branch; the launcher takes only 16-byte aligned codes.
+  const auto lane_row = [&](int64_t row0, int i) {
+    const int64_t row = row0 + 8 * i + g;
+    return row < p.w.m ? row : p.w.m - 1;
+  };
+  const int vectors_per_row = static_cast<int>(w.words_per_row / 4);
+  const auto code_vector = [&](int64_t row, int kb) {
+    return reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row) +
+           std::min(kb * 4 + t, vectors_per_row - 1);
   };
 #pragma unroll
-  for (int i = 0; i < kMmaGroups; ++i) prefetch_vector(rows.first + 8 * i + g, warp);
+  for (int i = 0; i < kMmaGroups; ++i) prefetch_l2(code_vector(lane_row(rows.first, i), warp));
   wait_for_prior_kernels();
 
   const int copies_log2 = p.copies_log2;
@@ -359,8 +374,8 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
       uint32_t book[kMmaGroups][kHalves];
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
-        const int64_t row = row0 + 8 * i + g;
-        const uint4 v = load_code_vector(w, p.packed_vec, row, int64_t{kb} * 4 + t);
+        const int64_t row = lane_row(row0, i);
+        const uint4 v = __ldg(code_vector(row, kb));
         q[i][0] = v.x;
         q[i][1] = v.y;
         q[i][2] = v.z;
@@ -372,15 +387,12 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
             book[i][h] = book[i][0];
             continue;
           }
-          const int64_t value =
-              int64_t{kb} * kMmaBlockValues + (SCALED ? kMmaRun * (2 * t + h) : 0);
+          // Past the row's last value (groups under 128), the row's last group: B is zero there.
+          const int64_t value = std::min(
+              int64_t{kb} * kMmaBlockValues + (SCALED ? kMmaRun * (2 * t + h) : 0), w.n - 1);
           int choice = 0;
-          // Past the sibling's last row or (groups under 128) the row's last value: zero codes,
-          // zero scale.
-          magnitude[i][h] = 0.0f;
-          if (row < w.m && value < w.n)
-            decode_scale(w.scales, w.scale_type, row * groups + (value >> group_log2), choice,
-                         magnitude[i][h]);
+          decode_scale(w.scales, w.scale_type, row * groups + (value >> group_log2), choice,
+                       magnitude[i][h]);
           book[i][h] = static_cast<uint32_t>(choice) << 8;
         }
       }
@@ -388,8 +400,8 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
       const bool last = kb + WARPS >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
-        prefetch_vector((last ? row0 + rows.stride : row0) + 8 * i + g,
-                        last ? warp : kb + WARPS);
+        prefetch_l2(code_vector(lane_row(last ? row0 + rows.stride : row0, i),
+                                last ? warp : kb + WARPS));
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
 #pragma unroll
@@ -400,10 +412,10 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
         const int h = SCALED ? s / (kMmaSteps / 2) : 0;
 #pragma unroll
         for (int i = 0; i < kMmaGroups; ++i) {
-          // Bytes 2 s and 2 s + 1 of the vector: pairs 2 s and 2 s + 1 of the lane's run.
-          const uint32_t word = q[i][s / 2] >> (16 * (s % 2));
-          uint2 c0 = pairs[book[i][h] | (word & 0xFFu)];
-          uint2 c1 = pairs[book[i][h] | ((word >> 8) & 0xFFu)];
+          // Bytes 2 s and 2 s + 1 of the vector (pairs 2 s and 2 s + 1 of the lane's run), each
+          // beside the codebook's bit in one byte permute (book_entry).
+          uint2 c0 = pairs[book_entry(q[i][s / 2], 2 * (s % 2), book[i][h])];
+          uint2 c1 = pairs[book_entry(q[i][s / 2], 2 * (s % 2) + 1, book[i][h])];
           if constexpr (SCALED) {
             const float m = magnitude[i][h];
             c0 = split_pair(__uint_as_float(c0.x) * m, __uint_as_float(c0.y) * m);
@@ -429,7 +441,8 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
 // against ~1.5 + 2 * batch for the CUDA-core kernel, so it takes over from batch 4.
 bool use_mma_gemv(const AaacWeight& w, int64_t batch) {
   const bool whole = w.group % kMmaBlockValues == 0;
-  return mma_wanted(batch, whole ? 2 : 4) &&
+  // 16-byte loads of the codes, with no other path in the kernel's loop.
+  return aligned16(w.packed) && mma_wanted(batch, whole ? 2 : 4) &&
          (whole || (w.group >= 16 && kMmaBlockValues % w.group == 0)) &&
          mma_allowed(aaac_gemv_mma_kernel<1, 8, false, false>);
 }
@@ -457,7 +470,6 @@ void aaac_gemv_mma(const AaacWeight& w, const void* x, DType dtype, int64_t batc
   p.x = static_cast<const uint2*>(x);
   p.out = out;
   p.dtype = dtype;
-  p.packed_vec = aligned16(w.packed);
   const int tiles = fragment_tiles(batch);
   const int warps = mma_warps(tiles, w.m, 9);  // the pair table: 512 entries
   const int64_t sums_bytes = mma_sums_bytes(warps, tiles);
