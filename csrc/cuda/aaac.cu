@@ -62,12 +62,20 @@ __device__ __forceinline__ uint32_t book_entry(uint32_t word, int k, uint32_t bo
   return __byte_perm(word, book, 0x7650u | k);
 }
 
-// 16-byte vector `vector` of `row` of packed codes (zeros past w.m rows or past the row's
-// words): one load when the rows are 16-byte aligned (packed_vec), else four.
-__device__ __forceinline__ uint4 load_code_vector(const AaacWeight& w, bool packed_vec,
-                                                  int64_t row, int64_t vector) {
-  if (row >= w.m || 4 * vector >= w.words_per_row) return make_uint4(0, 0, 0, 0);
-  const uint4* src = reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row) + vector;
+// Where the 16-byte vector `vector` of `row` of packed codes is, both clamped into the weight
+// of m rows: the rows and vectors past it that a lane reads are decoded and never stored, and
+// clamped they need no branch.
+__device__ __forceinline__ const uint4* code_vector(const AaacWeight& w, int64_t m, int64_t row,
+                                                    int vector) {
+  const int vectors_per_row = static_cast<int>(w.words_per_row / 4);
+  return reinterpret_cast<const uint4*>(w.packed + std::min(row, m - 1) * w.words_per_row) +
+         std::min(vector, vectors_per_row - 1);
+}
+
+// That vector: one load when the rows are 16-byte aligned (packed_vec), else four.
+__device__ __forceinline__ uint4 load_code_vector(const AaacWeight& w, int64_t m,
+                                                  bool packed_vec, int64_t row, int vector) {
+  const uint4* src = code_vector(w, m, row, vector);
   if (packed_vec) return __ldg(src);
   const uint32_t* r32 = reinterpret_cast<const uint32_t*>(src);
   return make_uint4(__ldg(r32), __ldg(r32 + 1), __ldg(r32 + 2), __ldg(r32 + 3));
@@ -112,18 +120,18 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
   w.codebooks += 32 * rows.sibling;
   if (w.tensor_scale) w.tensor_scale += rows.sibling;
   if (w.channel_scale) w.channel_scale += int64_t{rows.sibling} * n;
-  // Vector c of each of the R rows from `row` (zeros past the last row); a lane keeps the next
-  // ones in flight while it decodes the current ones.
+  // Vector c of each of the R rows from `row` (clamped into the weight: rows past the CTA's are
+  // decoded and never stored); a lane keeps the next ones in flight while it decodes the
+  // current ones.
   const auto load_vectors = [&](int64_t row, int c, uint4 (&q)[R]) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) q[r] = load_code_vector(w, p.packed_vec, row + r, c);
+    for (int r = 0; r < R; ++r) q[r] = load_code_vector(w, p.w.m, p.packed_vec, row + r, c);
   };
   // The first vectors travel from DRAM while the kernel before this one finishes (into L2) and
   // the CTA stages the codebooks and the activation.
-  const int64_t first_row = sub < p.chunks_per_row ? rows.first + row_in_cta : w.m;
+  const int64_t first_row = rows.first + row_in_cta;
 #pragma unroll
-  for (int r = 0; r < R; ++r)
-    if (first_row + r < w.m) prefetch_l2(w.packed + (first_row + r) * w.words_per_row + 4 * sub);
+  for (int r = 0; r < R; ++r) prefetch_l2(code_vector(w, p.w.m, first_row + r, sub));
   wait_for_prior_kernels();
   uint4 q[R];
   load_vectors(first_row, sub, q);
@@ -165,9 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
         const int64_t row2 = c2 < p.chunks_per_row ? row : row + rows.stride;
         const int vec2 = c2 < p.chunks_per_row ? c2 : same_row ? sub : sub + G;
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (row2 + r < w.m && vec2 < p.chunks_per_row)
-            prefetch_l2(w.packed + (row2 + r) * w.words_per_row + 4 * vec2);
+        for (int r = 0; r < R; ++r) prefetch_l2(code_vector(w, p.w.m, row2 + r, vec2));
         // Two halves of 16 codes: a group has at least 16 codes, so a half has one scale.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -177,11 +183,10 @@ __global__ void __launch_bounds__(kThreads, 1) aaac_gemv_kernel(GemvParams p) {
           uint32_t book[R];  // the pair table's first entry of the row's codebook
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            int choice = 0;
-            magnitude[r] = 0.0f;  // a row past the last: zero codes, zero scale
-            if (row + r < w.m)
-              decode_scale(w.scales, w.scale_type, (row + r) * groups + (j0 >> group_log2),
-                           choice, magnitude[r]);
+            int choice = 0;  // a row past the weight's last: its last row's scale
+            decode_scale(w.scales, w.scale_type,
+                         std::min(row + r, p.w.m - 1) * groups + (j0 >> group_log2), choice,
+                         magnitude[r]);
             book[r] = static_cast<uint32_t>(choice) << 8;
           }
           float part[R][NB];
@@ -326,21 +331,16 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   w.m = rows.end;
   w.codebooks += 32 * rows.sibling;
   if (w.tensor_scale) w.tensor_scale += rows.sibling;
-  // The lane's row of group i from row0, clamped into the weight: rows past the sibling's are
-  // decoded like the others and never stored. Its 16-byte vector of k-block kb, clamped into
-  // the row: a vector past it (the last k-block's lanes past n) meets zeros in B. So the loop
-  // has no branch; the launcher takes only 16-byte aligned codes.
-  const auto lane_row = [&](int64_t row0, int i) {
-    const int64_t row = row0 + 8 * i + g;
-    return row < p.w.m ? row : p.w.m - 1;
-  };
-  const int vectors_per_row = static_cast<int>(w.words_per_row / 4);
-  const auto code_vector = [&](int64_t row, int kb) {
-    return reinterpret_cast<const uint4*>(w.packed + row * w.words_per_row) +
-           std::min(kb * 4 + t, vectors_per_row - 1);
+  // The lane's row of group i from row0 and its 16-byte vector of k-block kb, clamped into
+  // the weight (code_vector): rows past the sibling's are decoded like the others and never
+  // stored, and a vector past the row (the last k-block's lanes past n) meets zeros in B. So
+  // the loop has no branch; the launcher takes only 16-byte aligned codes.
+  const auto lane_row = [&](int64_t row0, int i) { return std::min(row0 + 8 * i + g, p.w.m - 1); };
+  const auto lane_vector = [&](int64_t row, int kb) {
+    return code_vector(w, p.w.m, row, kb * 4 + t);
   };
 #pragma unroll
-  for (int i = 0; i < kMmaGroups; ++i) prefetch_l2(code_vector(lane_row(rows.first, i), warp));
+  for (int i = 0; i < kMmaGroups; ++i) prefetch_l2(lane_vector(lane_row(rows.first, i), warp));
   wait_for_prior_kernels();
 
   const int copies_log2 = p.copies_log2;
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = lane_row(row0, i);
-        const uint4 v = __ldg(code_vector(row, kb));
+        const uint4 v = __ldg(lane_vector(row, kb));
         q[i][0] = v.x;
         q[i][1] = v.y;
         q[i][2] = v.z;
@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
       const bool last = kb + WARPS >= p.kblocks;
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i)
-        prefetch_l2(code_vector(lane_row(last ? row0 + rows.stride : row0, i),
+        prefetch_l2(lane_vector(lane_row(last ? row0 + rows.stride : row0, i),
                                 last ? warp : kb + WARPS));
       float part[kMmaGroups][NT][4] = {};
       const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
