@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
       // The segment of the lane's run (the k-block's, unless SCALED); past n, the row's last
       // (B is zero there).
       const int segment = std::min((kb * kBlockPairs + kRunCodes * t) >> p.seg_log2,
-                              static_cast<int>(p.scales_per_row) - 1);
+                                   static_cast<int>(p.scales_per_row) - 1);
 #pragma unroll
       for (int i = 0; i < kMmaGroups; ++i) {
         const int64_t row = lane_row(row0, i);
