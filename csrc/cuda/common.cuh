@@ -145,6 +145,13 @@ __device__ __forceinline__ void store_floats(T* p, const float (&v)[N], bool vec
   for (int i = 0; i < N; ++i) p[i] = from_float<T>(v[i]);
 }
 
+// Whether the environment variable `name` is set to `value`: the run-time switches that
+// benchmarks flip (QAMW_PDL, QAMW_GEMV_MMA, ...), read at each launch.
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // CTAs for a grid-stride kernel that wants `ctas`: at most 2^20, the kernel strides over the rest.
@@ -493,9 +500,7 @@ bool runs_as_sm(K kernel, int arch) {
 // read at each launch, so that a CUDA graph keeps the choice it was captured with.
 template <typename K>
 bool overlap_allowed(K kernel) {
-  const char* env = std::getenv("QAMW_PDL");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return runs_as_sm(kernel, 90);
+  return !env_is("QAMW_PDL", "0") && runs_as_sm(kernel, 90);
 }
 
 // kernel<<<grid, threads, smem, stream>>>(args...) in clusters of `cluster` CTAs along x (1:

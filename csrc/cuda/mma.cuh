@@ -43,9 +43,8 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
 // gives every batch to tensor cores, for side-by-side benchmarks. Read at each launch, as
 // QAMW_PDL is.
 inline bool mma_wanted(int64_t batch, int64_t from = 2) {
-  const char* env = std::getenv("QAMW_GEMV_MMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return batch >= from || (env != nullptr && std::strcmp(env, "1") == 0);
+  if (env_is("QAMW_GEMV_MMA", "0")) return false;
+  return batch >= from || env_is("QAMW_GEMV_MMA", "1");
 }
 
 // Whether `kernel`, which uses mma_bf16_16816, runs here: the device is sm_80 or later and the

@@ -174,8 +174,7 @@ inline __device__ void rotate_into_shared(const RotationArgs& r, int sibling, fl
 // writes it to global memory, as larger batches do (two launches, no rotation repeated per
 // CTA), so that benchmarks can time both designs side by side; read at each launch.
 inline bool rotate_in_each_cta() {
-  const char* env = std::getenv("QAMW_GEMV_ROTATE_ONCE");
-  return env == nullptr || std::strcmp(env, "1") != 0;
+  return !env_is("QAMW_GEMV_ROTATE_ONCE", "1");
 }
 
 // Whether the tensor-core GEMV serves this call (mma_wanted) on this device: sm_80 or later,

@@ -332,9 +332,7 @@ void split_runs(const QamwWeight& w, const RotationArgs& rot, MmaParams& p) {
 // QAMW_GEMV_MMA is.
 template <typename K>
 int fused_cluster(const MmaParams& p, K kernel) {
-  const char* env = std::getenv("QAMW_GEMV_CLUSTER");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return 1;
-  if (!runs_as_sm(kernel, 90)) return 1;
+  if (env_is("QAMW_GEMV_CLUSTER", "0") || !runs_as_sm(kernel, 90)) return 1;
   return p.granules >= 4 ? 4 : p.granules >= 2 ? 2 : 1;
 }
 
