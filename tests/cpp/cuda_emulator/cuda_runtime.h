@@ -51,6 +51,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __syncthreads() ::qamw_emu::sync_block(__FILE__, __LINE__)
+#define __syncthreads_or(predicate) ::qamw_emu::sync_block_or((predicate), __FILE__, __LINE__)
 
 struct uint3 {
   unsigned x, y, z;
@@ -162,6 +163,8 @@ void count_runtime_query();
 void set_schedule(Schedule s);
 
 void sync_block(const char* file, int line);
+// __syncthreads_or: the barrier, then whether any thread of the block passed a nonzero value.
+int sync_block_or(int predicate, const char* file, int line);
 // Exchanges `bytes` bytes of every lane of `mask` in the running thread's warp; returns those
 // of lane `src` (or the caller's own when src is outside the warp).
 void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes, int src);

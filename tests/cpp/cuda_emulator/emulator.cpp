@@ -90,6 +90,8 @@ struct BlockRun {
   std::vector<Mma> mmas;
   int current = -1, done = 0;
   int arrived = 0;  // at the __syncthreads in progress
+  bool any = false;  // a nonzero predicate at the __syncthreads_or in progress
+  bool any_result = false;  // ... at the last one released
   const char* barrier_file = nullptr;
   int barrier_line = 0;
   std::unique_ptr<unsigned char[]> shared;
@@ -166,6 +168,8 @@ void release_barrier(BlockRun& r) {
   for (Thread& t : r.threads)
     if (t.state == State::AtBarrier) t.state = State::Ready;
   r.arrived = 0;
+  r.any_result = r.any;
+  r.any = false;
 }
 
 void thread_exit(ClusterRun& c, BlockRun& r, int i) {
@@ -317,6 +321,12 @@ void sync_block(const char* file, int line) {
   r.threads[r.current].state = State::AtBarrier;
   if (++r.arrived == static_cast<int>(blockDim.x * blockDim.y * blockDim.z)) release_barrier(r);
   yield();
+}
+
+int sync_block_or(int predicate, const char* file, int line) {
+  g_run->any |= predicate != 0;
+  sync_block(file, line);
+  return g_run->any_result;  // every thread resumes before any can reach the next barrier
 }
 
 void warp_exchange(unsigned mask, const void* value, void* result, size_t bytes, int src) {

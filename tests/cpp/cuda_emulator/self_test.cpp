@@ -18,7 +18,8 @@
 // fragment elements placed by the PTX ISA's per-element formulas; runs clusters of 4 blocks that
 // add values from the shared memory of every block of their cluster, in both schedules; checks
 // cudaOccupancyMaxActiveClusters, that each call counts as a runtime query and that a second
-// device has its own limits; and reads a peer's shared memory after the peer exited (NaN).
+// device has its own limits; reads a peer's shared memory after the peer exited (NaN); and checks
+// that __syncthreads_or answers whether any thread passed a nonzero value, twice in a row.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -43,6 +44,13 @@ __global__ void block_sum(const float* in, float* out, bool with_barrier) {
     for (int w = 0; w < kThreads / 32; ++w) s += warp_sums[w];
     out[blockIdx.x] = s;
   }
+}
+
+// out[threadIdx.x] = whether any thread is `one`, then whether any thread is past the block.
+__global__ void any_thread(int one, float* out) {
+  const int first = __syncthreads_or(static_cast<int>(threadIdx.x) == one);
+  const int second = __syncthreads_or(static_cast<int>(threadIdx.x) >= kThreads);
+  out[threadIdx.x] = static_cast<float>(first + 2 * second);
 }
 
 __global__ void divergent(float* out) {
@@ -280,6 +288,15 @@ int main(int argc, char** argv) {
           return 1;
         }
       }
+    for (const int one : {-1, 0, kThreads - 1}) {
+      qamw_emu::launch(any_thread, 1, kThreads)(one, out.data());
+      for (int i = 0; i < kThreads; ++i) {
+        if (out[i] != (one >= 0 ? 1.0f : 0.0f)) {
+          std::printf("__syncthreads_or: thread %d got %g with thread %d true\n", i, out[i], one);
+          return 1;
+        }
+      }
+    }
     if (!cluster_sums_match(qamw_emu::Schedule::Forward) ||
         !cluster_sums_match(qamw_emu::Schedule::Reverse))
       return 1;
