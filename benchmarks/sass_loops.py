@@ -1,10 +1,10 @@
 """Static instruction counts of the compiled GEMV kernels' main loops, from their SASS.
 
-For each kernel whose (mangled) name matches --kernel, the innermost loop that holds the most
-instructions of --op (HMMA: the tensor-core GEMVs' k-block loop) is found from the backward
-branches, and its size and instruction mix are printed: the per-iteration counts behind the
-NOTES' instructions per code, measured on the compiled code instead of estimated. Needs no GPU,
-only cuobjdump (CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`) and an object or
+For each kernel whose (mangled) name matches --kernel, the innermost loops that hold --op (HMMA:
+the tensor-core GEMVs' k-block loops; FFMA: the CUDA-core ones' runs of codes) are found from
+the backward branches, and the size and instruction mix of each are printed: the per-iteration
+counts behind the NOTES' instructions per code, measured on the compiled code instead of
+estimated. Needs no GPU, only cuobjdump (CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`) and an object or
 library built for the GPU in question:
 
     python benchmarks/sass_loops.py build/temp.*/csrc/cuda/qamw_mma.o \
@@ -53,23 +53,23 @@ def opcode(text):
     return re.sub(r"^@!?U?P[T0-9]+\s+", "", text).split()[0].split(".")[0]
 
 
-def main_loop(code, op):
-    """(first, last) index of the smallest loop holding the most `op` instructions, or None."""
+def main_loops(code, op):
+    """(first, last) index of each innermost loop holding `op`, in address order: a loop (a
+    backward branch to its head; of several to one head, the last) that holds no other such
+    loop. A kernel compiled with two k-block loops (for two kinds of codebook) has two."""
     index = {address: i for i, (address, _) in enumerate(code)}
-    marks = [i for i, (_, text) in enumerate(code) if opcode(text) == op]
-    best, best_key = None, None
+    ends = {}
     for i, (address, text) in enumerate(code):
         target = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
-        if not target or int(target.group(1), 16) > address:
-            continue
-        j = index.get(int(target.group(1), 16))
-        if j is None:
-            continue
-        inside = sum(j <= k <= i for k in marks)
-        key = (inside, -(i - j))
-        if inside and (best_key is None or key > best_key):
-            best, best_key = (j, i), key
-    return best
+        if target and int(target.group(1), 16) <= address:
+            j = index.get(int(target.group(1), 16))
+            if j is not None:
+                ends[j] = max(ends.get(j, i), i)
+    holding = [(j, i) for j, i in ends.items()
+               if any(opcode(text) == op for _, text in code[j:i + 1])]
+    return sorted(loop for loop in holding
+                  if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1]
+                             for other in holding))
 
 
 def main(argv=None):
@@ -87,15 +87,15 @@ def main(argv=None):
         if not re.search(args.kernel, name):
             continue
         rows += 1
-        loop = main_loop(code, args.op)
-        if loop is None:
+        loops = main_loops(code, args.op)
+        if not loops:
             print(f"{name}: {len(code)} instructions, no loop with {args.op}")
             continue
-        j, i = loop
-        mix = collections.Counter(opcode(text) for _, text in code[j:i + 1])
-        print(f"{name}: {len(code)} instructions; main loop {i - j + 1} "
-              f"({16 * (i - j + 1)} bytes): "
-              + ", ".join(f"{k} {v}" for k, v in mix.most_common(args.top)))
+        for k, (j, i) in enumerate(loops):
+            mix = collections.Counter(opcode(text) for _, text in code[j:i + 1])
+            print(f"{name}: {len(code)} instructions; loop {k + 1} of {len(loops)}: "
+                  f"{i - j + 1} ({16 * (i - j + 1)} bytes): "
+                  + ", ".join(f"{o} {n}" for o, n in mix.most_common(args.top)))
     if rows == 0:
         sys.exit(f"no kernel matches {args.kernel!r}")
 

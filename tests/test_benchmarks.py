@@ -419,8 +419,9 @@ def test_quality_script_records_a_complete_table(tmp_path):
     assert "| nf4 |" in (tmp_path / "q.md").read_text()
 
 
-# Two functions as cuobjdump -sass prints them: the first has an outer loop (0x0010-0x0070)
-# around an inner one (0x0020-0x0050) that holds both HMMAs; the second has no HMMA.
+# Three functions as cuobjdump -sass prints them: the first has an outer loop (0x0010-0x0070)
+# around an inner one (0x0020-0x0050) that holds both HMMAs; the second has no HMMA; the third
+# two loops one after the other, each with an HMMA, the first with two branches to its head.
 SASS = """
         Function : kernel_a
         /*0000*/                   MOV R1, c[0x0][0x28] ;      /* 0x00000a00ff017b82 */
@@ -435,15 +436,24 @@ SASS = """
         Function : kernel_b
         /*0000*/                   LDS R8, [R6] ;
         /*0010*/                   BRA 0x0 ;
+        Function : kernel_c
+        /*0000*/                   LDS R8, [R6] ;
+        /*0010*/               @P0 BRA 0x0 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R12, R8, R4, R12 ;
+        /*0030*/               @P1 BRA 0x0 ;
+        /*0040*/                   LDS R8, [R6] ;
+        /*0050*/                   HMMA.16816.F32.BF16 R12, R8, R4, R12 ;
+        /*0060*/               @P1 BRA 0x40 ;
 """
 
 
-def test_sass_loops_finds_the_innermost_loop_of_the_op():
+def test_sass_loops_finds_the_innermost_loops_of_the_op():
     functions = dict(sass_loops.functions(SASS))
-    assert list(functions) == ["kernel_a", "kernel_b"]
+    assert list(functions) == ["kernel_a", "kernel_b", "kernel_c"]
     code = functions["kernel_a"]
     assert [sass_loops.opcode(text) for _, text in code][2:5] == ["LDS", "HMMA", "HMMA"]
-    assert sass_loops.main_loop(code, "HMMA") == (2, 5)
-    assert sass_loops.main_loop(code, "PRMT") == (1, 7)
-    assert sass_loops.main_loop(functions["kernel_b"], "HMMA") is None
+    assert sass_loops.main_loops(code, "HMMA") == [(2, 5)]
+    assert sass_loops.main_loops(code, "PRMT") == [(1, 7)]
+    assert sass_loops.main_loops(functions["kernel_b"], "HMMA") == []
+    assert sass_loops.main_loops(functions["kernel_c"], "HMMA") == [(0, 3), (4, 6)]
 
