@@ -1,9 +1,11 @@
 """Save and load quantized models: safetensors plus a `quantization_config` in config.json.
 
-Layout of a saved directory (format version 4; version 3's fused layers shared one channel
-scale, version 2 had no fused layers, both still read; version 1 had no per-tensor checksums):
+Layout of a saved directory (format version 5; version 4's QAM-W layers had no
+"codebook_points" and held the trained fp32 codewords, version 3's fused layers shared one
+channel scale, version 2 had no fused layers, all still read; version 1 had no per-tensor
+checksums):
   config.json        the model's transformers config with
-                     quantization_config = {"quant_method": "qamw_ext", "format_version": 4,
+                     quantization_config = {"quant_method": "qamw_ext", "format_version": 5,
                      "config": QuantConfig, "modules": {name: codec meta}, "fused":
                      {fused layer name: [sibling names in row order]}, "tensors":
                      {name: [dtype, shape, sha256 of its bytes]}, "tied": {name: name},
@@ -42,8 +44,8 @@ import torch
 from .fusion import FusedSlice, fuse_siblings, fused_groups, fused_name
 from .quantized_linear import QuantizedLinear
 
-FORMAT_VERSION = 4
-READ_VERSIONS = (2, 3, 4)
+FORMAT_VERSION = 5
+READ_VERSIONS = (2, 3, 4, 5)
 QUANT_METHOD = "qamw_ext"
 WEIGHTS_NAME = "model.safetensors"
 

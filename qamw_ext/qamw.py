@@ -195,7 +195,9 @@ class QAMWLinear(QuantizedLinear):
     ("search" | number | list), row_scale ("ls" | "norm" | "auto"), per_block_scale (bool:
     one row scale per Hadamard block), seed (int, the sign seed), error_feedback (bool:
     round with error feedback; needs stats.hessian), ef_search (bool: with error feedback,
-    round every alpha of the grid with it instead of choosing alpha by plain rounding).
+    round every alpha of the grid with it instead of choosing alpha by plain rounding),
+    codebook_points ("bf16" | "fp32": the codewords rounded to bf16, the default, or as
+    trained; checkpoints without the key hold "fp32").
     A fused layer (sibling_rows) has one channel scale per sibling and their alphas."""
     default_codebook = "qam"
     per_layer_buffers = ("channel_scale",)
@@ -203,12 +205,13 @@ class QAMWLinear(QuantizedLinear):
 
     def __init__(self, in_features, out_features, has_bias, bits=11, codebook=None,
                  block_size=None, per_block_scale=False, seed=0, channel_scaling=False,
-                 alpha=0.0, row_scale="ls", sibling_rows=None):
+                 alpha=0.0, row_scale="ls", sibling_rows=None, codebook_points="bf16"):
         super().__init__(in_features, out_features, has_bias, sibling_rows)
         codebook = codebook or self.default_codebook
         self.bits = cbs.check_bits(bits)
         self.codebook_kind = codebook
         self.codebook_id = cbs.codebook_id(codebook, bits)
+        self.codebook_points = codebook_points
         self.block_size, self.padded_in = choose_block(in_features, block_size)
         self.per_block_scale = bool(per_block_scale)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -224,7 +227,8 @@ class QAMWLinear(QuantizedLinear):
         self.register_buffer("channel_scale", torch.ones(*self.per_sibling, n, dtype=torch.float32)
                              if any_layer(channel_scaling) else None)
         # Global constants and seed-derived data: rebuilt, not stored per layer.
-        self.register_buffer("codebook", cbs.get(self.codebook_id), persistent=False)
+        self.register_buffer("codebook", cbs.get(self.codebook_id, codebook_points),
+                             persistent=False)
         self.register_buffer("signs", seeded_signs(seed, n), persistent=False)
 
     # ------------------------------------------------------------ structure
@@ -233,6 +237,7 @@ class QAMWLinear(QuantizedLinear):
         return {"method": self.method, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None,
                 "bits": self.bits, "codebook": self.codebook_kind,
+                "codebook_points": self.codebook_points,
                 "block_size": self.block_size, "per_block_scale": self.per_block_scale,
                 "seed": self.seed, "channel_scaling": self.channel_scale is not None,
                 "alpha": self.alpha, "row_scale": self.row_scale_mode,
@@ -247,7 +252,8 @@ class QAMWLinear(QuantizedLinear):
                    per_block_scale=meta.get("per_block_scale", False),
                    seed=meta.get("seed", 0), channel_scaling=meta.get("channel_scaling", False),
                    alpha=meta.get("alpha", 0.0), row_scale=meta.get("row_scale", "ls"),
-                   sibling_rows=meta.get("sibling_rows"))
+                   sibling_rows=meta.get("sibling_rows"),
+                   codebook_points=meta.get("codebook_points", "fp32"))
 
     def bits_per_weight(self):
         # The sign vector is regenerated from the stored 64-bit seed; the codebook is a
@@ -259,7 +265,7 @@ class QAMWLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear, stats=None, bits=11, codebook=None, block_size=None,
                     alpha="search", row_scale="ls", per_block_scale=False, seed=0,
-                    error_feedback=False, ef_search=False):
+                    error_feedback=False, ef_search=False, codebook_points="bf16"):
         w, bias = linear_parts(linear)
         m, n = w.shape
         cbs.check_bits(bits)
@@ -274,7 +280,8 @@ class QAMWLinear(QuantizedLinear):
             grid = (0.0,)  # no activation statistics: no channel scale
         check_flag("ef_search", ef_search)
         dev = w.device
-        probe = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed)
+        probe = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed,
+                    codebook_points=codebook_points)
         probe = probe.to(dev)
         search_h = stats.hessian if error_feedback and ef_search else None
         best = None
@@ -289,7 +296,7 @@ class QAMWLinear(QuantizedLinear):
                                        measure=row_scale == "auto", hessian=stats.hessian)
         layer = cls(n, m, bias is not None, bits, codebook, block_size, per_block_scale, seed,
                     channel_scaling=best.channel_scale is not None, alpha=best.alpha,
-                    row_scale=row_scale).to(dev)
+                    row_scale=row_scale, codebook_points=codebook_points).to(dev)
         layer.packed.copy_(ops.pack_bits(best.codes, bits))
         layer.row_scale.copy_(best.row_scale)
         if best.channel_scale is not None:

@@ -141,6 +141,27 @@ def test_format_3_fused_layers_are_still_read(tmp_path, monkeypatch):
     assert torch.equal(_logits(back), _logits(model))
 
 
+def test_format_4_qamw_layers_keep_their_fp32_codewords(tmp_path, monkeypatch):
+    """Format 4 had no codebook_points: its QAM-W layers were quantized with the trained fp32
+    codewords, and are read with them, to the same logits."""
+    from qamw_ext.qamw import QAMWLinear
+
+    model = _quantized("qamw:bits=8,codebook_points=fp32")
+    meta = QAMWLinear.meta
+    monkeypatch.setattr(QAMWLinear, "meta", lambda self: {
+        k: v for k, v in meta(self).items() if k != "codebook_points"})
+    monkeypatch.setattr(CK, "FORMAT_VERSION", 4)
+    save_quantized(model, str(tmp_path / "q"))
+    monkeypatch.undo()
+    q = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert q["format_version"] == 4
+    assert all("codebook_points" not in m for m in q["modules"].values())
+    back = load_quantized(str(tmp_path / "q"))
+    layers = [m for m in back.modules() if isinstance(m, QAMWLinear)]
+    assert layers and all(m.codebook_points == "fp32" for m in layers)
+    assert torch.equal(_logits(back), _logits(model))
+
+
 def test_from_pretrained_after_import(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -88,6 +88,20 @@ def test_shipped_mse_matches_its_metadata():
                                                         rel=1e-4)
 
 
+@pytest.mark.parametrize("bits", [7, 8, 11, 12])
+def test_bf16_points_are_the_nearest_bf16_values_at_a_small_cost(bits):
+    trained = codebooks.qam_codebook(bits)
+    points = codebooks.get(f"qam{bits}", "bf16")
+    assert torch.equal(points, points.bfloat16().float())
+    # Nearest: within half a bf16 unit in the last place (8 significant bits).
+    assert ((points - trained).abs() <= trained.abs() * 2.0 ** -8).all()
+    q = lloyd_max.Quadrature2D(1 << bits, 50)
+    fp32, bf16 = (lloyd_max.mse_2d(c.double().numpy(), q) for c in (trained, points))
+    assert bf16 < fp32 * 1.005
+    with pytest.raises(ValueError, match="codebook points"):
+        codebooks.get(f"qam{bits}", "fp16")
+
+
 def test_joint_2d_beats_scalar_at_8_bits_per_pair():
     mse = codebooks.codebook_mse("qam8")
     assert mse < MAX_1960[16]

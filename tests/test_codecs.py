@@ -59,6 +59,30 @@ def test_qamw_mse_on_gaussian_weights_matches_the_codebook(bits):
     assert float(((lin.weight - ls.dequantize()) ** 2).mean()) <= mse
 
 
+def test_new_qamw_layers_hold_bf16_codewords_and_older_metas_fp32_ones():
+    """New layers round the codewords to bf16 (the tensor-core GEMV's 4-byte lookups) at a
+    weight error within 1 % of the trained points'; a meta without the key (format 4 and
+    earlier) rebuilds the trained fp32 points, as those layers were quantized with."""
+    lin, x = linear(64, 1024), torch.randn(3, 1024)
+    trained = codebooks.qam_codebook(8)
+    new = CODECS["qamw"].from_linear(lin, None, bits=8, alpha=0.0)
+    assert new.meta()["codebook_points"] == "bf16"
+    assert torch.equal(new.codebook, new.codebook.bfloat16().float())
+    assert not torch.equal(new.codebook, trained)
+    old = CODECS["qamw"].from_linear(lin, None, bits=8, alpha=0.0, codebook_points="fp32")
+    assert torch.equal(old.codebook, trained)
+    error = [float(((lin.weight - q.dequantize()) ** 2).sum()) for q in (new, old)]
+    assert error[0] == pytest.approx(error[1], rel=0.01)
+    meta = old.meta()
+    del meta["codebook_points"]
+    back = CODECS["qamw"].from_meta(meta)
+    back.load_state_dict(old.state_dict())
+    assert torch.equal(back.codebook, trained)
+    assert torch.equal(back(x), old(x))
+    with pytest.raises(ValueError, match="codebook points"):
+        CODECS["qamw"].from_linear(lin, None, bits=8, codebook_points="fp16")
+
+
 def test_activation_aware_lowers_output_error_with_outlier_channels():
     lin = linear(128, 512)
     stats, x = outlier_stats(512)
