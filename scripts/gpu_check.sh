@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, on a machine with an NVIDIA GPU, nvcc and the CUDA build of
 # torch (it installs nothing: it builds against the torch it finds). In order: the build, the
-# tensor-core GEMVs' k-block loops counted from their SASS (benchmarks/sass_loops.py), the CUDA
+# GEMVs' main loops counted from their SASS (benchmarks/sass_loops.py), the CUDA
 # op tests against the reference (K * 2^m Hadamard blocks included), compute-sanitizer's
 # memcheck, racecheck and initcheck over small targeted selections of them, Nsight Compute's
 # shared-memory wavefronts of each GEMV (benchmarks/profile_gemv.py), the op benchmarks
@@ -80,10 +80,11 @@ if [ -n "${DAO_FHT_SRC:-}" ]; then
   dao_build=$!
 fi
 step build 330 "$benches" env MAX_JOBS="$(nproc)" python setup.py build_ext --inplace
-# The GEMV kernels' k-block loops as built (SASS, cuobjdump): the instruction counts beside the
-# figures they gave.
+# The GEMV kernels' loops as built (SASS, cuobjdump): the instruction counts beside the
+# figures they gave, k-blocks on tensor cores and runs of codes on CUDA cores.
 step sass_loops 20 "$benches" bash -c 'for o in build/temp.*/csrc/cuda/{qamw_mma,aaac}.o; do
-  python benchmarks/sass_loops.py "$o" --kernel gemv_mma_kernel; done'
+  python benchmarks/sass_loops.py "$o" --kernel gemv_mma_kernel; done
+  python benchmarks/sass_loops.py build/temp.*/csrc/cuda/qamw.o --kernel qamw_gemv_kernel --op FFMA'
 # Every CUDA case of the op tests: Hadamard blocks 2^m and K * 2^m (12 ... 30720, 576, 1536),
 # the QAM-W GEMV and dequantize with K * 2^m blocks, AAAC, packing, nearest codeword.
 step tests 90 "$benches" "${pytest_ops[@]}" -q -k cuda

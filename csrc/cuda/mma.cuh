@@ -145,6 +145,23 @@ __device__ __forceinline__ void add_scaled_block(float (&acc)[kMmaGroups][NT],
                         acc[i][nt]);
 }
 
+// EXACT codebooks (qamw_mma.cu): acc[2 j + h][nt] += scale[2 j + h] times rows g (h = 0) and
+// g + 8 (h = 1) of mma j's D, the weight rows of groups 2 j and 2 j + 1 times the high and the
+// low part of the activation.
+template <int NT>
+__device__ __forceinline__ void add_scaled_pairs(float (&acc)[kMmaGroups][NT],
+                                                 const float (&part)[kMmaGroups / 2][NT][4],
+                                                 const float (&scale)[kMmaGroups]) {
+#pragma unroll
+  for (int j = 0; j < kMmaGroups / 2; ++j)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      acc[2 * j][nt] = fmaf(scale[2 * j], part[j][nt][0] + part[j][nt][1], acc[2 * j][nt]);
+      acc[2 * j + 1][nt] =
+          fmaf(scale[2 * j + 1], part[j][nt][2] + part[j][nt][3], acc[2 * j + 1][nt]);
+    }
+}
+
 // Every warp's acc (row g of group i, batch row 4 nt + t) into shared memory, for the CTA's
 // threads to add after the barrier this ends with: sums_s[((warp * kMmaGroups + i) * NT + nt)
 // * 32 + lane]. Every thread calls it.

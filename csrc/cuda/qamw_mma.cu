@@ -215,11 +215,33 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   // FUSED: the CTA's sums for its cluster's tiles, then its k-blocks of the rotated activation.
   float* partial_s = sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float);
   uint2* b_s = reinterpret_cast<uint2*>(partial_s + (CLUSTER > 1 ? kMmaRowsPerCta * CLUSTER : 0));
+  // A codebook of bf16 pairs (new layers', codebooks.py) has no low parts: its CTAs stage
+  // 4-byte entries, twice the copies in the same bytes, and decode EXACT. The CTA finds out
+  // from the codebook itself, so any other codebook stays exact too.
+  bool exact = false;
+  if constexpr (!SCALED) {
+    uint32_t low_bits = 0;
+    for (int e = threadIdx.x; e < (1 << BITS); e += 32 * WARPS)
+      low_bits |= (__float_as_uint(__ldg(p.codebook + 2 * e)) |
+                   __float_as_uint(__ldg(p.codebook + 2 * e + 1))) & 0xFFFFu;
+    exact = __syncthreads_or(low_bits != 0) == 0;
+  }
+  const int exact_log2 = copies_log2 + 1;
+  if (exact) {
+    uint32_t* cb4_s = reinterpret_cast<uint32_t*>(smem_raw);
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
-    const int e = i >> copies_log2;
-    const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
-    cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
+    for (int i = threadIdx.x; i < (1 << (BITS + exact_log2)); i += 32 * WARPS) {
+      const int e = i >> exact_log2;
+      cb4_s[i] = __float_as_uint(__ldg(p.codebook + 2 * e)) >> 16 |
+                 (__float_as_uint(__ldg(p.codebook + 2 * e + 1)) & 0xFFFF0000u);
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
+      const int e = i >> copies_log2;
+      const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
+      cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
+    }
   }
   if constexpr (FUSED) {
     const int first = kb_first * 2 * kBlockPairs, end = kb_end * 2 * kBlockPairs;
@@ -230,71 +252,97 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   }
   __syncthreads();
   const LaneCopy<uint2> codebook(cb_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
+  const LaneCopy<uint32_t> codebook4(reinterpret_cast<uint32_t*>(smem_raw), exact_log2);
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
   const uint2* b_lane = b_s + (g < 2 ? 4 * g + t : 0);  // FUSED: lanes 0-7 read B
   let_next_kernel_launch();
 
-  for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
-    float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = kb_first + kb_warp; kb < kb_end; kb += kTileWarps) {
-      uint32_t w[kMmaGroups][BITS];
-      float scale[kMmaGroups];
-      // The segment of the lane's run (the k-block's, unless SCALED); past n, the row's last
-      // (B is zero there).
-      const int segment = std::min((kb * kBlockPairs + kRunCodes * t) >> p.seg_log2,
-                                   static_cast<int>(p.scales_per_row) - 1);
-#pragma unroll
-      for (int i = 0; i < kMmaGroups; ++i) {
-        const int64_t row = lane_row(row0, i);
-        load_run<BITS>(row_words(row), words_per_row, kb, t, w[i]);
-        scale[i] = __ldg(p.row_scale + row * p.scales_per_row + segment);
-      }
-      // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + kTileWarps >= kb_end;
-#pragma unroll
-      for (int i = 0; i < kMmaGroups; ++i)
-        prefetch_run<BITS>(row_words(lane_row(last ? row0 + rows.stride : row0, i)),
-                           words_per_row, last ? kb_first + kb_warp : kb + kTileWarps, t);
-      float part[kMmaGroups][NT][4] = {};
-      const uint2* fk = frag + int64_t{kb} * kSteps * NT * 32;
-#pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        uint32_t b[NT][2];
-        if constexpr (FUSED) {
-          const uint2 v =
-              g < 2 ? b_lane[8 * ((kb - kb_first) * kSteps + s)] : make_uint2(0u, 0u);
-          b[0][0] = v.x;
-          b[0][1] = v.y;
-        } else {
-          load_b_step<NT>(fk, s, b);
-        }
+  // The rows' loop, compiled for both codebooks. EXACT: A rows g and g + 8 of an mma are the
+  // lane's rows of groups i and i + 1 (even i), a lookup of 4 bytes fills one register, and a
+  // k-block takes half the mmas and half the lookup bytes; else rows g and g + 8 are the high
+  // and low parts of group i's row.
+  const auto decode_rows = [&](auto exact_c) {
+    constexpr bool EXACT = decltype(exact_c)::value != 0;
+    constexpr int kMmas = EXACT ? kMmaGroups / 2 : kMmaGroups;  // a step's mmas a B tile
+    for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
+      float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
+      for (int kb = kb_first + kb_warp; kb < kb_end; kb += kTileWarps) {
+        uint32_t w[kMmaGroups][BITS];
+        float scale[kMmaGroups];
+        // The segment of the lane's run (the k-block's, unless SCALED); past n, the row's last
+        // (B is zero there).
+        const int segment = std::min((kb * kBlockPairs + kRunCodes * t) >> p.seg_log2,
+                                     static_cast<int>(p.scales_per_row) - 1);
 #pragma unroll
         for (int i = 0; i < kMmaGroups; ++i) {
-          // A rows g and g + 8 are the high and low parts of the lane's row: each lookup fills
-          // two registers of the fragment as they are.
-          uint2 c0 = codebook[chunk_code<BITS>(w[i], 2 * s)];
-          uint2 c1 = codebook[chunk_code<BITS>(w[i], 2 * s + 1)];
-          if constexpr (SCALED) {
-            c0 = split_pair(__uint_as_float(c0.x) * scale[i], __uint_as_float(c0.y) * scale[i]);
-            c1 = split_pair(__uint_as_float(c1.x) * scale[i], __uint_as_float(c1.y) * scale[i]);
-          }
-          const uint32_t a[4] = {c0.x, c0.y, c1.x, c1.y};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
+          const int64_t row = lane_row(row0, i);
+          load_run<BITS>(row_words(row), words_per_row, kb, t, w[i]);
+          scale[i] = __ldg(p.row_scale + row * p.scales_per_row + segment);
         }
-      }
-      if constexpr (SCALED) {
+        // The warp's next k-block of these rows, or its first of the next ones.
+        const bool last = kb + kTileWarps >= kb_end;
 #pragma unroll
-        for (int i = 0; i < kMmaGroups; ++i) scale[i] = 1.0f;  // in A already
+        for (int i = 0; i < kMmaGroups; ++i)
+          prefetch_run<BITS>(row_words(lane_row(last ? row0 + rows.stride : row0, i)),
+                             words_per_row, last ? kb_first + kb_warp : kb + kTileWarps, t);
+        float part[kMmas][NT][4] = {};
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+          uint32_t b[NT][2];
+          if constexpr (FUSED) {
+            const uint2 v =
+                g < 2 ? b_lane[8 * ((kb - kb_first) * kSteps + s)] : make_uint2(0u, 0u);
+            b[0][0] = v.x;
+            b[0][1] = v.y;
+          } else {
+            load_b_step<NT>(frag + int64_t{kb} * kSteps * NT * 32, s, b);
+          }
+#pragma unroll
+          for (int i = 0; i < kMmas; ++i) {
+            uint32_t a[4];
+            if constexpr (EXACT) {
+              a[0] = codebook4[chunk_code<BITS>(w[2 * i], 2 * s)];
+              a[1] = codebook4[chunk_code<BITS>(w[2 * i + 1], 2 * s)];
+              a[2] = codebook4[chunk_code<BITS>(w[2 * i], 2 * s + 1)];
+              a[3] = codebook4[chunk_code<BITS>(w[2 * i + 1], 2 * s + 1)];
+            } else {
+              // A rows g and g + 8 are the high and low parts of the lane's row: each lookup
+              // fills two registers of the fragment as they are.
+              uint2 c0 = codebook[chunk_code<BITS>(w[i], 2 * s)];
+              uint2 c1 = codebook[chunk_code<BITS>(w[i], 2 * s + 1)];
+              if constexpr (SCALED) {
+                c0 = split_pair(__uint_as_float(c0.x) * scale[i], __uint_as_float(c0.y) * scale[i]);
+                c1 = split_pair(__uint_as_float(c1.x) * scale[i], __uint_as_float(c1.y) * scale[i]);
+              }
+              a[0] = c0.x;
+              a[1] = c0.y;
+              a[2] = c1.x;
+              a[3] = c1.y;
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
+          }
+        }
+        if constexpr (SCALED) {
+#pragma unroll
+          for (int i = 0; i < kMmaGroups; ++i) scale[i] = 1.0f;  // in A already
+        }
+        if constexpr (EXACT)
+          add_scaled_pairs<NT>(acc, part, scale);
+        else
+          add_scaled_block<NT>(acc, part, scale);
       }
-      add_scaled_block<NT>(acc, part, scale);
+      if constexpr (CLUSTER > 1)
+        store_cluster_sums<WARPS, CLUSTER>(acc, sums_s, partial_s, row0, rows.end, p.out, p.dtype);
+      else
+        store_row_sums<NT, WARPS>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out,
+                                  p.dtype);
     }
-    if constexpr (CLUSTER > 1)
-      store_cluster_sums<WARPS, CLUSTER>(acc, sums_s, partial_s, row0, rows.end, p.out, p.dtype);
-    else
-      store_row_sums<NT, WARPS>(acc, sums_s, row0, rows.end, p.m, p.batch, 1.0f, p.out,
-                                p.dtype);
-  }
+  };
+  if (exact)
+    decode_rows(IntC<!SCALED>{});
+  else
+    decode_rows(IntC<0>{});
 }
 
 // Pairs a row scale covers: a power of two (the wrapper checks), or the whole row.

@@ -197,7 +197,17 @@ struct QamwCase {
   bool per_block, scaled, unaligned;
   std::vector<int64_t> batches;
   std::vector<int64_t> siblings = {};  // a fused weight's row counts (kernels.h), or none
+  bool bf16_codebook = false;  // codewords rounded to bf16, as new layers' are (codebooks.py)
 };
+
+// v rounded to the nearest bf16 value (ties to even), widened back.
+float bf16_rounded(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = (bits + 0x7FFFu + (bits >> 16 & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
 
 // The Siblings of a fused weight of these row counts (none: one plain layer of m rows).
 qamw::Siblings siblings_of(const std::vector<int64_t>& rows, int64_t m) {
@@ -216,26 +226,26 @@ void test_qamw() {
       {4, 37, 256, 256, false, true, false, {1, 2, 3}},
       {5, 70, 1024, 128, true, true, false, {1, 4, 16}},
       {6, 3, 778, 2, false, false, false, {1, 5}},          // a partial chunk of 133 pairs
-      {8, 33, 576, 576, false, true, false, {1, 3}},        // 36 * 16
+      {8, 33, 576, 576, false, true, false, {1, 3}, {}, true},  // 36 * 16
       {9, 20, 1536, 1536, false, true, true, {1, 2, 16}},   // 12 * 128, unaligned codes and x
       {7, 11, 1536, 96, false, true, false, {1}},           // 12 * 8
-      {12, 45, 4096, 4096, false, true, false, {1, 5}},     // batch 5: the workspace path
-      {8, 40, 8192, 8192, false, true, false, {1, 2}},      // 32 chunks: 2 a lane
-      {11, 300, 512, 64, true, false, false, {1, 16}},
+      {12, 45, 4096, 4096, false, true, false, {1, 5}, {}, true},  // batch 5: the workspace path
+      {8, 40, 8192, 8192, false, true, false, {1, 2}, {}, true},  // 32 chunks: 2 a lane
+      {11, 300, 512, 64, true, false, false, {1, 16}, {}, true},
       // Scales of blocks of 64 and 128 in the tensor-core kernel's A, and k-blocks past n.
       {8, 21, 320, 64, true, true, false, {2, 5}},
       {6, 17, 384, 128, true, false, false, {1, 9}},
-      {10, 9, 480, 480, false, true, false, {2}},           // 60 * 8
+      {10, 9, 480, 480, false, true, false, {2}, {}, true},  // 60 * 8
       {7, 260, 2048, 256, true, true, false, {1, 3}},       // 9 CTAs on 8 slots: grids stride
       // Blocks whose tile exceeds 99 KiB: the global-memory rotation on the small device.
-      {8, 4, 28672, 28672, false, true, false, {1, 2}},     // 28 * 1024
+      {8, 4, 28672, 28672, false, true, false, {1, 2}, {}, true},  // 28 * 1024
       {11, 3, 32768, 32768, false, true, false, {1}},
       {9, 3, 30720, 30720, false, true, false, {1}},        // 60 * 512: H_60 is not symmetric
       // Fused siblings, each with its own channel scale: CTAs split among them, rows of one
       // sibling sharing a lane pair or a CTA step with the next one's, the workspace path.
       {4, 97, 1024, 1024, false, true, false, {1, 2}, {64, 17, 16}},
       {8, 300, 576, 576, true, true, false, {1, 4}, {1, 298, 1}},
-      {11, 520, 2048, 256, false, true, false, {1, 5}, {256, 8, 255, 1}},  // 9+ CTAs, 4 siblings
+      {11, 520, 2048, 256, false, true, false, {1, 5}, {256, 8, 255, 1}, true},  // 4 siblings
       {6, 41, 8192, 8192, false, true, false, {1, 3}, {21, 20}},
       {9, 7, 28672, 28672, false, true, false, {1}, {3, 4}},  // rotated in global memory
       {7, 64, 512, 64, false, false, false, {1, 2}, {32, 32}},  // no channel scale
@@ -243,10 +253,10 @@ void test_qamw() {
       // Batch 1 on tensor cores in clusters of 4 CTAs, each rotating its runs of whole blocks
       // (the 256 values of a k-block, or lcm(256, block)): 2304 values of 36 * 16 each; 6 runs
       // split 1, 2, 1, 2; 5 runs, the last k-block partial; a cluster's 128 rows past m.
-      {8, 50, 9216, 576, false, true, false, {1}},
+      {8, 50, 9216, 576, false, true, false, {1}, {}, true},
       {8, 70, 1536, 256, true, true, false, {1}},
       {6, 3, 1088, 64, true, true, true, {1}},
-      {4, 130, 1024, 32, false, false, false, {1}, {100, 30}},
+      {4, 130, 1024, 32, false, false, false, {1}, {100, 30}, true},
   };
   for (const QamwCase& c : cases) {
     const int64_t K = int64_t{1} << c.bits, pairs = c.n / 2;
@@ -260,7 +270,7 @@ void test_qamw() {
     const qamw::Siblings siblings = siblings_of(c.siblings, c.m);
     std::vector<float> codebook(2 * K), row_scale(c.m * scales_per_row),
         channel(siblings.count * c.n);
-    for (auto& v : codebook) v = normal();
+    for (auto& v : codebook) v = c.bf16_codebook ? bf16_rounded(normal()) : normal();
     for (auto& v : row_scale) v = 0.5f + std::abs(normal());
     for (auto& v : channel) v = 0.5f + std::abs(normal());
     const std::vector<int8_t> signs = random_signs(c.n);
