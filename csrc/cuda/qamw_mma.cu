@@ -11,7 +11,10 @@
 // weight row, so that one 8-byte lookup of a (hi, lo) codeword fills two registers of the
 // fragment as they are. The four D values a lane holds (rows g, g + 8; columns 2t, 2t + 1: the
 // activation's high and low parts) are then the four partial products of one output: their sum
-// has the error of an fp32 dot product, whatever the activation's dtype.
+// has the error of an fp32 dot product, whatever the activation's dtype. A codebook of bf16
+// pairs (new layers') has no low parts: a CTA that finds one stages 4-byte entries (twice the
+// copies in the same bytes) and takes rows g and g + 8 for two weight rows, each lookup filling
+// one register (EXACT): half the lookup bytes and half the mmas a k-block.
 //
 // Layout: k-blocks of 128 pairs, a lane's run 32 codes of row g of each group of 8 rows
 // (mma.cuh, RUN = 32): exactly BITS packed words, loaded whole, their shifts compile-time.
