@@ -271,6 +271,20 @@ def environment(name, value):
             os.environ[name] = before
 
 
+@contextlib.contextmanager
+def fp32_codewords(layers):
+    """Within it, the QAM-W layers hold the trained fp32 codewords (as format-4 checkpoints
+    do) instead of their bf16 ones: the tensor-core kernel then looks up (high, low) pairs."""
+    held = [layer.codebook for layer in layers]
+    for layer in layers:
+        layer.codebook = codebooks.get(layer.codebook_id, "fp32").to(layer.codebook.device)
+    try:
+        yield
+    finally:
+        for layer, codebook in zip(layers, held):
+            layer.codebook = codebook
+
+
 def plain_launches():
     """The GEMV kernels launched without programmatic dependent launch (QAMW_PDL=0), for the
     figures with and without."""
@@ -354,11 +368,16 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
                 t_other, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
                        other_kernel_speedup_vs_dense=t_dense / t_other)
+            mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
+            if codec.startswith("qamw"):
+                with environment("QAMW_GEMV_MMA", "1"), fp32_codewords(layers):
+                    t_fp32, _ = time_calls(calls, device, s["calls"], s["repeats"])
+                pdl.update(mma_bf16_codewords_ms=mma_ms, mma_fp32_codewords_ms=t_fp32 * 1e3,
+                           bf16_codewords_speedup=t_fp32 * 1e3 / mma_ms)
             if batch == 1 and codec.startswith("qamw"):
                 # Tensor cores with each CTA rotating the whole activation, and with the
                 # activation rotated once by a kernel of its own, beside the default clusters
                 # of CTAs that split the rotation.
-                mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
                 with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_CLUSTER", "0"):
                     t_alone, _ = time_calls(calls, device, s["calls"], s["repeats"])
                 with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_ROTATE_ONCE", "1"):
@@ -543,6 +562,19 @@ def markdown(record):
                             short_dtype(r["dtype"]), r["batch"], f"{r['speedup_vs_dense']:.2f}x",
                             r["other_kernel"], f"{r['other_kernel_speedup_vs_dense']:.2f}x"]
                            for r in other])
+    rounded = [r for r in gemv if "mma_fp32_codewords_ms" in r]
+    if rounded:
+        lines += ["## QAM-W GEMV, tensor cores: codewords rounded to bf16 or as trained", "",
+                  "New layers hold bf16 codewords: a lookup of 4 bytes fills one register of "
+                  "the mma's A and a k-block takes half the mmas; the trained fp32 codewords "
+                  "(format-4 checkpoints) take (high, low) pairs of 8 bytes. Gains are the fp32 "
+                  "codewords' time against the bf16 ones'.", ""]
+        lines += md_table(["shape", "codec", "dtype", "batch", "bf16 us", "fp32 us", "gain"],
+                          [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
+                            short_dtype(r["dtype"]), r["batch"],
+                            f"{r['mma_bf16_codewords_ms'] * 1e3:.1f}",
+                            f"{r['mma_fp32_codewords_ms'] * 1e3:.1f}",
+                            f"{r['bf16_codewords_speedup']:.2f}x"] for r in rounded])
     clustered = [r for r in gemv if "mma_cluster_ms" in r]
     if clustered:
         lines += ["## QAM-W GEMV, batch 1, tensor cores: where the activation is rotated", "",

@@ -10,11 +10,13 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])  # run from a checkout
 from qamw_ext.convert import codec_class  # noqa: E402
 
 # Benchmark name -> the codec's meta options. QAM-W layers carry a channel scale, as the
-# named qamw-* configs give every layer whose searched alpha is not 0.
+# named qamw-* configs give every layer whose searched alpha is not 0, and bf16 codewords, as
+# every new layer does.
+_QAMW = {"method": "qamw", "block_size": None, "channel_scaling": True, "codebook_points": "bf16"}
 CODECS = {
-    "qamw-3.5": {"method": "qamw", "bits": 7, "block_size": None, "channel_scaling": True},
-    "qamw-4": {"method": "qamw", "bits": 8, "block_size": None, "channel_scaling": True},
-    "qamw-5.5": {"method": "qamw", "bits": 11, "block_size": None, "channel_scaling": True},
+    "qamw-3.5": dict(_QAMW, bits=7),
+    "qamw-4": dict(_QAMW, bits=8),
+    "qamw-5.5": dict(_QAMW, bits=11),
     "aaac-int4": {"method": "aaac", "variant": "int4"},
     "aaac-nvfp4": {"method": "aaac", "variant": "nvfp4"},
 }
