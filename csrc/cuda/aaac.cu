@@ -277,7 +277,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // Tensor cores (batches 2 to 16, mma.cuh). A byte of two codes is one register of an A
 // fragment: the pair table holds the (hi, lo) bf16x2 parts of each (codebook, byte) entry, and
-// A rows g and g + 8 are the high and low parts of one weight row, as in qamw_mma.cu. A k-block
+// A rows g and g + 8 are the high and low parts of one weight row, as in qamw_mma.cu; codebooks
+// of bf16 values (new layers') need no low parts, and rows g and g + 8 are then two weight rows
+// (EXACT, as there: half the lookup bytes and half the mmas). A k-block
 // is 128 values (RUN = 16 pairs a lane: one 16-byte vector). Groups of 128 and 256 (the INT4
 // setting) hold whole k-blocks, so a k-block's scale applies after its 8 steps. Smaller groups
 // (NVFP4's 16) change inside a step's k, which the mma sums over, so their scale enters A
@@ -347,92 +349,141 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   uint2* pairs_s = reinterpret_cast<uint2*>(smem_raw);
   float* sums_s =
       reinterpret_cast<float*>(smem_raw + (sizeof(uint2) * kPairEntries << copies_log2));
+  // Codebooks of bf16 values (new layers', aaac.py) have no low parts: the CTA then stages
+  // 4-byte entries, twice the copies in the same bytes, and decodes EXACT (qamw_mma.cu).
+  bool exact = false;
+  if constexpr (!SCALED) {
+    const uint32_t low_bits =
+        threadIdx.x < 32 ? __float_as_uint(w.codebooks[threadIdx.x]) & 0xFFFFu : 0u;
+    exact = __syncthreads_or(low_bits != 0) == 0;
+  }
+  const int exact_log2 = copies_log2 + 1;
+  if (exact) {
+    uint32_t* pairs4_s = reinterpret_cast<uint32_t*>(smem_raw);
 #pragma unroll 4
-  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += 32 * WARPS) {
-    const float2 v = pair_entry(w.codebooks, i >> copies_log2);
-    pairs_s[i] = SCALED ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
-                        : split_pair(v.x, v.y);
+    for (int i = threadIdx.x; i < (kPairEntries << exact_log2); i += 32 * WARPS) {
+      const float2 v = pair_entry(w.codebooks, i >> exact_log2);
+      pairs4_s[i] = __float_as_uint(v.x) >> 16 | (__float_as_uint(v.y) & 0xFFFF0000u);
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += 32 * WARPS) {
+      const float2 v = pair_entry(w.codebooks, i >> copies_log2);
+      pairs_s[i] = SCALED ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
+                          : split_pair(v.x, v.y);
+    }
   }
   __syncthreads();
   const int64_t groups = w.n / w.group;
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   const LaneCopy<uint2> pairs(pairs_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
+  const LaneCopy<uint32_t> pairs4(reinterpret_cast<uint32_t*>(smem_raw), exact_log2);
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
   const int64_t row_entries = w.n / 4;
   const uint2* x_lane = p.x + g / 2 * row_entries + 2 * kMmaRun * t / 4;
   let_next_kernel_launch();
 
-  for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
-    float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
-    for (int kb = warp; kb < p.kblocks; kb += WARPS) {
-      uint32_t q[kMmaGroups][4];
-      // Magnitude and codebook (the pair table's first entry of it) of the lane's group: one a
-      // k-block, or (SCALED) one for each half of the lane's run, steps 0-3 and 4-7.
-      constexpr int kHalves = SCALED ? 2 : 1;
-      float magnitude[kMmaGroups][kHalves];
-      uint32_t book[kMmaGroups][kHalves];
-#pragma unroll
-      for (int i = 0; i < kMmaGroups; ++i) {
-        const int64_t row = lane_row(row0, i);
-        const uint4 v = __ldg(lane_vector(row, kb));
-        q[i][0] = v.x;
-        q[i][1] = v.y;
-        q[i][2] = v.z;
-        q[i][3] = v.w;
-#pragma unroll
-        for (int h = 0; h < kHalves; ++h) {
-          if (h > 0 && group_log2 > 4) {  // groups of 32 and more: the run's one group
-            magnitude[i][h] = magnitude[i][0];
-            book[i][h] = book[i][0];
-            continue;
-          }
-          // Past the row's last value (groups under 128), the row's last group: B is zero there.
-          const int64_t value = std::min(
-              int64_t{kb} * kMmaBlockValues + (SCALED ? kMmaRun * (2 * t + h) : 0), w.n - 1);
-          int choice = 0;
-          decode_scale(w.scales, w.scale_type, row * groups + (value >> group_log2), choice,
-                       magnitude[i][h]);
-          book[i][h] = static_cast<uint32_t>(choice) << 8;
-        }
-      }
-      // The warp's next k-block of these rows, or its first of the next ones.
-      const bool last = kb + WARPS >= p.kblocks;
-#pragma unroll
-      for (int i = 0; i < kMmaGroups; ++i)
-        prefetch_l2(lane_vector(lane_row(last ? row0 + rows.stride : row0, i),
-                                last ? warp : kb + WARPS));
-      float part[kMmaGroups][NT][4] = {};
-      const uint2* fk = frag + int64_t{kb} * kMmaSteps * NT * 32;
-#pragma unroll
-      for (int s = 0; s < kMmaSteps; ++s) {
-        uint32_t b[NT][2];
-        if constexpr (DIRECT) load_b_direct<NT>(x_lane, row_entries, p.batch, kb, s, b);
-        else load_b_step<NT>(fk, s, b);
-        const int h = SCALED ? s / (kMmaSteps / 2) : 0;
+  // The rows' loop, compiled for both kinds of codebook (EXACT: A rows g and g + 8 are the
+  // lane's rows of groups 2 j and 2 j + 1, as in qamw_mma.cu).
+  const auto decode_rows = [&](auto exact_c) {
+    constexpr bool EXACT = decltype(exact_c)::value != 0;
+    constexpr int kMmas = EXACT ? kMmaGroups / 2 : kMmaGroups;  // a step's mmas a B tile
+    for (int64_t row0 = rows.first; row0 < w.m; row0 += rows.stride) {
+      float acc[kMmaGroups][NT] = {};  // row g of group i, batch row 4 nt + t
+      for (int kb = warp; kb < p.kblocks; kb += WARPS) {
+        uint32_t q[kMmaGroups][4];
+        // Magnitude and codebook (the pair table's first entry of it) of the lane's group: one a
+        // k-block, or (SCALED) one for each half of the lane's run, steps 0-3 and 4-7.
+        constexpr int kHalves = SCALED ? 2 : 1;
+        float magnitude[kMmaGroups][kHalves];
+        uint32_t book[kMmaGroups][kHalves];
 #pragma unroll
         for (int i = 0; i < kMmaGroups; ++i) {
-          // Bytes 2 s and 2 s + 1 of the vector (pairs 2 s and 2 s + 1 of the lane's run), each
-          // beside the codebook's bit in one byte permute (book_entry).
-          uint2 c0 = pairs[book_entry(q[i][s / 2], 2 * (s % 2), book[i][h])];
-          uint2 c1 = pairs[book_entry(q[i][s / 2], 2 * (s % 2) + 1, book[i][h])];
-          if constexpr (SCALED) {
-            const float m = magnitude[i][h];
-            c0 = split_pair(__uint_as_float(c0.x) * m, __uint_as_float(c0.y) * m);
-            c1 = split_pair(__uint_as_float(c1.x) * m, __uint_as_float(c1.y) * m);
+          const int64_t row = lane_row(row0, i);
+          const uint4 v = __ldg(lane_vector(row, kb));
+          q[i][0] = v.x;
+          q[i][1] = v.y;
+          q[i][2] = v.z;
+          q[i][3] = v.w;
+#pragma unroll
+          for (int h = 0; h < kHalves; ++h) {
+            if (h > 0 && group_log2 > 4) {  // groups of 32 and more: the run's one group
+              magnitude[i][h] = magnitude[i][0];
+              book[i][h] = book[i][0];
+              continue;
+            }
+            // Past the row's last value (groups under 128), the row's last group: B is zero there.
+            const int64_t value = std::min(
+                int64_t{kb} * kMmaBlockValues + (SCALED ? kMmaRun * (2 * t + h) : 0), w.n - 1);
+            int choice = 0;
+            decode_scale(w.scales, w.scale_type, row * groups + (value >> group_log2), choice,
+                         magnitude[i][h]);
+            book[i][h] = static_cast<uint32_t>(choice) << 8;
           }
-          const uint32_t a[4] = {c0.x, c0.y, c1.x, c1.y};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
         }
-      }
-      float block_scale[kMmaGroups];  // SCALED: the magnitudes are in A already
+        // The warp's next k-block of these rows, or its first of the next ones.
+        const bool last = kb + WARPS >= p.kblocks;
 #pragma unroll
-      for (int i = 0; i < kMmaGroups; ++i) block_scale[i] = SCALED ? 1.0f : magnitude[i][0];
-      add_scaled_block<NT>(acc, part, block_scale);
+        for (int i = 0; i < kMmaGroups; ++i)
+          prefetch_l2(lane_vector(lane_row(last ? row0 + rows.stride : row0, i),
+                                  last ? warp : kb + WARPS));
+        float part[kMmas][NT][4] = {};
+#pragma unroll
+        for (int s = 0; s < kMmaSteps; ++s) {
+          uint32_t b[NT][2];
+          if constexpr (DIRECT) {
+            load_b_direct<NT>(x_lane, row_entries, p.batch, kb, s, b);
+          } else {
+            load_b_step<NT>(frag + int64_t{kb} * kMmaSteps * NT * 32, s, b);
+          }
+          const int h = SCALED ? s / (kMmaSteps / 2) : 0;
+          // Bytes 2 s and 2 s + 1 of a vector (pairs 2 s and 2 s + 1 of the lane's run), each
+          // beside the codebook's bit in one byte permute (book_entry).
+          const auto entry = [&](int i, int byte) {
+            return book_entry(q[i][s / 2], 2 * (s % 2) + byte, book[i][h]);
+          };
+#pragma unroll
+          for (int i = 0; i < kMmas; ++i) {
+            uint32_t a[4];
+            if constexpr (EXACT) {
+              a[0] = pairs4[entry(2 * i, 0)];
+              a[1] = pairs4[entry(2 * i + 1, 0)];
+              a[2] = pairs4[entry(2 * i, 1)];
+              a[3] = pairs4[entry(2 * i + 1, 1)];
+            } else {
+              uint2 c0 = pairs[entry(i, 0)];
+              uint2 c1 = pairs[entry(i, 1)];
+              if constexpr (SCALED) {
+                const float m = magnitude[i][h];
+                c0 = split_pair(__uint_as_float(c0.x) * m, __uint_as_float(c0.y) * m);
+                c1 = split_pair(__uint_as_float(c1.x) * m, __uint_as_float(c1.y) * m);
+              }
+              a[0] = c0.x;
+              a[1] = c0.y;
+              a[2] = c1.x;
+              a[3] = c1.y;
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
+          }
+        }
+        float block_scale[kMmaGroups];  // SCALED: the magnitudes are in A already
+#pragma unroll
+        for (int i = 0; i < kMmaGroups; ++i) block_scale[i] = SCALED ? 1.0f : magnitude[i][0];
+        if constexpr (EXACT)
+          add_scaled_pairs<NT>(acc, part, block_scale);
+        else
+          add_scaled_block<NT>(acc, part, block_scale);
+      }
+      store_row_sums<NT, WARPS>(acc, sums_s, row0, w.m, p.w.m, p.batch, tensor_scale, p.out,
+                                p.dtype);
     }
-    store_row_sums<NT, WARPS>(acc, sums_s, row0, w.m, p.w.m, p.batch, tensor_scale, p.out, p.dtype);
-  }
+  };
+  if (exact)
+    decode_rows(IntC<!SCALED>{});
+  else
+    decode_rows(IntC<0>{});
 }
 
 // Whether the tensor-core GEMV serves this call (mma_wanted): groups of whole k-blocks, or

@@ -330,6 +330,7 @@ struct AaacCase {
   bool scaled, unaligned;
   std::vector<int64_t> batches;
   std::vector<int64_t> siblings = {};
+  bool bf16_codebooks = false;  // as new layers' (aaac.py)
 };
 
 void test_aaac() {
@@ -337,15 +338,15 @@ void test_aaac() {
       {16, 13, 48, qamw::ScaleType::F8E4M3, false, false, {1, 2}},
       {32, 37, 96, qamw::ScaleType::F16, true, false, {1, 3, 16}},
       {64, 70, 1024, qamw::ScaleType::F16, true, true, {1, 5}},
-      {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}},  // 16: x from global
+      {128, 21, 8192, qamw::ScaleType::F8E4M3, true, false, {1, 4, 16}, {}, true},  // x global
       {128, 70, 1024, qamw::ScaleType::F16, true, true, {1, 3, 16}},  // tensor cores: groups
-      {256, 45, 768, qamw::ScaleType::F16, false, false, {1, 5}},      // of 128 and more
+      {256, 45, 768, qamw::ScaleType::F16, false, false, {1, 5}, {}, true},  // 128 and more
       // Unscaled: bf16 activations read in place, unless (unaligned) one element in.
-      {128, 50, 1024, qamw::ScaleType::F8E4M3, false, false, {2, 9, 16}},
+      {128, 50, 1024, qamw::ScaleType::F8E4M3, false, false, {2, 9, 16}, {}, true},
       {128, 33, 512, qamw::ScaleType::F16, false, true, {1, 3}},
-      {128, 40, 1024, qamw::ScaleType::F16, false, false, {1, 7, 13}, {24, 16}},
+      {128, 40, 1024, qamw::ScaleType::F16, false, false, {1, 7, 13}, {24, 16}, true},
       // Groups under 128 on tensor cores: the magnitude in A, bf16 read in place.
-      {16, 29, 384, qamw::ScaleType::F8E4M3, false, false, {1, 2, 8}},
+      {16, 29, 384, qamw::ScaleType::F8E4M3, false, false, {1, 2, 8}, {}, true},
       {64, 35, 256, qamw::ScaleType::F16, false, false, {3, 16}},
       {16, 300, 256, qamw::ScaleType::F8E4M3, true, false, {1, 9}},
       {32, 777, 512, qamw::ScaleType::F16, true, false, {1}},  // 25 CTAs on 8 slots: strides
@@ -365,7 +366,7 @@ void test_aaac() {
     const qamw::Siblings siblings = siblings_of(c.siblings, c.m);
     std::vector<float> codebooks(32 * siblings.count), channel(siblings.count * c.n),
         tensor_scale(siblings.count);
-    for (auto& v : codebooks) v = normal();
+    for (auto& v : codebooks) v = c.bf16_codebooks ? bf16_rounded(normal()) : normal();
     for (auto& v : channel) v = 0.5f + std::abs(normal());
     for (auto& v : tensor_scale) v = 0.1f + std::abs(normal());
     const AaacScales scales(c.m * groups);
