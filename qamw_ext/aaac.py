@@ -14,7 +14,9 @@ Fitting (all vectorised over groups):
     absmax * ratio / max|codebook| rounded to its storage format (fp16, or FP8 E4M3 times
     an fp32 tensor scale), the codes against that stored scale, and the pair with the
     lowest h-weighted error; (b) activation-weighted k-means update of each codebook entry:
-    c = sum(h s^2 z) / sum(h s^2) over the weights z = w / s coded to it.
+    c = sum(h s^2 z) / sum(h s^2) over the weights z = w / s coded to it, rounded to the
+    nearest bf16 value (codes and choices are then found against the codebooks as stored,
+    and the tensor-core GEMV looks entries up as bf16 pairs with no low parts).
 With error_feedback=True the fitted scales, choices and codebooks are kept and the codes
 are re-rounded GPTQ-style (columns in order, each error pushed onto the later columns
 through the Cholesky factor of H^-1, H = X^T X in the scaled coordinates).
@@ -81,13 +83,18 @@ def _store_scale(mag, choice, dtype, tensor_scale):
     return signed.to(dtype), dec
 
 
+def bf16_values(t):
+    """t with each value rounded to the nearest bf16 one (still float32)."""
+    return t.bfloat16().float()
+
+
 class _Fit:
     """Vectorised search and k-means for one layer: wg (m, G, g), h (G, g)."""
 
     def __init__(self, wg, h, variant, dtype):
         self.wg, self.h, self.dtype = wg, h, dtype
         self.absmax = wg.abs().amax(-1)                                   # (m, G)
-        self.books = base_levels(variant).to(wg.device).repeat(2, 1)      # (2, 16)
+        self.books = bf16_values(base_levels(variant).to(wg.device).repeat(2, 1))  # (2, 16)
         self.tensor_scale = 1.0
 
     def _update_tensor_scale(self):
@@ -140,7 +147,7 @@ class _Fit:
         den = torch.bincount(index, weights=weight.reshape(-1).double(), minlength=32)
         num = torch.bincount(index, weights=(weight * z).reshape(-1).double(), minlength=32)
         new = torch.where(den > 0, num / den.clamp(min=1e-300), self.books.reshape(-1).double())
-        self.books = new.to(torch.float32).view(2, 16)
+        self.books = bf16_values(new.to(torch.float32).view(2, 16))
 
     def initial_split(self):
         """Peakier half of the groups -> codebook 1 (a deterministic start for k-means)."""
