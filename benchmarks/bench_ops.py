@@ -41,6 +41,9 @@ MiB = 1 << 20
 GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
 # Codecs with a tensor-core GEMV (AAAC's needs groups of 128 and more: not NVFP4's 16).
 MMA_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
+# Codecs whose tensor-core GEMV decodes bf16 codewords without low parts (EXACT), timed also
+# with codewords that are not bf16 values (fp32_codewords).
+BF16_CODEWORD_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4")
 # The batch from which a codec's GEMV takes tensor cores by default (mma_wanted's `from` in
 # csrc/cuda: NVFP4's groups of 16 put the scales into A, which costs more per weight; QAM-W at
 # 8 bits was faster on them at batch 1 too).
@@ -273,16 +276,19 @@ def environment(name, value):
 
 @contextlib.contextmanager
 def fp32_codewords(layers):
-    """Within it, the QAM-W layers hold the trained fp32 codewords (as format-4 checkpoints
-    do) instead of their bf16 ones: the tensor-core kernel then looks up (high, low) pairs."""
-    held = [layer.codebook for layer in layers]
-    for layer in layers:
-        layer.codebook = codebooks.get(layer.codebook_id, "fp32").to(layer.codebook.device)
+    """Within it, the layers' codewords are not bf16 values, and the tensor-core kernel looks
+    up (high, low) pairs: QAM-W layers hold the trained fp32 codewords (as format-4 checkpoints
+    do), AAAC layers their codebooks times 1 + 2^-12 (as layers learned before bf16 ones)."""
+    name = "codebook" if hasattr(layers[0], "codebook_id") else "codebooks"
+    held = [getattr(layer, name) for layer in layers]
+    for layer, books in zip(layers, held):
+        setattr(layer, name, codebooks.get(layer.codebook_id, "fp32").to(books.device)
+                if name == "codebook" else books * (1 + 2.0 ** -12))
     try:
         yield
     finally:
-        for layer, codebook in zip(layers, held):
-            layer.codebook = codebook
+        for layer, books in zip(layers, held):
+            setattr(layer, name, books)
 
 
 def plain_launches():
@@ -369,7 +375,7 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
                        other_kernel_speedup_vs_dense=t_dense / t_other)
             mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
-            if codec.startswith("qamw"):
+            if codec in BF16_CODEWORD_CODECS:
                 with environment("QAMW_GEMV_MMA", "1"), fp32_codewords(layers):
                     t_fp32, _ = time_calls(calls, device, s["calls"], s["repeats"])
                 pdl.update(mma_bf16_codewords_ms=mma_ms, mma_fp32_codewords_ms=t_fp32 * 1e3,
@@ -564,11 +570,12 @@ def markdown(record):
                            for r in other])
     rounded = [r for r in gemv if "mma_fp32_codewords_ms" in r]
     if rounded:
-        lines += ["## QAM-W GEMV, tensor cores: codewords rounded to bf16 or as trained", "",
+        lines += ["## GEMV, tensor cores: codewords of bf16 values or not", "",
                   "New layers hold bf16 codewords: a lookup of 4 bytes fills one register of "
-                  "the mma's A and a k-block takes half the mmas; the trained fp32 codewords "
-                  "(format-4 checkpoints) take (high, low) pairs of 8 bytes. Gains are the fp32 "
-                  "codewords' time against the bf16 ones'.", ""]
+                  "the mma's A and a k-block takes half the mmas; other codewords (QAM-W's "
+                  "trained fp32 ones, as format-4 checkpoints hold; AAAC codebooks times "
+                  "1 + 2^-12) take (high, low) pairs of 8 bytes. Gains are the fp32 codewords' "
+                  "time against the bf16 ones'.", ""]
         lines += md_table(["shape", "codec", "dtype", "batch", "bf16 us", "fp32 us", "gain"],
                           [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
                             short_dtype(r["dtype"]), r["batch"],

@@ -44,7 +44,9 @@ def random_layer(codec, in_features, out_features, device, generator=None):
             0.5 * WEIGHT_STD, 1.5 * WEIGHT_STD, generator=generator)
         choice = torch.rand(mag.shape, device=device, generator=generator) < 0.5
         layer.scales.copy_(torch.where(choice, -mag, mag).to(layer.scales.dtype))
+        # bf16 values, as learned codebooks are (aaac.py)
         layer.codebooks.normal_(generator=generator)
+        layer.codebooks.copy_(layer.codebooks.bfloat16())
     if layer.channel_scale is not None:
         layer.channel_scale.uniform_(0.5, 2.0, generator=generator)
     return layer

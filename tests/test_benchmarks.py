@@ -58,8 +58,8 @@ def test_bench_ops_smoke_writes_every_figure(tmp_path, one_thread):
             below = r["batch"] < bench_ops.MMA_FROM_BATCH.get(r["codec"], 2)
             assert r["other_kernel"] == ("tensor cores" if below else "CUDA cores")
             assert positive(r["other_kernel_ms"]) and positive(r["other_kernel_speedup_vs_dense"])
-        # QAM-W on tensor cores with the trained fp32 codewords too
-        assert ("mma_fp32_codewords_ms" in r) == r["codec"].startswith("qamw")
+        # On tensor cores also with codewords that are not bf16 values
+        assert ("mma_fp32_codewords_ms" in r) == (r["codec"] in bench_ops.BF16_CODEWORD_CODECS)
         if "mma_fp32_codewords_ms" in r:
             assert positive(r["mma_fp32_codewords_ms"]) and positive(r["bf16_codewords_speedup"])
             on_mma = r["other_kernel"] == "CUDA cores"   # tensor cores by default
