@@ -16,6 +16,7 @@ DATA_FILE = os.path.join(os.path.dirname(__file__), "data", "codebooks.safetenso
 MIN_BITS, MAX_BITS = 4, 12
 KINDS = ("qam", "polar")
 POINTS = ("fp32", "bf16")  # the precision of a layer's codewords (get)
+FP16_NORMAL_MIN = 2.0 ** -14
 
 # QLoRA's NormalFloat4 levels (bitsandbytes' table), ascending, exact 0 at index 7.
 _NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -73,17 +74,22 @@ def metadata():
 def get(cid, points="fp32"):
     """(2^b, 2) fp32 codebook for an id such as "qam11" or "polar8" (a fresh copy).
 
-    points="bf16" rounds each coordinate to the nearest bf16 value, as new QAM-W layers hold
-    them: the tensor-core GEMV then looks up 4-byte codewords with no low parts, half the
-    bytes and half the mmas of fp32 points. The MSE grows by about 0.01 % at 8 bits per pair,
-    0.1 % at 11 and 0.2 % at 12 (N(0, I2), nearest codewords of the rounded points)."""
+    points="bf16" rounds each coordinate to the nearest bf16 value, and to 0 below 2^-14 (an
+    axis' neighbourhood, where fp16 would lose bits), as new QAM-W layers hold them: bf16 and
+    fp16 then hold every codeword exactly, and the GEMVs look up 4-byte codewords with no low
+    parts (half the bytes, and on tensor cores half the mmas, of fp32 points). The MSE grows by
+    about 0.01 % at 8 bits per pair, 0.1 % at 11 and 0.2 % at 12 (N(0, I2), nearest codewords
+    of the rounded points)."""
     if points not in POINTS:
         raise ValueError(f"codebook points must be one of {POINTS}, got {points!r}")
     tensors = _load_all()[0]
     if cid not in tensors:
         raise ValueError(f"unknown codebook id {cid!r}; shipped: {sorted(tensors)}")
     points_fp32 = tensors[cid].clone()
-    return points_fp32.bfloat16().float() if points == "bf16" else points_fp32
+    if points == "fp32":
+        return points_fp32
+    rounded = points_fp32.bfloat16().float()
+    return torch.where(rounded.abs() < FP16_NORMAL_MIN, 0.0, rounded)
 
 
 def qam_codebook(bits):

@@ -93,8 +93,12 @@ def test_bf16_points_are_the_nearest_bf16_values_at_a_small_cost(bits):
     trained = codebooks.qam_codebook(bits)
     points = codebooks.get(f"qam{bits}", "bf16")
     assert torch.equal(points, points.bfloat16().float())
-    # Nearest: within half a bf16 unit in the last place (8 significant bits).
-    assert ((points - trained).abs() <= trained.abs() * 2.0 ** -8).all()
+    assert torch.equal(points, points.half().float())
+    # Nearest: within half a bf16 unit in the last place (8 significant bits), or 0 below
+    # fp16's smallest normal value.
+    tiny = trained.abs() < 2.0 ** -14
+    assert ((points - trained)[~tiny].abs() <= trained[~tiny].abs() * 2.0 ** -8).all()
+    assert (points[tiny] == 0).all() and (points[~tiny] != 0).all()
     q = lloyd_max.Quadrature2D(1 << bits, 50)
     fp32, bf16 = (lloyd_max.mse_2d(c.double().numpy(), q) for c in (trained, points))
     assert bf16 < fp32 * 1.005
