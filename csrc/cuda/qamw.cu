@@ -5,7 +5,9 @@
 // activation into shared memory (fused; when it fits); otherwise, and at larger batches, the
 // launcher rotates it into the caller's workspace with a small kernel and the GEMV reads it
 // through L1. The codebook is staged in shared memory (half2 for bf16 activations, float2 for
-// the others), in copies that spread the lookups over the banks (codebook_copies).
+// the others unless fp16 holds every codeword exactly, as it holds new layers': half2 then,
+// twice the copies in the same bytes), in copies that spread the lookups over the banks
+// (codebook_copies).
 // A block of K * 2^m (hadamard_tables.h) is rotated as the Walsh-Hadamard transform of its runs
 // of 2^m values, then its K runs mixed by H_K (mix_shared).
 // Then a thread decodes a "unit" of codes at a time, with compile-time shifts: 128 consecutive
@@ -18,6 +20,8 @@
 //
 // The rotated activation is stored with two padding floats after every unit: lanes of a group
 // read pairs a unit apart, which would otherwise all hit the same shared-memory bank.
+#include <type_traits>
+
 #include "../hadamard_tables.h"
 #include "mma.cuh"
 #include "qamw.cuh"
@@ -32,7 +36,8 @@ constexpr int kRotateTile = 2048;               // floats a rotation CTA handles
 
 float inv_sqrt(int64_t block) { return static_cast<float>(1.0 / __builtin_sqrt(double(block))); }
 
-// Codewords as the GEMV holds them: half2 for bf16 activations, float2 for fp16 and fp32 ones.
+// Codewords as the GEMV holds them: half2 for bf16 activations, float2 for fp16 and fp32 ones
+// (half2 too at batch 1 where that rounds nothing: qamw_gemv_kernel).
 // A half2 load is 4 bytes, so a warp's lookups take one wavefront instead of two and twice the
 // copies fit. Rounding a codeword to fp16 changes it by up to 2^-11 relative, 1/4 of a bf16
 // output's own rounding; against an fp16 output's it is as large, and on an H100 two of the
@@ -146,15 +151,32 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
   wait_for_prior_kernels();
 
   const int copies_log2 = p.copies_log2;
-  Codeword* cb_s = reinterpret_cast<Codeword*>(smem_raw);
   float* xr_s = reinterpret_cast<float*>(smem_raw + (sizeof(Codeword) << (BITS + copies_log2)));
-
-  // Each warp's lanes write consecutive copies of one entry: its loads are one broadcast.
-#pragma unroll 8
-  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += kThreads) {
-    const int e = i >> copies_log2;
-    to_codeword(__ldg(p.codebook + 2 * e), __ldg(p.codebook + 2 * e + 1), cb_s + i);
+  // At batch 1 (where CUDA cores are the default), float2 codewords that fp16 holds exactly
+  // (new layers', codebooks.py) are staged as half2: twice the copies in the same bytes, half
+  // the bytes a lookup, nothing rounded. (Larger batches would spill with both loops.)
+  constexpr bool kMayHalve = std::is_same_v<Codeword, float2> && NB == 1;
+  bool halved = false;
+  if constexpr (kMayHalve) {
+    bool inexact = false;
+    for (int e = threadIdx.x; e < (2 << BITS); e += kThreads) {
+      const float v = __ldg(p.codebook + e);
+      inexact |= __half2float(__float2half_rn(v)) != v;
+    }
+    halved = __syncthreads_or(inexact) == 0;
   }
+  const auto stage = [&](auto* table, int log2) {
+    // Each warp's lanes write consecutive copies of one entry: its loads are one broadcast.
+#pragma unroll 8
+    for (int i = threadIdx.x; i < (1 << (BITS + log2)); i += kThreads) {
+      const int e = i >> log2;
+      to_codeword(__ldg(p.codebook + 2 * e), __ldg(p.codebook + 2 * e + 1), table + i);
+    }
+  };
+  if (halved)
+    stage(reinterpret_cast<__half2*>(smem_raw), copies_log2 + 1);
+  else
+    stage(reinterpret_cast<Codeword*>(smem_raw), copies_log2);
   // Rotated activation: pair k of batch row b at xr2[b * xr_row + unit * xr_unit + k % kUnit].
   // In shared memory each unit is followed by one padding pair: the lanes of a row read pairs
   // a unit apart, which would otherwise all hit the same banks.
@@ -173,103 +195,111 @@ __global__ void __launch_bounds__(kThreads, NB == 1 ? 2 : 1) qamw_gemv_kernel(Ge
     xr_unit = kUnit;
   }
 
-  const LaneCopy<Codeword> codebook(cb_s, copies_log2);
   // Units whose pairs share one row scale and are all inside the row are decoded run by run,
   // without a branch; the rest (a row's last, partial unit; scales over fewer pairs than a
   // unit) by the general loop.
   const int fast_units = p.seg_log2 >= kUnitLog2 ? p.pairs >> kUnitLog2 : 0;
   let_next_kernel_launch();
 
-  for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
-    const int64_t row = row0 + row_in_cta;
-    float acc[R][NB];
+  // The rows' loop, compiled for each kind of codeword this kernel stages.
+  const auto decode_rows = [&](auto* table) {
+    using Word = std::remove_pointer_t<decltype(table)>;
+    const LaneCopy<Word> codebook(table, copies_log2 + (sizeof(Word) < sizeof(Codeword)));
+    for (int64_t row0 = rows.first; row0 < rows.end; row0 += rows.stride) {
+      const int64_t row = row0 + row_in_cta;
+      float acc[R][NB];
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
-    if (row < rows.end) {
-      for (int u = sub; u < units; u += G) {
-        // One unit ahead: the next of these rows, or the first of the next ones.
-        if (u + G < units) prefetch_unit<BITS, R>(p, row, u + G);
-        else prefetch_unit<BITS, R>(p, row + rows.stride, sub);
-        const float2* xu = xr2 + u * xr_unit;
-        if (u < fast_units) {
-          const int segment = (u * kUnit) >> p.seg_log2;
-          float scale[R];
+        for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
+      if (row < rows.end) {
+        for (int u = sub; u < units; u += G) {
+          // One unit ahead: the next of these rows, or the first of the next ones.
+          if (u + G < units) prefetch_unit<BITS, R>(p, row, u + G);
+          else prefetch_unit<BITS, R>(p, row + rows.stride, sub);
+          const float2* xu = xr2 + u * xr_unit;
+          if (u < fast_units) {
+            const int segment = (u * kUnit) >> p.seg_log2;
+            float scale[R];
 #pragma unroll
-          for (int r = 0; r < R; ++r)
-            scale[r] = row + r < p.m ? p.row_scale[(row + r) * p.scales_per_row + segment] : 0.0f;
-          float part[R][NB];
+            for (int r = 0; r < R; ++r)
+              scale[r] = row + r < p.m ? p.row_scale[(row + r) * p.scales_per_row + segment] : 0.0f;
+            float part[R][NB];
 #pragma unroll
-          for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
-          // The unit in runs of 32 codes, each exactly BITS words, in a rolled loop: unrolled,
-          // a unit of two rows was ~18 KiB of SASS, and its warps waited on instruction fetch
-          // (Nsight Compute, NOTES GPU v8). The run decoded is always the first BITS words:
-          // after each, the rest move down.
-          uint32_t w[R][4 * BITS / R];
+              for (int b = 0; b < NB; ++b) part[r][b] = 0.0f;
+            // The unit in runs of 32 codes, each exactly BITS words, in a rolled loop: unrolled,
+            // a unit of two rows was ~18 KiB of SASS, and its warps waited on instruction fetch
+            // (Nsight Compute, NOTES GPU v8). The run decoded is always the first BITS words:
+            // after each, the rest move down.
+            uint32_t w[R][4 * BITS / R];
 #pragma unroll
-          for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
+            for (int r = 0; r < R; ++r) load_unit<BITS, R>(p, row + r, u, w[r]);
 #pragma unroll 1
-          for (int run = 0; run < kRuns; ++run) {
-            const float2* xs = xu + run * kRun;
+            for (int run = 0; run < kRuns; ++run) {
+              const float2* xs = xu + run * kRun;
 #pragma unroll
-            for (int j = 0; j < kRun; ++j) {
-              float2 cw[R];
+              for (int j = 0; j < kRun; ++j) {
+                float2 cw[R];
 #pragma unroll
-              for (int r = 0; r < R; ++r)
-                cw[r] = codeword_value(codebook[chunk_code<BITS>(w[r], j)]);
+                for (int r = 0; r < R; ++r)
+                  cw[r] = codeword_value(codebook[chunk_code<BITS>(w[r], j)]);
 #pragma unroll
-              for (int b = 0; b < NB; ++b) {
-                if (NB == 1 || b < p.batch) {
-                  const float2 xv = kSharedX ? xs[b * xr_row + j] : __ldg(xs + b * xr_row + j);
+                for (int b = 0; b < NB; ++b) {
+                  if (NB == 1 || b < p.batch) {
+                    const float2 xv = kSharedX ? xs[b * xr_row + j] : __ldg(xs + b * xr_row + j);
 #pragma unroll
-                  for (int r = 0; r < R; ++r)
-                    part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
+                    for (int r = 0; r < R; ++r)
+                      part[r][b] = fmaf(cw[r].x, xv.x, fmaf(cw[r].y, xv.y, part[r][b]));
+                  }
                 }
               }
+              if (run + 1 < kRuns) {
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                  for (int k = 0; k + BITS < 4 * BITS / R; ++k) w[r][k] = w[r][k + BITS];
+              }
             }
-            if (run + 1 < kRuns) {
 #pragma unroll
-              for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r)
 #pragma unroll
-                for (int k = 0; k + BITS < 4 * BITS / R; ++k) w[r][k] = w[r][k + BITS];
-            }
-          }
+              for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(scale[r], part[r][b], acc[r][b]);
+          } else {
+            // Pair by pair, codes and scales read from global memory.
+            const int first = u * kUnit;
+            const int valid = p.pairs - first < kUnit ? p.pairs - first : kUnit;
 #pragma unroll
-          for (int r = 0; r < R; ++r)
+            for (int r = 0; r < R; ++r) {
+              if (row + r >= p.m) continue;
+              const uint32_t* rowp =
+                  reinterpret_cast<const uint32_t*>(p.packed) + (row + r) * p.words_per_row;
+              const float* scales = p.row_scale + (row + r) * p.scales_per_row;
+              for (int j = 0; j < valid; ++j) {
+                const float2 cw =
+                    codeword_value(codebook[packed_code(rowp, first + j, BITS)]);
+                const float scale = scales[(first + j) >> p.seg_log2];
 #pragma unroll
-            for (int b = 0; b < NB; ++b) acc[r][b] = fmaf(scale[r], part[r][b], acc[r][b]);
-        } else {
-          // Pair by pair, codes and scales read from global memory.
-          const int first = u * kUnit;
-          const int valid = p.pairs - first < kUnit ? p.pairs - first : kUnit;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            if (row + r >= p.m) continue;
-            const uint32_t* rowp =
-                reinterpret_cast<const uint32_t*>(p.packed) + (row + r) * p.words_per_row;
-            const float* scales = p.row_scale + (row + r) * p.scales_per_row;
-            for (int j = 0; j < valid; ++j) {
-              const float2 cw =
-                  codeword_value(codebook[packed_code(rowp, first + j, BITS)]);
-              const float scale = scales[(first + j) >> p.seg_log2];
-#pragma unroll
-              for (int b = 0; b < NB; ++b) {
-                if (NB == 1 || b < p.batch) {
-                  const float2 xv = xu[b * xr_row + j];
-                  acc[r][b] = fmaf(scale, fmaf(cw.x, xv.x, cw.y * xv.y), acc[r][b]);
+                for (int b = 0; b < NB; ++b) {
+                  if (NB == 1 || b < p.batch) {
+                    const float2 xv = xu[b * xr_row + j];
+                    acc[r][b] = fmaf(scale, fmaf(cw.x, xv.x, cw.y * xv.y), acc[r][b]);
+                  }
                 }
               }
             }
           }
         }
       }
+      // Every lane gets here: the loop over row0 is uniform across the CTA.
+      reduce_and_store(acc, G, sub, row, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
     }
-    // Every lane gets here: the loop over row0 is uniform across the CTA.
-    reduce_and_store(acc, G, sub, row, rows.end, p.m, p.batch, 1.0f, p.out, p.dtype);
+  };
+  if constexpr (kMayHalve) {
+    if (halved) return decode_rows(reinterpret_cast<__half2*>(smem_raw));
   }
+  decode_rows(reinterpret_cast<Codeword*>(smem_raw));
 }
 
 // Where rotate_kernel writes: fp32 rows into the workspace, or (frag not null) the tensor-core

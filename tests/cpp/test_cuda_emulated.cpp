@@ -200,13 +200,14 @@ struct QamwCase {
   bool bf16_codebook = false;  // codewords rounded to bf16, as new layers' are (codebooks.py)
 };
 
-// v rounded to the nearest bf16 value (ties to even), widened back.
+// v rounded to the nearest bf16 value (ties to even), and to 0 below 2^-14, as new layers'
+// codewords are (codebooks.py): fp16 holds them exactly too.
 float bf16_rounded(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
   bits = (bits + 0x7FFFu + (bits >> 16 & 1u)) & 0xFFFF0000u;
   std::memcpy(&v, &bits, 4);
-  return v;
+  return std::abs(v) < 0x1p-14f ? 0.0f : v;
 }
 
 // The Siblings of a fused weight of these row counts (none: one plain layer of m rows).
