@@ -41,8 +41,9 @@ MiB = 1 << 20
 GEMV_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
 # Codecs with a tensor-core GEMV (AAAC's needs groups of 128 and more: not NVFP4's 16).
 MMA_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4", "aaac-nvfp4")
-# Codecs whose tensor-core GEMV decodes bf16 codewords without low parts (EXACT), timed also
-# with codewords that are not bf16 values (fp32_codewords).
+# Codecs whose GEMVs decode bf16 codewords faster (tensor cores: no low parts; QAM-W on CUDA
+# cores at batch 1: half2 lookups for fp16 too), timed also with codewords that are not bf16
+# values (fp32_codewords).
 BF16_CODEWORD_CODECS = ("qamw-3.5", "qamw-4", "qamw-5.5", "aaac-int4")
 # The batch from which a codec's GEMV takes tensor cores by default (mma_wanted's `from` in
 # csrc/cuda: NVFP4's groups of 16 put the scales into A, which costs more per weight; QAM-W at
@@ -375,11 +376,11 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
                        other_kernel_speedup_vs_dense=t_dense / t_other)
             mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
-            if codec in BF16_CODEWORD_CODECS:
-                with environment("QAMW_GEMV_MMA", "1"), fp32_codewords(layers):
+            if codec in BF16_CODEWORD_CODECS and (batch > 1 or codec.startswith("qamw")):
+                # The default kernel again, with codewords that are not bf16 values.
+                with fp32_codewords(layers):
                     t_fp32, _ = time_calls(calls, device, s["calls"], s["repeats"])
-                pdl.update(mma_bf16_codewords_ms=mma_ms, mma_fp32_codewords_ms=t_fp32 * 1e3,
-                           bf16_codewords_speedup=t_fp32 * 1e3 / mma_ms)
+                pdl.update(fp32_codewords_ms=t_fp32 * 1e3, bf16_codewords_speedup=t_fp32 / t)
             if batch == 1 and codec.startswith("qamw"):
                 # Tensor cores with each CTA rotating the whole activation, and with the
                 # activation rotated once by a kernel of its own, beside the default clusters
@@ -568,19 +569,22 @@ def markdown(record):
                             short_dtype(r["dtype"]), r["batch"], f"{r['speedup_vs_dense']:.2f}x",
                             r["other_kernel"], f"{r['other_kernel_speedup_vs_dense']:.2f}x"]
                            for r in other])
-    rounded = [r for r in gemv if "mma_fp32_codewords_ms" in r]
+    rounded = [r for r in gemv if "fp32_codewords_ms" in r]
     if rounded:
-        lines += ["## GEMV, tensor cores: codewords of bf16 values or not", "",
-                  "New layers hold bf16 codewords: a lookup of 4 bytes fills one register of "
-                  "the mma's A and a k-block takes half the mmas; other codewords (QAM-W's "
-                  "trained fp32 ones, as format-4 checkpoints hold; AAAC codebooks times "
-                  "1 + 2^-12) take (high, low) pairs of 8 bytes. Gains are the fp32 codewords' "
-                  "time against the bf16 ones'.", ""]
-        lines += md_table(["shape", "codec", "dtype", "batch", "bf16 us", "fp32 us", "gain"],
+        lines += ["## GEMV: codewords of bf16 values or not (default kernels)", "",
+                  "New layers hold bf16 codewords. On tensor cores a lookup of 4 bytes then "
+                  "fills one register of the mma's A and a k-block takes half the mmas; on CUDA "
+                  "cores at batch 1 an fp16 activation's codewords are looked up as half2 (4 "
+                  "bytes) instead of float2. Other codewords (QAM-W's trained fp32 ones, as "
+                  "format-4 checkpoints hold; AAAC codebooks times 1 + 2^-12) take 8 bytes. "
+                  "Gains are the fp32 codewords' time against the bf16 ones'.", ""]
+        lines += md_table(["shape", "codec", "dtype", "batch", "kernel", "bf16 us", "fp32 us",
+                           "gain"],
                           [[f"{r['shape'][0]} x {r['shape'][1]}", r["codec"],
                             short_dtype(r["dtype"]), r["batch"],
-                            f"{r['mma_bf16_codewords_ms'] * 1e3:.1f}",
-                            f"{r['mma_fp32_codewords_ms'] * 1e3:.1f}",
+                            "CUDA cores" if r["other_kernel"] == "tensor cores"
+                            else "tensor cores", f"{r['ms'] * 1e3:.1f}",
+                            f"{r['fp32_codewords_ms'] * 1e3:.1f}",
                             f"{r['bf16_codewords_speedup']:.2f}x"] for r in rounded])
     clustered = [r for r in gemv if "mma_cluster_ms" in r]
     if clustered:
