@@ -452,17 +452,8 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
               a[2] = pairs4[entry(2 * i, 1)];
               a[3] = pairs4[entry(2 * i + 1, 1)];
             } else {
-              uint2 c0 = pairs[entry(i, 0)];
-              uint2 c1 = pairs[entry(i, 1)];
-              if constexpr (SCALED) {
-                const float m = magnitude[i][h];
-                c0 = split_pair(__uint_as_float(c0.x) * m, __uint_as_float(c0.y) * m);
-                c1 = split_pair(__uint_as_float(c1.x) * m, __uint_as_float(c1.y) * m);
-              }
-              a[0] = c0.x;
-              a[1] = c0.y;
-              a[2] = c1.x;
-              a[3] = c1.y;
+              high_low_fragment<SCALED>(pairs[entry(i, 0)], pairs[entry(i, 1)], magnitude[i][h],
+                                        a);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);

@@ -145,6 +145,21 @@ __device__ __forceinline__ void add_scaled_block(float (&acc)[kMmaGroups][NT],
                         acc[i][nt]);
 }
 
+// The A registers of one weight row from the table entries of its two codes of a step: (high,
+// low) parts as they are (rows g and g + 8), or (SCALED) float pairs times `scale`, split.
+template <bool SCALED>
+__device__ __forceinline__ void high_low_fragment(uint2 c0, uint2 c1, float scale,
+                                                  uint32_t (&a)[4]) {
+  if constexpr (SCALED) {
+    c0 = split_pair(__uint_as_float(c0.x) * scale, __uint_as_float(c0.y) * scale);
+    c1 = split_pair(__uint_as_float(c1.x) * scale, __uint_as_float(c1.y) * scale);
+  }
+  a[0] = c0.x;
+  a[1] = c0.y;
+  a[2] = c1.x;
+  a[3] = c1.y;
+}
+
 // EXACT codebooks (qamw_mma.cu): acc[2 j + h][nt] += scale[2 j + h] times rows g (h = 0) and
 // g + 8 (h = 1) of mma j's D, the weight rows of groups 2 j and 2 j + 1 times the high and the
 // low part of the activation.

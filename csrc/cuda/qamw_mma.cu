@@ -311,16 +311,9 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
             } else {
               // A rows g and g + 8 are the high and low parts of the lane's row: each lookup
               // fills two registers of the fragment as they are.
-              uint2 c0 = codebook[chunk_code<BITS>(w[i], 2 * s)];
-              uint2 c1 = codebook[chunk_code<BITS>(w[i], 2 * s + 1)];
-              if constexpr (SCALED) {
-                c0 = split_pair(__uint_as_float(c0.x) * scale[i], __uint_as_float(c0.y) * scale[i]);
-                c1 = split_pair(__uint_as_float(c1.x) * scale[i], __uint_as_float(c1.y) * scale[i]);
-              }
-              a[0] = c0.x;
-              a[1] = c0.y;
-              a[2] = c1.x;
-              a[3] = c1.y;
+              high_low_fragment<SCALED>(codebook[chunk_code<BITS>(w[i], 2 * s)],
+                                        codebook[chunk_code<BITS>(w[i], 2 * s + 1)], scale[i],
+                                        a);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) mma_bf16_16816(part[i][nt], a, b[nt]);
