@@ -357,28 +357,22 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
         threadIdx.x < 32 ? __float_as_uint(w.codebooks[threadIdx.x]) & 0xFFFFu : 0u;
     exact = __syncthreads_or(low_bits != 0) == 0;
   }
-  const int exact_log2 = copies_log2 + 1;
-  if (exact) {
-    uint32_t* pairs4_s = reinterpret_cast<uint32_t*>(smem_raw);
+  // An 8-byte entry: the (high, low) parts, (SCALED) the float pair, or (exact) two adjacent
+  // 4-byte copies of the bf16 pair.
 #pragma unroll 4
-    for (int i = threadIdx.x; i < (kPairEntries << exact_log2); i += 32 * WARPS) {
-      const float2 v = pair_entry(w.codebooks, i >> exact_log2);
-      pairs4_s[i] = __float_as_uint(v.x) >> 16 | (__float_as_uint(v.y) & 0xFFFF0000u);
-    }
-  } else {
-#pragma unroll 4
-    for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += 32 * WARPS) {
-      const float2 v = pair_entry(w.codebooks, i >> copies_log2);
-      pairs_s[i] = SCALED ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
-                          : split_pair(v.x, v.y);
-    }
+  for (int i = threadIdx.x; i < (kPairEntries << copies_log2); i += 32 * WARPS) {
+    const float2 v = pair_entry(w.codebooks, i >> copies_log2);
+    const uint2 parts = split_pair(v.x, v.y);
+    pairs_s[i] = SCALED  ? make_uint2(__float_as_uint(v.x), __float_as_uint(v.y))
+                 : exact ? make_uint2(parts.x, parts.x)
+                         : parts;
   }
   __syncthreads();
   const int64_t groups = w.n / w.group;
   const int group_log2 = __ffs(static_cast<int>(w.group)) - 1;
   const float tensor_scale = w.tensor_scale ? *w.tensor_scale : 1.0f;
   const LaneCopy<uint2> pairs(pairs_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
-  const LaneCopy<uint32_t> pairs4(reinterpret_cast<uint32_t*>(smem_raw), exact_log2);
+  const LaneCopy<uint32_t> pairs4(reinterpret_cast<uint32_t*>(smem_raw), copies_log2 + 1);
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
   const int64_t row_entries = w.n / 4;
   const uint2* x_lane = p.x + g / 2 * row_entries + 2 * kMmaRun * t / 4;

@@ -218,9 +218,9 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   // FUSED: the CTA's sums for its cluster's tiles, then its k-blocks of the rotated activation.
   float* partial_s = sums_s + mma_sums_bytes(WARPS, NT) / sizeof(float);
   uint2* b_s = reinterpret_cast<uint2*>(partial_s + (CLUSTER > 1 ? kMmaRowsPerCta * CLUSTER : 0));
-  // A codebook of bf16 pairs (new layers', codebooks.py) has no low parts: its CTAs stage
-  // 4-byte entries, twice the copies in the same bytes, and decode EXACT. The CTA finds out
-  // from the codebook itself, so any other codebook stays exact too.
+  // A codebook of bf16 pairs (new layers', codebooks.py) has no low parts: the CTA then stages
+  // 4-byte entries, twice the copies in the same bytes, and decodes EXACT. It finds out from
+  // the codebook itself, so any other codebook keeps its (high, low) pairs.
   bool exact = false;
   if constexpr (!SCALED) {
     uint32_t low_bits = 0;
@@ -229,22 +229,16 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
                    __float_as_uint(__ldg(p.codebook + 2 * e + 1))) & 0xFFFFu;
     exact = __syncthreads_or(low_bits != 0) == 0;
   }
-  const int exact_log2 = copies_log2 + 1;
-  if (exact) {
-    uint32_t* cb4_s = reinterpret_cast<uint32_t*>(smem_raw);
+  // An 8-byte entry: the (high, low) parts, (SCALED) the float pair, or (exact) two adjacent
+  // 4-byte copies of the bf16 pair.
 #pragma unroll 4
-    for (int i = threadIdx.x; i < (1 << (BITS + exact_log2)); i += 32 * WARPS) {
-      const int e = i >> exact_log2;
-      cb4_s[i] = __float_as_uint(__ldg(p.codebook + 2 * e)) >> 16 |
-                 (__float_as_uint(__ldg(p.codebook + 2 * e + 1)) & 0xFFFF0000u);
-    }
-  } else {
-#pragma unroll 4
-    for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
-      const int e = i >> copies_log2;
-      const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
-      cb_s[i] = SCALED ? make_uint2(__float_as_uint(a), __float_as_uint(b)) : split_pair(a, b);
-    }
+  for (int i = threadIdx.x; i < (1 << (BITS + copies_log2)); i += 32 * WARPS) {
+    const int e = i >> copies_log2;
+    const float a = __ldg(p.codebook + 2 * e), b = __ldg(p.codebook + 2 * e + 1);
+    const uint2 parts = split_pair(a, b);
+    cb_s[i] = SCALED  ? make_uint2(__float_as_uint(a), __float_as_uint(b))
+              : exact ? make_uint2(parts.x, parts.x)
+                      : parts;
   }
   if constexpr (FUSED) {
     const int first = kb_first * 2 * kBlockPairs, end = kb_end * 2 * kBlockPairs;
@@ -255,7 +249,7 @@ __global__ void __launch_bounds__(32 * WARPS, mma_ctas_per_sm(WARPS, NT))
   }
   __syncthreads();
   const LaneCopy<uint2> codebook(cb_s, copies_log2);  // (hi, lo), or (SCALED) float pairs
-  const LaneCopy<uint32_t> codebook4(reinterpret_cast<uint32_t*>(smem_raw), exact_log2);
+  const LaneCopy<uint32_t> codebook4(reinterpret_cast<uint32_t*>(smem_raw), copies_log2 + 1);
   const uint2* frag = p.fragments + rows.sibling * p.fragments_stride + lane;
   const uint2* b_lane = b_s + (g < 2 ? 4 * g + t : 0);  // FUSED: lanes 0-7 read B
   let_next_kernel_launch();
