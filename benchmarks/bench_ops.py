@@ -277,9 +277,10 @@ def environment(name, value):
 
 @contextlib.contextmanager
 def fp32_codewords(layers):
-    """Within it, the layers' codewords are not bf16 values, and the tensor-core kernel looks
-    up (high, low) pairs: QAM-W layers hold the trained fp32 codewords (as format-4 checkpoints
-    do), AAAC layers their codebooks times 1 + 2^-12 (as layers learned before bf16 ones)."""
+    """Within it, the layers' codewords are not bf16 values, and the GEMVs look them up in 8
+    bytes ((high, low) pairs on tensor cores, float2 on CUDA cores): QAM-W layers hold the
+    trained fp32 codewords (as format-4 checkpoints do), AAAC layers their codebooks times
+    1 + 2^-12 (as layers learned before bf16 ones)."""
     name = "codebook" if hasattr(layers[0], "codebook_id") else "codebooks"
     held = [getattr(layer, name) for layer in layers]
     for layer, books in zip(layers, held):
@@ -375,7 +376,6 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
                 t_other, _ = time_calls(calls, device, s["calls"], s["repeats"])
             pdl.update(other_kernel=name, other_kernel_ms=t_other * 1e3,
                        other_kernel_speedup_vs_dense=t_dense / t_other)
-            mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
             if codec in BF16_CODEWORD_CODECS and (batch > 1 or codec.startswith("qamw")):
                 # The default kernel again, with codewords that are not bf16 values.
                 with fp32_codewords(layers):
@@ -385,6 +385,7 @@ def bench_gemv_suite(weights, shape, dtype, batch, device, s, copy_gbps):
                 # Tensor cores with each CTA rotating the whole activation, and with the
                 # activation rotated once by a kernel of its own, beside the default clusters
                 # of CTAs that split the rotation.
+                mma_ms = (t if name == "CUDA cores" else t_other) * 1e3
                 with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_CLUSTER", "0"):
                     t_alone, _ = time_calls(calls, device, s["calls"], s["repeats"])
                 with environment("QAMW_GEMV_MMA", "1"), environment("QAMW_GEMV_ROTATE_ONCE", "1"):
